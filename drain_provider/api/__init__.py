@@ -1,0 +1,110 @@
+"""The aiohttp application: one factory, typed state, and cleanup contexts that own every
+connection, session and background task the server uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from ..chain import ChainClient, ChainUnavailable
+from ..config import OPENAI_BASE_URL, ConfigError, Settings
+from ..ledger import Ledger
+from ..payments import PaymentGate
+from ..protocol import Domain
+from ..tokens import TokenCounter
+from ..upstream import Upstream
+from . import completions, info
+from .errors import error_middleware
+from .state import CHAIN, COUNTER, GATE, LEDGER, SETTINGS, UPSTREAM
+
+log = logging.getLogger(__name__)
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def create_app(
+    settings: Settings, *, chain: ChainClient | None = None, counter: TokenCounter | None = None
+) -> web.Application:
+    """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
+    chain; otherwise the app connects to `settings.rpc_url` and owns that connection."""
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[COUNTER] = counter or TokenCounter()
+    app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _tokenizer_ctx])
+    app.router.add_post("/v1/chat/completions", completions.chat_completions)
+    app.router.add_post("/v1/completions", completions.completions)
+    app.router.add_get("/v1/models", info.models)
+    app.router.add_get("/v1/pricing", info.pricing)
+    app.router.add_get("/v1/signing", info.signing)
+    app.router.add_get("/v1/docs", info.docs)
+    app.router.add_get("/health", info.health)
+    return app
+
+
+async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    ledger = Ledger(app[SETTINGS].database_path)
+    await ledger.open()
+    await ledger.release_abandoned()
+    app[LEDGER] = ledger
+    yield
+    await ledger.close()
+
+
+def _chain_ctx(given: ChainClient | None) -> Context:
+    async def chain_ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        if given is not None:
+            app[CHAIN] = given
+            yield
+            return
+        assert settings.rpc_url is not None
+        client = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
+        try:
+            chain_id = await client.chain_id()
+        except ChainUnavailable:
+            # Start anyway: known channels are served from the ledger, and new ones get a
+            # clear 503 until the RPC answers again.
+            log.warning("chain_unreachable_at_start chain_id=%d", settings.chain_id)
+        else:
+            if chain_id != settings.chain_id:
+                await client.close()
+                raise ConfigError(f"CHAIN_ID: set to {settings.chain_id}, but RPC_URL serves chain {chain_id}")
+        app[CHAIN] = client
+        yield
+        await client.close()
+
+    return chain_ctx
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    session = aiohttp.ClientSession()
+    # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens); most
+    # OpenAI-compatible servers know only max_tokens.
+    field = "max_completion_tokens" if settings.upstream_base_url == OPENAI_BASE_URL else "max_tokens"
+    app[UPSTREAM] = Upstream(
+        session,
+        settings.upstream_base_url,
+        settings.openai_api_key,
+        timeout=settings.upstream_timeout,
+        max_tokens_field=field,
+    )
+    yield
+    await session.close()
+
+
+async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    domain = Domain(settings.chain_id, settings.drain_contract)
+    app[GATE] = PaymentGate(app[LEDGER], app[CHAIN], domain, settings.provider_address)
+    yield
+
+
+async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Loading an encoding may download it: do it once, off the event loop, before serving.
+    await asyncio.to_thread(app[COUNTER].warm_up, app[SETTINGS].prices)
+    yield

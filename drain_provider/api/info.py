@@ -1,0 +1,139 @@
+"""The free endpoints: models, pricing, health, the agent guide and the signing parameters."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from .. import __version__
+from ..protocol import EIP712_TYPES, format_usdc
+from .errors import base_url
+from .state import GATE, LEDGER, SETTINGS
+
+STARTED_AT = int(time.time())
+
+
+async def models(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    data = [
+        {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "drain-provider"}
+        for name in sorted(settings.prices)
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def pricing(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    return web.json_response(
+        {
+            "provider": settings.provider_address,
+            "chainId": settings.chain_id,
+            "currency": "USDC",
+            "decimals": 6,
+            "models": {
+                name: {
+                    "inputPer1kTokens": format_usdc(price.input_per_1k),
+                    "outputPer1kTokens": format_usdc(price.output_per_1k),
+                }
+                for name, price in sorted(settings.prices.items())
+            },
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    ledger_ok = await request.app[LEDGER].fetchone("SELECT 1") == (1,)
+    return web.json_response(
+        {
+            "status": "ok" if ledger_ok else "degraded",
+            "version": __version__,
+            "provider": settings.provider_address,
+            "chainId": settings.chain_id,
+            "contract": settings.drain_contract,
+            "models": len(settings.prices),
+        },
+        status=200 if ledger_ok else 503,
+    )
+
+
+async def signing(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    domain = request.app[GATE].domain
+    return web.json_response(
+        {
+            "provider": settings.provider_address,
+            "chainId": settings.chain_id,
+            "contract": settings.drain_contract,
+            "contractVersion": settings.contract_version,
+            "domain": domain.as_json(),
+            "types": EIP712_TYPES,
+            "primaryType": "Voucher",
+            "header": "X-DRAIN-Voucher",
+            "voucherExample": {
+                "channelId": "0x" + "00" * 32,
+                "amount": "1000000",
+                "nonce": "1",
+                "signature": "0x" + "00" * 65,
+            },
+        }
+    )
+
+
+async def docs(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    root = base_url(request)
+    prices = "\n".join(
+        f"  {name}: {format_usdc(p.input_per_1k)} USDC in / {format_usdc(p.output_per_1k)} USDC out per 1k tokens"
+        for name, p in sorted(settings.prices.items())
+    )
+    text = DOCS_TEMPLATE.format(
+        root=root,
+        provider=settings.provider_address,
+        chain=settings.chain_id,
+        contract=settings.drain_contract,
+        prices=prices,
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
+DOCS_TEMPLATE = """\
+DRAIN provider: OpenAI-compatible chat completions, paid per token with DRAIN vouchers.
+
+Endpoint:  {root}/v1/chat/completions  (also {root}/v1/completions)
+Provider:  {provider}
+Chain id:  {chain}
+Contract:  {contract}  (DrainChannel)
+Models and prices (USDC, 6 decimals; amounts in requests are base units, 1 USDC = 1000000):
+{prices}
+
+How to pay, step by step
+1. Open a channel (once): approve the contract to spend your USDC, then call
+   open(provider={provider}, amount=<deposit in base units>, duration=<seconds>).
+   The channelId is in the ChannelOpened event of the receipt.
+2. For EVERY request, sign a new EIP-712 voucher (parameters as JSON: GET {root}/v1/signing):
+   domain  {{name: "DrainChannel", version: "1", chainId: {chain}, verifyingContract: {contract}}}
+   type    Voucher(bytes32 channelId, uint256 amount, uint256 nonce)
+   nonce   = previous nonce + 1 (start at 1)
+   amount  = CUMULATIVE: previous amount + what this request may cost. Unspent amount carries
+             over to the next request, so signing a little ahead is safe.
+3. Send the request in the OpenAI format with the header
+   X-DRAIN-Voucher: {{"channelId":"0x..","amount":"<base units>","nonce":"<n>","signature":"0x..(65 bytes)"}}
+4. Read the answer's headers: X-DRAIN-Cost (this request), X-DRAIN-Total (charged on the channel
+   so far), X-DRAIN-Remaining (deposit - total), X-DRAIN-Channel.
+
+What you are charged: input and output tokens as the upstream model reports them, at the prices
+above (cost = in*inPrice//1000 + out*outPrice//1000). A request reserves its worst case
+(input + max_tokens) before it runs; if your voucher leaves room for less, max_tokens is lowered
+to what it pays for. Failed upstream calls are not charged.
+
+Errors: JSON {{"error": {{"message", "type", "code"}}}} plus header X-DRAIN-Error. 402 codes:
+voucher_required, invalid_voucher_format, invalid_signature, channel_not_found, wrong_provider,
+invalid_nonce, invalid_amount, exceeds_deposit, insufficient_funds (with X-DRAIN-Required =
+the cumulative amount needed and X-DRAIN-Provided). 400 model_not_supported / invalid_request,
+413 request_too_large, 502/504 upstream_error, 503 chain_unavailable.
+
+Other endpoints: GET {root}/v1/models, GET {root}/v1/pricing, GET {root}/v1/signing, GET {root}/health.
+Python: the drain_provider package's DrainConsumer opens channels and signs vouchers for you.
+"""

@@ -1,0 +1,19 @@
+"""Typed application state: one `web.AppKey` per service the handlers use."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..chain import ChainClient
+from ..config import Settings
+from ..ledger import Ledger
+from ..payments import PaymentGate
+from ..tokens import TokenCounter
+from ..upstream import Upstream
+
+SETTINGS = web.AppKey("settings", Settings)
+LEDGER = web.AppKey("ledger", Ledger)
+CHAIN = web.AppKey("chain", ChainClient)
+GATE = web.AppKey("gate", PaymentGate)
+UPSTREAM = web.AppKey("upstream", Upstream)
+COUNTER = web.AppKey("counter", TokenCounter)

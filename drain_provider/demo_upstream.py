@@ -1,0 +1,253 @@
+"""A small OpenAI-compatible model server: the upstream of `dev` mode and of the tests.
+
+It speaks the real wire format (chat and legacy completions, JSON and SSE with the final usage
+chunk, /v1/models) and answers deterministically, with usage counted by tiktoken, so that a
+paid call's cost can be predicted exactly.
+
+Test hook: a last user message of the form `!demo {"status": 500}` makes the server behave as
+asked, per request, so tests can drive failures through the provider without mocks. Options:
+`status` (answer that HTTP error), `delay` (seconds before answering), `usage` (false: omit the
+usage object), `reply` (the exact answer text), `prompt_tokens`/`completion_tokens` (override
+the reported usage), `ignore_max_tokens` (true: do not stop at max_tokens), `invalid_json`
+(true: answer 200 with a body that is not JSON), `echo_key` (with `status`: put the API key
+it received in the error message, as OpenAI's 401 does), `token_delay` (seconds between
+streamed tokens).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import tiktoken
+from aiohttp import web
+
+from .tokens import OFFLINE_ENCODING, TokenCounter
+
+DEMO_MODEL = "demo"
+DIRECTIVE = "!demo "
+
+
+@dataclass
+class DemoStats:
+    """What the server saw, for tests that check what reached the upstream."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+
+DEMO_STATS = web.AppKey("demo_stats", DemoStats)
+
+
+def _counter() -> TokenCounter:
+    return TokenCounter(default_encoding=OFFLINE_ENCODING)
+
+
+def _encoding() -> tiktoken.Encoding:
+    return tiktoken.get_encoding(OFFLINE_ENCODING)
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _directive(text: str) -> dict[str, Any]:
+    if not text.startswith(DIRECTIVE):
+        return {}
+    try:
+        options = json.loads(text[len(DIRECTIVE) :])
+    except ValueError:
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def demo_reply(prompt: str) -> str:
+    """The deterministic answer of the demo model."""
+    words = prompt.split()
+    opening = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
+    return (
+        f'This is the demo model of drain-provider. Your message had {len(words)} words and began "{opening}". '
+        "Set UPSTREAM_BASE_URL and OPENAI_API_KEY to sell a real model's answers instead."
+    )
+
+
+def _limit(body: dict[str, Any], default: int | None) -> int | None:
+    limits = [v for k in ("max_completion_tokens", "max_tokens") if isinstance(v := body.get(k), int)]
+    return min(limits) if limits else default
+
+
+def _truncate(text: str, limit: int | None) -> tuple[str, int, str]:
+    tokens = _encoding().encode(text, disallowed_special=())
+    if limit is not None and len(tokens) > limit:
+        return _encoding().decode(tokens[:limit]), limit, "length"
+    return text, len(tokens), "stop"
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    request.app[DEMO_STATS].requests.append(body)
+    messages = body.get("messages") or []
+    prompt_text = _last_user_text(messages)
+    options = _directive(prompt_text)
+    prompt_tokens = _counter().count_messages(body.get("model", DEMO_MODEL), messages, tools=body.get("tools"))
+    reply = options.get("reply") or demo_reply(prompt_text)
+    return await _answer(request, body, options, reply, prompt_tokens, chat=True)
+
+
+async def _legacy(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    request.app[DEMO_STATS].requests.append(body)
+    prompt = body.get("prompt")
+    prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    options = _directive(prompt_text)
+    prompt_tokens = _counter().count_prompt(body.get("model", DEMO_MODEL), prompt)
+    reply = options.get("reply") or demo_reply(prompt_text)
+    return await _answer(request, body, options, reply, prompt_tokens, chat=False, default_limit=16)
+
+
+async def _answer(
+    request: web.Request,
+    body: dict[str, Any],
+    options: dict[str, Any],
+    reply: str,
+    prompt_tokens: int,
+    *,
+    chat: bool,
+    default_limit: int | None = None,
+) -> web.StreamResponse:
+    if options.get("delay"):
+        await asyncio.sleep(float(options["delay"]))
+    if options.get("status"):
+        status = int(options["status"])
+        message = f"demo upstream error {status}"
+        if options.get("echo_key"):  # as OpenAI does in its 401s: the key it was given
+            message += f": key {request.headers.get('Authorization', '')[len('Bearer ') :]}"
+        error = {"message": message, "type": "server_error", "code": None}
+        return web.json_response({"error": error}, status=status)
+    if options.get("invalid_json"):
+        return web.Response(text="<html>not json</html>", content_type="application/json")
+    limit = None if options.get("ignore_max_tokens") else _limit(body, default_limit)
+    text, completion_tokens, finish = _truncate(reply, limit)
+    usage = {
+        "prompt_tokens": int(options.get("prompt_tokens", prompt_tokens)),
+        "completion_tokens": int(options.get("completion_tokens", completion_tokens)),
+    }
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    model = body.get("model", DEMO_MODEL)
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    if body.get("stream"):
+        return await _stream(request, body, options, text, finish, usage, model, ident, created, chat=chat)
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
+        answer: dict[str, Any] = {"id": ident, "object": "chat.completion", "created": created, "model": model}
+    else:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        answer = {"id": ident, "object": "text_completion", "created": created, "model": model}
+    answer["choices"] = [choice]
+    if options.get("usage", True):
+        answer["usage"] = usage
+    answer["system_fingerprint"] = "fp_demo"
+    return web.json_response(answer)
+
+
+def _pieces(text: str) -> list[str]:
+    """The text cut at token boundaries, as a model streams it (multi-byte characters kept whole)."""
+    encoding = _encoding()
+    pieces: list[str] = []
+    pending = b""
+    for token in encoding.encode(text, disallowed_special=()):
+        pending += encoding.decode_single_token_bytes(token)
+        try:
+            pieces.append(pending.decode("utf-8"))
+            pending = b""
+        except UnicodeDecodeError:
+            continue
+    return pieces
+
+
+async def _stream(
+    request: web.Request,
+    body: dict[str, Any],
+    options: dict[str, Any],
+    text: str,
+    finish: str,
+    usage: dict[str, int],
+    model: str,
+    ident: str,
+    created: int,
+    *,
+    chat: bool,
+) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and options.get("usage", True)
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    interval = float(options.get("token_delay", 0))
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        chunk: dict[str, Any] = {"id": ident, "object": obj, "created": created, "model": model}
+        chunk["system_fingerprint"] = "fp_demo"
+        chunk["choices"] = choices
+        if include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+    if chat:
+        await send(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    for piece in _pieces(text):
+        if interval:
+            await asyncio.sleep(interval)
+        if chat:
+            await send([{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+        else:
+            await send([{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}])
+    if chat:
+        await send([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
+    else:
+        await send([{"text": "", "index": 0, "logprobs": None, "finish_reason": finish}])
+    if include_usage:
+        await send([], usage=usage)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _models(request: web.Request) -> web.Response:
+    data = [{"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "drain-provider-demo"}]
+    return web.json_response({"object": "list", "data": data})
+
+
+def create_demo_upstream() -> web.Application:
+    """The demo model as an aiohttp app; serve it on any port and use `<url>/v1` as base URL."""
+    app = web.Application()
+    app[DEMO_STATS] = DemoStats()
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/v1/completions", _legacy)
+    app.router.add_get("/v1/models", _models)
+    return app

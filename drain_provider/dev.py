@@ -1,0 +1,204 @@
+"""`python -m drain_provider dev`: the whole DRAIN flow on this machine, nothing to configure.
+
+Starts a chain (embedded, or `--rpc-url`), deploys the test token and the channel contract,
+funds a demo consumer and opens a channel to a throwaway provider key, starts the provider
+(with the built-in demo model unless UPSTREAM_BASE_URL / OPENAI_API_KEY name a real one),
+proves the flow with one paid call, then prints and writes to data/dev.json what a person needs
+to call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from eth_account import Account
+
+from .api import create_app
+from .config import ConfigError, Settings, load_settings
+from .consumer import DrainConsumer
+from .demo_upstream import DEMO_MODEL, create_demo_upstream
+from .devchain import DevChain, attach_dev_node, start_embedded_chain
+from .pricing import ModelPrice
+
+log = logging.getLogger(__name__)
+
+DEV_DATABASE = "data/dev.db"
+DEV_FILE = Path("data/dev.json")
+DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)  # $0.001 / $0.002 per 1k tokens
+CONSUMER_USDC = 100_000_000  # 100 test USDC minted to the demo consumer
+CHANNEL_DEPOSIT = 10_000_000  # 10 USDC locked in the demo channel
+CHANNEL_DURATION = 7 * 86_400
+
+
+async def _serve_demo_upstream() -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_demo_upstream(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upstream_url: str | None) -> Settings:
+    """The environment's settings, with the chain, keys and ledger of this dev run."""
+    overrides = {
+        "PROVIDER_PRIVATE_KEY": "0x" + provider_key.hex(),
+        "CHAIN_ID": str(chain.chain_id),
+        "DRAIN_CONTRACT": chain.contract,
+        "RPC_URL": chain.rpc_url or "http://embedded.invalid",
+        "HOST": env.get("HOST") or "127.0.0.1",
+        "DATABASE_PATH": env.get("DATABASE_PATH") or DEV_DATABASE,
+    }
+    if upstream_url is not None:
+        overrides["UPSTREAM_BASE_URL"] = upstream_url
+    settings = load_settings({**env, **overrides})
+    prices = {DEMO_MODEL: DEMO_PRICE} if upstream_url is not None else dict(settings.prices)
+    return replace(settings, rpc_url=chain.rpc_url, prices=prices)
+
+
+async def _paid_call(api: str, consumer: DrainConsumer, model: str) -> dict[str, Any]:
+    voucher = consumer.next_voucher(budget=200_000)
+    body = {"model": model, "messages": [{"role": "user", "content": "Hello from drain-provider dev mode!"}]}
+    headers = {"X-DRAIN-Voucher": voucher.header_value()}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{api}/chat/completions", json=body, headers=headers) as resp,
+    ):
+        answer = await resp.json()
+        if resp.status != 200:
+            raise RuntimeError(f"the demo paid call failed: {resp.status} {answer}")
+        consumer.record(resp.headers)
+        return {"answer": answer, "headers": dict(resp.headers)}
+
+
+def write_dev_file(path: Path, api: str, chain: DevChain, provider: str, consumer: DrainConsumer) -> None:
+    facts = {
+        "api": api,
+        "chainId": chain.chain_id,
+        "rpcUrl": chain.rpc_url,
+        "contract": chain.contract,
+        "token": chain.token,
+        "provider": provider,
+        "consumer": {"address": consumer.address, "privateKey": "0x" + bytes(consumer.account.key).hex()},
+        "channelId": consumer.channel_id,
+        "deposit": str(consumer.deposit),
+        "lastNonce": str(consumer.nonce),
+        "lastAmount": str(consumer.amount),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(facts, indent=2) + "\n")
+
+
+async def run_dev(
+    env: dict[str, str], *, rpc_url: str | None, port: int | None, serve: bool, started: float | None
+) -> int:
+    started = started or time.monotonic()
+    logging.basicConfig(level=env.get("LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s %(message)s")
+    chain = await (attach_dev_node(rpc_url) if rpc_url else start_embedded_chain())
+    provider_key = bytes(Account.create().key)
+    consumer_key = bytes(Account.create().key)
+    use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
+    demo_runner, demo_url = await _serve_demo_upstream() if use_demo else (None, None)
+
+    if not env.get("DATABASE_PATH"):
+        for suffix in ("", "-wal", "-shm"):  # a new chain: the ledger of the last dev run means nothing
+            Path(DEV_DATABASE + suffix).unlink(missing_ok=True)
+    settings = dev_settings(env, chain, provider_key, demo_url)
+    if port is not None:
+        settings = replace(settings, port=port)
+    await chain.fund(settings.provider_address)
+    consumer_address = Account.from_key(consumer_key).address
+    await chain.fund(consumer_address, usdc=CONSUMER_USDC)
+
+    runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.host, settings.port).start()
+    except OSError as exc:
+        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
+    api = f"http://{settings.host}:{settings.port}/v1"
+    try:
+        consumer = await DrainConsumer.open_channel(
+            chain.client(),
+            chain.token,
+            consumer_key,
+            settings.provider_address,
+            deposit=CHANNEL_DEPOSIT,
+            duration=CHANNEL_DURATION,
+        )
+        model = DEMO_MODEL if use_demo else sorted(settings.prices)[0]
+        call = await _paid_call(api, consumer, model)
+        ready = time.monotonic() - started
+        write_dev_file(DEV_FILE, api, chain, settings.provider_address, consumer)
+        print(_banner(api, chain, settings, consumer, model, call, ready))
+        if serve:
+            await _wait_for_signal()
+    finally:
+        await runner.cleanup()
+        if demo_runner is not None:
+            await demo_runner.cleanup()
+        await chain.close()
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _banner(
+    api: str,
+    chain: DevChain,
+    settings: Settings,
+    consumer: DrainConsumer,
+    model: str,
+    call: dict[str, Any],
+    ready: float,
+) -> str:
+    content = call["answer"]["choices"][0]["message"]["content"]
+    headers = call["headers"]
+    where = chain.rpc_url or "embedded py-evm chain (in this process)"
+    return f"""
+drain-provider dev mode: ready in {ready:.2f} s
+  chain      {where}, chain id {chain.chain_id}
+  contract   {chain.contract}   token (test USDC) {chain.token}
+  provider   {settings.provider_address}
+  upstream   {settings.upstream_base_url}{" (built-in demo model)" if model == DEMO_MODEL else ""}
+
+Demo paid call ({model}):
+  answer     {content}
+  cost       {headers["X-DRAIN-Cost"]} base units (X-DRAIN-Total {headers["X-DRAIN-Total"]}, \
+X-DRAIN-Remaining {headers["X-DRAIN-Remaining"]})
+
+Call it yourself (facts in {DEV_FILE}):
+  endpoint   {api}
+  consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
+  channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
+
+  python - <<'EOF'
+  from openai import OpenAI
+  from drain_provider.consumer import DrainConsumer
+  consumer = DrainConsumer.from_dev_file("{DEV_FILE}")
+  client = OpenAI(base_url=consumer.api, api_key="unused")
+  voucher = consumer.next_voucher(budget=100_000)
+  raw = client.chat.completions.with_raw_response.create(
+      model="{model}", messages=[{{"role": "user", "content": "Hi!"}}],
+      extra_headers={{"X-DRAIN-Voucher": voucher.header_value()}})
+  consumer.record(raw.headers); consumer.save_dev_file("{DEV_FILE}")
+  print(raw.parse().choices[0].message.content, "| cost", raw.headers["X-DRAIN-Cost"])
+  EOF
+
+Press Ctrl-C to stop (the embedded chain and its channels end with the process).
+"""

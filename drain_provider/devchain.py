@@ -1,0 +1,106 @@
+"""A development chain with the DRAIN contracts deployed: embedded, or an external dev node.
+
+Embedded: py-evm in this process through web3's async eth-tester provider; nothing to install
+or start, gone when the process ends. External: any dev node whose JSON-RPC serves unlocked,
+funded accounts (anvil, hardhat), for `dev --rpc-url` and the JSON-RPC tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from eth_utils.address import to_checksum_address
+from web3 import AsyncWeb3
+from web3.providers import AsyncHTTPProvider
+from web3.providers.eth_tester import AsyncEthereumTesterProvider
+from web3.types import Wei
+
+from .chain import ChainClient
+from .contracts import load_artifact
+
+log = logging.getLogger(__name__)
+
+GAS_ALLOWANCE_WEI = 10**18  # 1 ETH: enough gas for thousands of claims on a dev chain
+
+
+@dataclass
+class DevChain:
+    w3: AsyncWeb3[Any]
+    chain_id: int
+    rpc_url: str | None  # None for the embedded chain
+    funder: str  # an unlocked account of the node, pays for deployment and gas allowances
+    token: str = ""
+    contract: str = ""
+
+    async def _deploy(self, name: str, *args: Any) -> str:
+        artifact = load_artifact(name)
+        factory = self.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        tx_hash = await factory.constructor(*args).transact({"from": self.funder})
+        receipt = await self.w3.eth.wait_for_transaction_receipt(tx_hash)
+        if receipt["status"] != 1:
+            raise RuntimeError(f"deploying {name} failed")
+        return str(receipt["contractAddress"])
+
+    async def deploy(self) -> None:
+        self.token = await self._deploy("TestUSDC")
+        self.contract = await self._deploy("DrainChannel", self.token)
+        log.info("devchain_deployed chain_id=%d token=%s contract=%s", self.chain_id, self.token, self.contract)
+
+    def client(self) -> ChainClient:
+        return ChainClient(self.w3, self.contract)
+
+    def token_contract(self) -> Any:
+        return self.w3.eth.contract(address=to_checksum_address(self.token), abi=load_artifact("TestUSDC")["abi"])
+
+    async def fund(self, address: str, *, usdc: int = 0, eth_wei: int = GAS_ALLOWANCE_WEI) -> None:
+        """Give `address` gas money and test USDC (the token mints to anyone)."""
+        address = to_checksum_address(address)
+        if eth_wei:
+            tx = await self.w3.eth.send_transaction({"from": self.funder, "to": address, "value": Wei(eth_wei)})
+            await self.w3.eth.wait_for_transaction_receipt(tx)
+        if usdc:
+            tx = await self.token_contract().functions.mint(address, usdc).transact({"from": self.funder})
+            await self.w3.eth.wait_for_transaction_receipt(tx)
+
+    async def usdc_balance(self, address: str) -> int:
+        return int(await self.token_contract().functions.balanceOf(to_checksum_address(address)).call())
+
+    async def travel(self, seconds: int) -> int:
+        """Move the chain's clock forward and mine a block at the new time; returns it."""
+        latest = int((await self.w3.eth.get_block("latest"))["timestamp"])
+        provider = self.w3.provider
+        if isinstance(provider, AsyncEthereumTesterProvider):
+            provider.ethereum_tester.time_travel(latest + seconds)
+        else:  # anvil and hardhat
+            await provider.make_request("evm_increaseTime", [seconds])
+            await provider.make_request("evm_mine", [])
+        if isinstance(provider, AsyncEthereumTesterProvider):
+            provider.ethereum_tester.mine_blocks(1)
+        return int((await self.w3.eth.get_block("latest"))["timestamp"])
+
+    async def close(self) -> None:
+        if isinstance(self.w3.provider, AsyncHTTPProvider):
+            await self.w3.provider.disconnect()
+
+
+async def start_embedded_chain() -> DevChain:
+    w3 = AsyncWeb3(AsyncEthereumTesterProvider())
+    accounts = await w3.eth.accounts
+    chain = DevChain(w3=w3, chain_id=int(await w3.eth.chain_id), rpc_url=None, funder=accounts[0])
+    await chain.deploy()
+    return chain
+
+
+async def attach_dev_node(rpc_url: str) -> DevChain:
+    """Use a running dev node (anvil, hardhat) whose first account is unlocked and funded."""
+    provider = AsyncHTTPProvider(rpc_url, request_kwargs={"timeout": aiohttp.ClientTimeout(total=30)})
+    w3 = AsyncWeb3(provider)
+    accounts = await w3.eth.accounts
+    if not accounts:
+        raise RuntimeError(f"the node at {rpc_url} has no unlocked accounts to deploy with")
+    chain = DevChain(w3=w3, chain_id=int(await w3.eth.chain_id), rpc_url=rpc_url, funder=accounts[0])
+    await chain.deploy()
+    return chain

@@ -1,0 +1,434 @@
+"""The SQLite ledger: channels, vouchers, usage and claims.
+
+Writes follow Datasette's `execute_write_fn`: every write is a plain function run on ONE writer
+thread that owns the only write connection, inside `BEGIN IMMEDIATE ... COMMIT`. A whole
+authorize or settle is therefore one thread hop and one short transaction, and two requests on
+the same channel are serialised by SQLite itself, with no lock in Python around the database.
+Reads use their own aiosqlite connection; in WAL mode they never wait for the writer.
+
+Amounts are INTEGER base units. On-chain values are uint256, but a real USDC deposit is far
+below 2^63, so a deposit beyond that is clamped (we accept less, never more). Nonces may use the
+whole uint256 range and are stored as decimal TEXT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from .pricing import ReservationPlan
+from .protocol import ChannelState, Voucher
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+INT64_MAX = 2**63 - 1
+
+MIGRATIONS: list[str] = [
+    # 1: the first schema.
+    """
+    CREATE TABLE channels (
+        channel_id      TEXT PRIMARY KEY,
+        consumer        TEXT NOT NULL,
+        provider        TEXT NOT NULL,
+        deposit         INTEGER NOT NULL,
+        claimed         INTEGER NOT NULL,
+        expiry          INTEGER NOT NULL,
+        status          TEXT NOT NULL DEFAULT 'open',   -- open | closed
+        charged         INTEGER NOT NULL DEFAULT 0,     -- sum of settled usage costs
+        reserved        INTEGER NOT NULL DEFAULT 0,     -- sum of in-flight reservations
+        best_amount     INTEGER NOT NULL DEFAULT 0,     -- last accepted voucher
+        best_nonce      TEXT NOT NULL DEFAULT '0',
+        best_voucher_id INTEGER,
+        synced_at       REAL NOT NULL,                  -- when the on-chain fields were read
+        created_at      REAL NOT NULL
+    );
+    CREATE TABLE vouchers (
+        id          INTEGER PRIMARY KEY,
+        channel_id  TEXT NOT NULL REFERENCES channels(channel_id),
+        amount      INTEGER NOT NULL,
+        nonce       TEXT NOT NULL,
+        signature   TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX vouchers_channel_amount ON vouchers(channel_id, amount);
+    CREATE TABLE usage (
+        id            INTEGER PRIMARY KEY,
+        channel_id    TEXT NOT NULL REFERENCES channels(channel_id),
+        voucher_id    INTEGER NOT NULL REFERENCES vouchers(id),
+        endpoint      TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        status        TEXT NOT NULL,     -- reserved | ok | partial | failed | abandoned
+        reserved      INTEGER NOT NULL,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        usage_source  TEXT,              -- upstream | local
+        price_cost    INTEGER NOT NULL DEFAULT 0,  -- the price formula on the usage
+        cost          INTEGER NOT NULL DEFAULT 0,  -- what was charged (price_cost capped by the voucher)
+        error         TEXT,
+        started_at    REAL NOT NULL,
+        finished_at   REAL
+    );
+    CREATE INDEX usage_channel ON usage(channel_id);
+    CREATE INDEX usage_reserved ON usage(status) WHERE status = 'reserved';
+    CREATE TABLE claims (
+        id          INTEGER PRIMARY KEY,
+        channel_id  TEXT NOT NULL REFERENCES channels(channel_id),
+        voucher_id  INTEGER NOT NULL REFERENCES vouchers(id),
+        amount      INTEGER NOT NULL,
+        tx_hash     TEXT,
+        status      TEXT NOT NULL,       -- pending | confirmed | reverted | failed
+        error       TEXT,
+        created_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL
+    );
+    CREATE INDEX claims_channel ON claims(channel_id);
+    """,
+]
+
+
+class Rejected(Exception):
+    """The ledger refused a voucher; `code` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InsufficientFunds(Rejected):
+    def __init__(self, required: int, provided: int) -> None:
+        super().__init__(
+            "insufficient_funds",
+            f"This request needs a voucher for {required} base units (cumulative); the voucher gives {provided}.",
+        )
+        self.required = required
+        self.provided = provided
+
+
+@dataclass(frozen=True)
+class ChannelRecord:
+    channel_id: str
+    consumer: str
+    provider: str
+    deposit: int
+    claimed: int
+    expiry: int
+    status: str
+    charged: int
+    reserved: int
+    best_amount: int
+    best_nonce: int
+    synced_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> ChannelRecord:
+        (
+            cid,
+            consumer,
+            provider,
+            deposit,
+            claimed,
+            expiry,
+            status,
+            charged,
+            reserved,
+            best_amount,
+            best_nonce,
+            synced,
+        ) = tuple(row)
+        return cls(
+            cid,
+            consumer,
+            provider,
+            deposit,
+            claimed,
+            expiry,
+            status,
+            charged,
+            reserved,
+            best_amount,
+            int(best_nonce),
+            synced,
+        )
+
+
+_CHANNEL_COLUMNS = ", ".join(
+    [
+        "channel_id", "consumer", "provider", "deposit", "claimed", "expiry", "status",
+        "charged", "reserved", "best_amount", "best_nonce", "synced_at",
+    ]
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reservation:
+    usage_id: int
+    channel_id: str
+    amount: int
+    output_tokens: int  # the most output tokens the reservation pays for
+    voucher_amount: int
+
+
+@dataclass(frozen=True)
+class Settlement:
+    cost: int  # charged for this request
+    total: int  # channel's charged total after it
+    remaining: int  # deposit - total
+    price_cost: int  # what the usage costs at list price (cost is lower only if the voucher ran out)
+
+
+class Ledger:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self._writer = await self._in_writer_thread(self._connect_writer)
+        version = await self.write(self._migrate)
+        self._reader = await aiosqlite.connect(self.path)
+        await self._reader.execute("PRAGMA busy_timeout = 5000")
+        await self._reader.execute("PRAGMA query_only = 1")
+        log.info("ledger_open path=%s schema_version=%d", self.path, version)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
+        if self._writer is not None:
+            writer = self._writer
+            await self._in_writer_thread(writer.close)
+            self._writer = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed voucher survives power loss too, not only a process crash.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> int:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, time.time()))
+            log.info("ledger_migrated version=%d", version)
+        return len(MIGRATIONS)
+
+    async def _in_writer_thread(self, fn: Callable[[], T]) -> T:
+        assert self._executor is not None, "ledger is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(conn)` in one BEGIN IMMEDIATE transaction on the writer thread."""
+
+        def transaction() -> T:
+            conn = self._writer
+            assert conn is not None, "ledger is not open"
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._in_writer_thread(transaction)
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        assert self._reader is not None, "ledger is not open"
+        async with self._reader.execute(sql, params) as cursor:
+            return [tuple(row) for row in await cursor.fetchall()]
+
+    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+    # --- channels -----------------------------------------------------------------------------
+
+    async def get_channel(self, channel_id: str) -> ChannelRecord | None:
+        row = await self.fetchone(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+        return ChannelRecord.from_row(row) if row else None
+
+    async def upsert_channel(self, channel_id: str, state: ChannelState) -> ChannelRecord:
+        """Store what the chain says of a channel, keeping our own accounting columns."""
+        now = time.time()
+        status = "open" if state.exists else "closed"
+
+        def upsert(conn: sqlite3.Connection) -> ChannelRecord:
+            conn.execute(
+                """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status,
+                                         synced_at, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(channel_id) DO UPDATE SET
+                       claimed = excluded.claimed, synced_at = excluded.synced_at,
+                       status = CASE WHEN excluded.status = 'closed' THEN 'closed' ELSE channels.status END""",
+                (
+                    channel_id,
+                    state.consumer,
+                    state.provider,
+                    min(state.deposit, INT64_MAX),
+                    min(state.claimed, INT64_MAX),
+                    min(state.expiry, INT64_MAX),
+                    status,
+                    now,
+                    now,
+                ),
+            )
+            row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+            return ChannelRecord.from_row(row.fetchone())
+
+        return await self.write(upsert)
+
+    # --- the two money transactions -----------------------------------------------------------
+
+    async def authorize(self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str) -> Reservation:
+        """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
+
+        The caller has already checked what needs no ledger state (signature, provider,
+        consumer). Here are the checks that race: nonce and amount against the last accepted
+        voucher, and the headroom left by the charged total and other in-flight reservations.
+        A refused voucher changes nothing.
+        """
+        now = time.time()
+
+        def authorize(conn: sqlite3.Connection) -> Reservation:
+            row = conn.execute(
+                "SELECT deposit, status, charged, reserved, best_amount, best_nonce FROM channels WHERE channel_id = ?",
+                (voucher.channel_id,),
+            ).fetchone()
+            if row is None or row[1] != "open":
+                raise Rejected("channel_not_found", "The channel does not exist on chain or is closed.")
+            deposit, _, charged, reserved, best_amount, best_nonce = row
+            if voucher.nonce <= int(best_nonce):
+                raise Rejected(
+                    "invalid_nonce", f"The voucher nonce must be above {best_nonce}, the last accepted nonce."
+                )
+            if voucher.amount < best_amount:
+                raise Rejected(
+                    "invalid_amount", f"The voucher amount must be at least {best_amount}, the last accepted amount."
+                )
+            if voucher.amount > deposit:
+                raise Rejected("exceeds_deposit", f"The voucher amount exceeds the channel deposit of {deposit}.")
+            fit = plan.fit(voucher.amount - charged - reserved)
+            if fit is None:
+                raise InsufficientFunds(required=charged + reserved + plan.worst_case, provided=voucher.amount)
+            amount, output_tokens = fit
+            voucher_id = conn.execute(
+                "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)",
+                (voucher.channel_id, voucher.amount, str(voucher.nonce), voucher.signature_hex, now),
+            ).lastrowid
+            conn.execute(
+                """UPDATE channels SET best_amount = ?, best_nonce = ?, best_voucher_id = ?, reserved = reserved + ?
+                   WHERE channel_id = ?""",
+                (voucher.amount, str(voucher.nonce), voucher_id, amount, voucher.channel_id),
+            )
+            usage_id = conn.execute(
+                """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
+                                      input_tokens, started_at)
+                   VALUES (?, ?, ?, ?, 'reserved', ?, ?, ?)""",
+                (voucher.channel_id, voucher_id, endpoint, model, amount, plan.input_tokens, now),
+            ).lastrowid
+            assert usage_id is not None
+            return Reservation(usage_id, voucher.channel_id, amount, output_tokens, voucher.amount)
+
+        return await self.write(authorize)
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        *,
+        price_cost: int,
+        input_tokens: int,
+        output_tokens: int,
+        status: str,
+        usage_source: str | None = None,
+        error: str | None = None,
+    ) -> Settlement:
+        """Charge `price_cost` (capped so the charged total never passes the best voucher) and
+        release the reservation. Idempotent: a second settle of the same usage row changes
+        nothing and reports the first one's figures."""
+        now = time.time()
+
+        def settle(conn: sqlite3.Connection) -> Settlement:
+            usage = conn.execute(
+                "SELECT status, reserved, cost, price_cost FROM usage WHERE id = ?", (reservation.usage_id,)
+            ).fetchone()
+            deposit, charged, reserved, best_amount = conn.execute(
+                "SELECT deposit, charged, reserved, best_amount FROM channels WHERE channel_id = ?",
+                (reservation.channel_id,),
+            ).fetchone()
+            if usage[0] != "reserved":
+                return Settlement(usage[2], charged, deposit - charged, usage[3])
+            own = usage[1]
+            cap = max(best_amount - charged - (reserved - own), 0)
+            cost = min(price_cost, cap)
+            if cost < price_cost:
+                log.warning(
+                    "charge_capped usage_id=%d price_cost=%d charged=%d", reservation.usage_id, price_cost, cost
+                )
+            conn.execute(
+                "UPDATE channels SET charged = charged + ?, reserved = reserved - ? WHERE channel_id = ?",
+                (cost, own, reservation.channel_id),
+            )
+            conn.execute(
+                """UPDATE usage SET status = ?, input_tokens = ?, output_tokens = ?, usage_source = ?,
+                                    price_cost = ?, cost = ?, error = ?, finished_at = ?
+                   WHERE id = ?""",
+                (status, input_tokens, output_tokens, usage_source, price_cost, cost, error, now, reservation.usage_id),
+            )
+            total = charged + cost
+            return Settlement(cost, total, deposit - total, price_cost)
+
+        return await self.write(settle)
+
+    async def release(self, reservation: Reservation, *, error: str) -> Settlement:
+        """The request failed before anything billable happened: charge nothing."""
+        return await self.settle(
+            reservation, price_cost=0, input_tokens=0, output_tokens=0, status="failed", error=error[:500]
+        )
+
+    async def release_abandoned(self) -> int:
+        """At start-up: reservations of requests that were in flight when the process died are
+        released (their outcome is unknown, and the consumer is never charged on a guess)."""
+        now = time.time()
+
+        def release(conn: sqlite3.Connection) -> int:
+            count = conn.execute(
+                "UPDATE usage SET status = 'abandoned', finished_at = ? WHERE status = 'reserved'", (now,)
+            ).rowcount
+            conn.execute("UPDATE channels SET reserved = 0 WHERE reserved != 0")
+            return count
+
+        count = await self.write(release)
+        if count:
+            log.warning("reservations_released count=%d reason=restart", count)
+        return count

@@ -1,0 +1,158 @@
+"""PaymentGate: the rules of money for one request, from voucher header to settlement.
+
+authorize: parse the voucher, recover its signer (pure CPU), find the channel (memory, then
+ledger, then chain), check it belongs to us and to the signer, then let the ledger store the
+voucher and reserve the worst case in one transaction. settle/release: charge what the usage
+costs (never past the voucher) and free the reservation, exactly once.
+
+The chain is read only for a channel we have not seen, and, for a channel past its expiry
+(when the consumer may close it at any moment), on each request until it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from .chain import ChainClient, ChainUnavailable
+from .ledger import ChannelRecord, InsufficientFunds, Ledger, Rejected, Reservation, Settlement
+from .pricing import ReservationPlan
+from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_signer, voucher_digest
+
+log = logging.getLogger(__name__)
+
+
+class PaymentError(Exception):
+    """A refused payment; `code` is a protocol error code, the message is safe for clients."""
+
+    def __init__(self, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class KnownChannel:
+    """The on-chain facts of a channel that cannot change while it is open."""
+
+    consumer: str
+    provider: str
+    deposit: int
+    expiry: int
+
+
+class PaymentGate:
+    def __init__(self, ledger: Ledger, chain: ChainClient, domain: Domain, provider_address: str) -> None:
+        self.ledger = ledger
+        self.chain = chain
+        self.domain = domain
+        self.provider = provider_address
+        self._separator = domain.separator
+        self._known: dict[str, KnownChannel] = {}
+        self._fetch_locks: dict[str, asyncio.Lock] = {}
+
+    async def authorize(
+        self, header: str | None, plan: ReservationPlan, *, endpoint: str, model: str
+    ) -> tuple[Voucher, Reservation]:
+        if header is None or not header.strip():
+            raise PaymentError("voucher_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header.")
+        try:
+            voucher = parse_voucher(header)
+        except VoucherFormatError as exc:
+            raise PaymentError("invalid_voucher_format", f"Malformed X-DRAIN-Voucher: {exc}") from None
+        signer = recover_signer(
+            voucher_digest(self._separator, voucher.channel_id, voucher.amount, voucher.nonce), voucher.signature
+        )
+        if signer is None:
+            raise PaymentError("invalid_signature", "The voucher signature is not a valid 65-byte low-s signature.")
+        channel = await self._channel(voucher.channel_id)
+        if signer != channel.consumer:
+            raise PaymentError(
+                "invalid_signature",
+                "The voucher is not signed by the channel's consumer under this provider's EIP-712 domain "
+                f"(chainId {self.domain.chain_id}, contract {self.domain.verifying_contract}).",
+            )
+        if voucher.amount > channel.deposit:
+            raise PaymentError(
+                "exceeds_deposit", f"The voucher amount exceeds the channel deposit of {channel.deposit}."
+            )
+        try:
+            reservation = await self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model)
+        except Rejected as exc:
+            headers = {}
+            if isinstance(exc, InsufficientFunds):
+                headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
+            raise PaymentError(exc.code, exc.message, headers) from None
+        return voucher, reservation
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        *,
+        price_cost: int,
+        input_tokens: int,
+        output_tokens: int,
+        status: str = "ok",
+        usage_source: str = "upstream",
+    ) -> Settlement:
+        # Shielded: once the upstream has answered, the charge is booked even if the request is
+        # cancelled now.
+        return await asyncio.shield(
+            self.ledger.settle(
+                reservation,
+                price_cost=price_cost,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                status=status,
+                usage_source=usage_source,
+            )
+        )
+
+    async def release(self, reservation: Reservation, error: str) -> None:
+        """Free a reservation without charging. Shielded: a cancelled request still releases."""
+        await asyncio.shield(self.ledger.release(reservation, error=error))
+
+    async def _channel(self, channel_id: str) -> KnownChannel:
+        known = self._known.get(channel_id)
+        if known is not None and time.time() < known.expiry:
+            return known
+        # One chain read per unknown channel, however many requests arrive for it at once.
+        lock = self._fetch_locks.setdefault(channel_id, asyncio.Lock())
+        async with lock:
+            known = self._known.get(channel_id)
+            if known is not None and time.time() < known.expiry:
+                return known
+            known = await self._load(channel_id)
+            self._known[channel_id] = known
+        self._fetch_locks.pop(channel_id, None)
+        return known
+
+    async def _load(self, channel_id: str) -> KnownChannel:
+        record = await self.ledger.get_channel(channel_id)
+        if record is not None and record.status != "open":
+            raise PaymentError("channel_not_found", "The channel is closed.")
+        if record is None or time.time() >= record.expiry:
+            record = await self._sync_from_chain(channel_id, record)
+        return KnownChannel(record.consumer, record.provider, record.deposit, record.expiry)
+
+    async def _sync_from_chain(self, channel_id: str, record: ChannelRecord | None) -> ChannelRecord:
+        try:
+            state = await self.chain.get_channel(channel_id)
+        except ChainUnavailable:
+            raise PaymentError(
+                "chain_unavailable", "The blockchain RPC is unavailable; try again shortly. You were not charged."
+            ) from None
+        if not state.exists:
+            if record is not None:
+                await self.ledger.upsert_channel(channel_id, state)
+                log.info("channel_closed channel=%s", channel_id)
+            raise PaymentError("channel_not_found", f"Channel {channel_id} does not exist on chain (or was closed).")
+        if state.provider != self.provider:
+            raise PaymentError(
+                "wrong_provider", f"Channel {channel_id} was opened to {state.provider}, not to {self.provider}."
+            )
+        log.info("channel_synced channel=%s deposit=%d expiry=%d", channel_id, state.deposit, state.expiry)
+        return await self.ledger.upsert_channel(channel_id, state)

