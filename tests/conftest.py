@@ -1,0 +1,170 @@
+"""Real parts for every test: an embedded EVM with our contracts, the demo upstream served over
+HTTP on a free port, the provider app served on another, and the official openai SDK."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from eth_account import Account
+from openai import AsyncOpenAI
+
+from drain_provider.api import create_app
+from drain_provider.api.state import LEDGER
+from drain_provider.chain import ChainClient
+from drain_provider.config import Settings
+from drain_provider.consumer import DrainConsumer
+from drain_provider.demo_upstream import DEMO_MODEL, DEMO_STATS, DemoStats, create_demo_upstream
+from drain_provider.devchain import DevChain, start_embedded_chain
+from drain_provider.ledger import Ledger
+from drain_provider.pricing import ModelPrice
+from drain_provider.protocol import Domain
+
+DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
+USDC = 1_000_000
+
+
+@pytest.fixture
+async def chain() -> AsyncIterator[DevChain]:
+    dev_chain = await start_embedded_chain()
+    yield dev_chain
+    await dev_chain.close()
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    stats: DemoStats
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    app = create_demo_upstream()
+    server = await aiohttp_server(app)
+    return Upstream(server, app[DEMO_STATS])
+
+
+@dataclass
+class Provider:
+    settings: Settings
+    server: TestServer
+    app: web.Application
+    clients: list[AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @property
+    def address(self) -> str:
+        return self.settings.provider_address
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.settings.chain_id, self.settings.drain_contract)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.app[LEDGER]
+
+    def client(self) -> AsyncOpenAI:
+        """An openai SDK client for this provider (closed when the test ends)."""
+        client = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
+        self.clients.append(client)
+        return client
+
+
+ProviderFactory = Callable[..., Awaitable[Provider]]
+
+
+def make_settings(chain: DevChain, upstream_url: str, database: Path, **overrides: Any) -> Settings:
+    settings = Settings(
+        provider_private_key=bytes(Account.create().key),
+        chain_id=chain.chain_id,
+        drain_contract=chain.contract,
+        contract_version="v2",
+        rpc_url=None,
+        host="127.0.0.1",
+        upstream_base_url=upstream_url,
+        upstream_timeout=5.0,
+        database_path=database,
+        prices={DEMO_MODEL: DEMO_PRICE, "gpt-4o": ModelPrice(7500, 22500)},
+    )
+    return replace(settings, **overrides)
+
+
+@pytest.fixture
+async def provider_factory(
+    chain: DevChain, upstream: Upstream, aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_path: Path
+) -> AsyncIterator[ProviderFactory]:
+    started: list[Provider] = []
+
+    async def start(chain_client: ChainClient | None = None, **overrides: Any) -> Provider:
+        """A provider app served on a free port; `overrides` replace Settings fields."""
+        settings = make_settings(chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
+        await chain.fund(settings.provider_address)
+        app = create_app(settings, chain=chain_client or chain.client())
+        server = await aiohttp_server(app, shutdown_timeout=0.5)
+        started.append(Provider(settings, server, app))
+        return started[-1]
+
+    yield start
+    for provider in started:
+        for client in provider.clients:
+            await client.close()
+
+
+@pytest.fixture
+async def provider(provider_factory: ProviderFactory) -> Provider:
+    return await provider_factory()
+
+
+ChannelFactory = Callable[..., Awaitable[DrainConsumer]]
+
+
+@pytest.fixture
+def open_channel(chain: DevChain) -> ChannelFactory:
+    """Open a funded channel from a fresh consumer to `provider` (a Provider or an address)."""
+
+    async def open_(provider: Provider | str, *, deposit: int = 10 * USDC, duration: int = 86_400) -> DrainConsumer:
+        address = provider.address if isinstance(provider, Provider) else provider
+        key = bytes(Account.create().key)
+        await chain.fund(Account.from_key(key).address, usdc=deposit)
+        consumer = await DrainConsumer.open_channel(
+            chain.client(), chain.token, key, address, deposit=deposit, duration=duration
+        )
+        if isinstance(provider, Provider):
+            consumer.api = provider.url
+        return consumer
+
+    return open_
+
+
+async def paid_chat(
+    client: AsyncOpenAI,
+    consumer: DrainConsumer,
+    *,
+    budget: int = 100_000,
+    content: str = "Hello, provider!",
+    model: str = DEMO_MODEL,
+    **kwargs: Any,
+) -> Any:
+    """One paid chat completion through the openai SDK; returns the raw response."""
+    voucher = consumer.next_voucher(budget)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        extra_headers={"X-DRAIN-Voucher": voucher.header_value()},
+        **kwargs,
+    )
+    consumer.record(raw.headers)
+    return raw

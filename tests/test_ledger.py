@@ -1,0 +1,139 @@
+"""The ledger's guarantees: vouchers are durable before the upstream is called, every
+reservation ends in exactly one settle or release, and a restart releases what a crash left."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
+
+from drain_provider.ledger import Ledger
+from drain_provider.pricing import ModelPrice, ReservationPlan
+from drain_provider.protocol import ChannelState, Voucher
+
+CHANNEL = "0x" + "cd" * 32
+STATE = ChannelState(consumer="0x" + "11" * 20, provider="0x" + "22" * 20, deposit=1_000_000, claimed=0, expiry=2**40)
+PLAN = ReservationPlan(ModelPrice(1000, 2000), input_tokens=100, wanted_output_tokens=400, min_output_tokens=16)
+
+
+def voucher(amount: int, nonce: int) -> Voucher:
+    return Voucher(CHANNEL, amount, nonce, bytes(65))
+
+
+async def open_ledger(path: Path) -> Ledger:
+    ledger = Ledger(path)
+    await ledger.open()
+    return ledger
+
+
+async def wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def test_voucher_is_committed_before_the_upstream_is_called(
+    provider: Provider, open_channel: ChannelFactory, upstream: Upstream
+) -> None:
+    consumer = await open_channel(provider)
+    seen = len(upstream.stats.requests)
+    call = asyncio.create_task(paid_chat(provider.client(), consumer, content='!demo {"delay": 0.5}'))
+    await wait_for(lambda: len(upstream.stats.requests) > seen)
+    # While the upstream is still working, another connection (another process, after a
+    # crash) already sees the voucher and the reservation.
+    with sqlite3.connect(provider.settings.database_path) as conn:
+        stored = conn.execute("SELECT amount, nonce FROM vouchers WHERE channel_id = ?", (consumer.channel_id,))
+        assert stored.fetchall() == [(consumer.amount, str(consumer.nonce))]
+        reserved = conn.execute("SELECT reserved FROM channels WHERE channel_id = ?", (consumer.channel_id,))
+        assert reserved.fetchone()[0] > 0
+    await call
+    record = await provider.ledger.get_channel(consumer.channel_id)
+    assert record is not None and record.reserved == 0 and record.charged > 0
+
+
+async def test_a_restart_releases_reservations_left_by_a_crash(
+    tmp_path: Path, provider_factory: ProviderFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "crashed.db"
+    ledger = await open_ledger(path)
+    await ledger.upsert_channel(CHANNEL, STATE)
+    first = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.settle(first, price_cost=900, input_tokens=100, output_tokens=400, status="ok")
+    await ledger.authorize(voucher(100_000, 2), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.close()  # the process dies here, one request in flight
+
+    with caplog.at_level(logging.WARNING):
+        provider = await provider_factory(database_path=path)
+    record = await provider.ledger.get_channel(CHANNEL)
+    assert record is not None
+    assert (record.reserved, record.charged, record.best_amount, record.best_nonce) == (0, 900, 100_000, 2)
+    statuses = await provider.ledger.fetchall("SELECT status FROM usage ORDER BY id")
+    assert statuses == [("ok",), ("abandoned",)]
+    assert "reservations_released count=1" in caplog.text
+
+
+async def test_settle_happens_once(tmp_path: Path) -> None:
+    ledger = await open_ledger(tmp_path / "l.db")
+    await ledger.upsert_channel(CHANNEL, STATE)
+    reservation = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status="ok")
+    again = await ledger.settle(reservation, price_cost=5000, input_tokens=1, output_tokens=1, status="ok")
+    await ledger.release(reservation, error="late")
+    assert again.cost == first.cost == 700
+    record = await ledger.get_channel(CHANNEL)
+    assert record is not None and (record.charged, record.reserved) == (700, 0)
+    await ledger.close()
+
+
+async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: Path) -> None:
+    ledger = await open_ledger(tmp_path / "l.db")
+    await ledger.upsert_channel(CHANNEL, STATE)
+    small = await ledger.authorize(voucher(2_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    assert small.amount <= 2_000
+    # The upstream reported more than we estimated: charge it, up to what the voucher allows.
+    settled = await ledger.settle(small, price_cost=5_000, input_tokens=100, output_tokens=2_400, status="ok")
+    assert settled.cost == 2_000 and settled.price_cost == 5_000 and settled.total == 2_000
+    await ledger.close()
+
+
+async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> None:
+    ledger = await open_ledger(tmp_path / "l.db")
+    await ledger.upsert_channel(CHANNEL, STATE)
+    first = await ledger.authorize(voucher(1_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    assert first.amount == PLAN.worst_case == 900
+    # The next voucher adds 200: the headroom is 1,200 - 900 in flight = 300.
+    second = await ledger.authorize(voucher(1_200, 2), PLAN, endpoint="/chat/completions", model="demo")
+    assert second.amount <= 300 and second.output_tokens == (300 - 100) * 1000 // 2000
+    record = await ledger.get_channel(CHANNEL)
+    assert record is not None and record.reserved == first.amount + second.amount
+    await ledger.close()
+
+
+async def test_migrations_run_once(tmp_path: Path) -> None:
+    for _ in range(2):
+        ledger = await open_ledger(tmp_path / "l.db")
+        assert await ledger.fetchall("SELECT version FROM schema_migrations") == [(1,)]
+        assert await ledger.fetchone("PRAGMA journal_mode") == ("wal",)
+        await ledger.close()
+
+
+async def test_shutdown_mid_request_releases_the_reservation(
+    provider: Provider, open_channel: ChannelFactory, upstream: Upstream
+) -> None:
+    consumer = await open_channel(provider)
+    seen = len(upstream.stats.requests)
+    call = asyncio.create_task(paid_chat(provider.client(), consumer, content='!demo {"delay": 3}'))
+    await wait_for(lambda: len(upstream.stats.requests) > seen)
+    path = provider.settings.database_path
+    await provider.server.close()  # the server stops: the in-flight handler is cancelled
+    with pytest.raises(openai.APIConnectionError):
+        await call
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT status, cost, error FROM usage").fetchall() == [("failed", 0, "interrupted")]
+        assert conn.execute("SELECT charged, reserved FROM channels").fetchall() == [(0, 0)]
