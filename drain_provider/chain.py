@@ -98,6 +98,7 @@ class ChainClient:
             rpc_url,
             request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)},
             exception_retry_configuration=None,
+            cache_allowed_requests=True,  # eth_chainId once, not before every call
         )
         return cls(AsyncWeb3(provider), contract_address)
 

@@ -76,7 +76,9 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, m
     if raw is None:
         return default
     if not (raw.isascii() and raw.isdigit()):
-        raise ConfigError(f"{name}: must be a whole number, got {raw!r}")
+        raise ConfigError(f"{name}: must be a whole number, got {raw[:40]!r}")
+    if len(raw) > 19:
+        raise ConfigError(f"{name}: must be between {minimum} and {maximum}")
     value = int(raw)
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}: must be between {minimum} and {maximum}, got {value}")
@@ -100,8 +102,12 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     raw = _get(env, name)
     if raw is None:
         return default
-    parsed = urlparse(raw)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    try:
+        parsed = urlparse(raw)
+        valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # e.g. "http://[abc": an unclosed IPv6 bracket
+        raise ConfigError(f"{name}: is not a valid URL") from None
+    if not valid:
         # The URL may carry an API key in its path or query; show only its scheme.
         raise ConfigError(f"{name}: must be an http:// or https:// URL (got scheme {parsed.scheme or 'none'!r})")
     return raw.rstrip("/")
@@ -109,10 +115,7 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
 
 def parse_private_key(name: str, raw: str) -> bytes:
     digits = raw[2:] if raw.startswith(("0x", "0X")) else raw
-    try:
-        key = bytes.fromhex(digits)
-    except ValueError:
-        key = b""
+    key = bytes.fromhex(digits) if len(digits) == 64 and all(c in "0123456789abcdefABCDEF" for c in digits) else b""
     if len(key) != 32:
         raise ConfigError(f"{name}: must be 32 bytes as 64 hex digits (0x-prefixed or not)")
     if not 0 < int.from_bytes(key, "big") < SECP256K1_N:

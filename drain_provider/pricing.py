@@ -62,14 +62,12 @@ class PricingError(ValueError):
     """A price setting is wrong; the message names the variable or file and the problem."""
 
 
-def parse_price_value(name: str, raw: str | int) -> int:
-    if isinstance(raw, bool):
-        raise PricingError(f"{name}: must be a whole number of USDC base units per 1k tokens")
-    if isinstance(raw, int):
+def parse_price_value(name: str, raw: object) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
         value = raw
     else:
-        text = raw.strip()
-        if not (text.isascii() and text.isdigit()):
+        text = raw.strip() if isinstance(raw, str) else ""
+        if not (text.isascii() and text.isdigit() and len(text) <= 19):
             raise PricingError(
                 f"{name}: must be a whole number of USDC base units per 1k tokens (7500 = $0.0075), got {raw!r}"
             )

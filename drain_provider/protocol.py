@@ -209,10 +209,12 @@ def parse_voucher(header: str) -> Voucher:
     Strict because whatever is accepted here is stored and later sent to the chain: exactly the
     four fields, exact types, no extras, no floats, no leading zeros, nothing outside uint256.
     """
-    if len(header) > MAX_VOUCHER_HEADER_BYTES:
+    if len(header.encode("utf-8", "surrogatepass")) > MAX_VOUCHER_HEADER_BYTES:
         raise VoucherFormatError("voucher header is too long")
     try:
-        obj = json.loads(header, parse_float=_reject_float, parse_constant=_reject_float)
+        obj = json.loads(
+            header, parse_float=_reject_float, parse_constant=_reject_float, object_pairs_hook=_no_duplicates
+        )
     except ValueError as exc:  # the header's length bounds its nesting: no safejson needed
         if isinstance(exc, VoucherFormatError):
             raise
@@ -234,6 +236,13 @@ def parse_voucher(header: str) -> Voucher:
     nonce = _uint256_field(obj, "nonce")
     signature = bytes.fromhex(_hex_field(obj, "signature", 65)[2:])
     return Voucher(channel_id=channel_id, amount=amount, nonce=nonce, signature=signature)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise VoucherFormatError("duplicate fields in voucher")
+    return dict(pairs)
 
 
 def _reject_float(text: str) -> Any:

@@ -3,11 +3,16 @@ HTTP on a free port, the provider app served on another, and the official openai
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -20,7 +25,7 @@ from drain_provider.chain import ChainClient
 from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
 from drain_provider.demo_upstream import DEMO_MODEL, DEMO_STATS, DemoStats, create_demo_upstream
-from drain_provider.devchain import DevChain, start_embedded_chain
+from drain_provider.devchain import DevChain, attach_dev_node, start_embedded_chain
 from drain_provider.ledger import Ledger
 from drain_provider.pricing import ModelPrice
 from drain_provider.protocol import Domain
@@ -108,11 +113,13 @@ async def provider_factory(
 ) -> AsyncIterator[ProviderFactory]:
     started: list[Provider] = []
 
-    async def start(chain_client: ChainClient | None = None, **overrides: Any) -> Provider:
-        """A provider app served on a free port; `overrides` replace Settings fields."""
-        settings = make_settings(chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
-        await chain.fund(settings.provider_address)
-        app = create_app(settings, chain=chain_client or chain.client())
+    async def start(chain_client: ChainClient | None = None, on: DevChain | None = None, **overrides: Any) -> Provider:
+        """A provider app served on a free port, for the contracts of `on` (default: the embedded
+        chain) read through `chain_client` (default: directly); `overrides` replace Settings fields."""
+        dev_chain = on or chain
+        settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
+        await dev_chain.fund(settings.provider_address)
+        app = create_app(settings, chain=chain_client or dev_chain.client())
         server = await aiohttp_server(app, shutdown_timeout=0.5)
         started.append(Provider(settings, server, app))
         return started[-1]
@@ -135,12 +142,15 @@ ChannelFactory = Callable[..., Awaitable[DrainConsumer]]
 def open_channel(chain: DevChain) -> ChannelFactory:
     """Open a funded channel from a fresh consumer to `provider` (a Provider or an address)."""
 
-    async def open_(provider: Provider | str, *, deposit: int = 10 * USDC, duration: int = 86_400) -> DrainConsumer:
+    async def open_(
+        provider: Provider | str, *, deposit: int = 10 * USDC, duration: int = 86_400, on: DevChain | None = None
+    ) -> DrainConsumer:
+        dev_chain = on or chain
         address = provider.address if isinstance(provider, Provider) else provider
         key = bytes(Account.create().key)
-        await chain.fund(Account.from_key(key).address, usdc=deposit)
+        await dev_chain.fund(Account.from_key(key).address, usdc=deposit)
         consumer = await DrainConsumer.open_channel(
-            chain.client(), chain.token, key, address, deposit=deposit, duration=duration
+            dev_chain.client(), dev_chain.token, key, address, deposit=deposit, duration=duration
         )
         if isinstance(provider, Provider):
             consumer.api = provider.url
@@ -168,3 +178,83 @@ async def paid_chat(
     )
     consumer.record(raw.headers)
     return raw
+
+
+# --- anvil: the JSON-RPC path ----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+ANVIL = REPO / "node_modules" / ".bin" / "anvil"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def anvil_url() -> Iterator[str]:
+    """A real anvil node (installed by `npm ci`) for the whole session."""
+    assert ANVIL.exists(), "anvil is missing: run `npm ci`"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(ANVIL), "--port", str(port), "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "anvil did not start"
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@dataclass
+class RpcProxy:
+    """A JSON-RPC proxy in front of a node: counts the calls by method, and can fail some."""
+
+    target: str
+    calls: list[str] = field(default_factory=list)
+    fail_next: int = 0
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/"))
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        payload = json.loads(body)
+        methods = [p["method"] for p in payload] if isinstance(payload, list) else [payload["method"]]
+        self.calls.extend(methods)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=502, text="proxy: injected failure")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.target, data=body, headers={"Content-Type": "application/json"}) as resp,
+        ):
+            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+
+
+@pytest.fixture
+async def rpc_proxy(anvil_url: str, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> RpcProxy:
+    proxy = RpcProxy(anvil_url)
+    app = web.Application()
+    app.router.add_post("/", proxy.handle)
+    proxy.server = await aiohttp_server(app)
+    return proxy
+
+
+@pytest.fixture
+async def anvil_chain(anvil_url: str) -> AsyncIterator[DevChain]:
+    """Fresh contracts on the session's anvil node."""
+    dev_chain = await attach_dev_node(anvil_url)
+    yield dev_chain
+    await dev_chain.close()

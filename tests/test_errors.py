@@ -103,6 +103,7 @@ MALFORMED: list[tuple[str, Any]] = [
     ("signature not hex", lambda v: json.dumps({**v, "signature": "0x" + "g" * 130})),
     ("overlong header", lambda v: json.dumps({**v, "pad": "x" * 5000})),
     ("nested", lambda v: "[" * 5000),
+    ("duplicate field", lambda v: json.dumps(v)[:-1] + ', "amount": "1"}'),
 ]
 
 

@@ -1,0 +1,80 @@
+"""The JSON-RPC path, against a real anvil node: `dev --rpc-url`, and a provider that reads the
+chain over HTTP only for channels it does not know yet."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import ChannelFactory, ProviderFactory, RpcProxy, _free_port, paid_chat
+from eth_account import Account
+
+from drain_provider.chain import ChainClient
+from drain_provider.devchain import DevChain
+from drain_provider.protocol import Voucher
+
+
+def test_dev_mode_on_an_external_node(anvil_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    run = subprocess.run(
+        [sys.executable, "-m", "drain_provider", "dev", "--rpc-url", anvil_url, "--port", str(port), "--no-serve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"chain      {anvil_url}, chain id 31337" in run.stdout
+    facts = json.loads((tmp_path / "data" / "dev.json").read_text())
+    assert facts["rpcUrl"] == anvil_url and facts["chainId"] == 31337
+    assert facts["lastNonce"] == "1"
+
+
+async def test_known_channels_cost_no_rpc_call(
+    anvil_chain: DevChain, rpc_proxy: RpcProxy, provider_factory: ProviderFactory, open_channel: ChannelFactory
+) -> None:
+    chain_client = ChainClient.over_http(rpc_proxy.url, anvil_chain.contract)
+    provider = await provider_factory(chain_client=chain_client, on=anvil_chain)
+    consumer = await open_channel(provider, on=anvil_chain)
+    client = provider.client()
+    await paid_chat(client, consumer)
+    assert rpc_proxy.calls.count("eth_call") == 1, rpc_proxy.calls  # one getChannel
+    first = list(rpc_proxy.calls)
+    for _ in range(5):
+        await paid_chat(client, consumer)
+    assert rpc_proxy.calls == first
+    second = await open_channel(provider, on=anvil_chain)
+    await paid_chat(client, second)
+    assert rpc_proxy.calls[len(first) :] == ["eth_call"]  # the chain id is cached by now
+    # The voucher the provider accepted over HTTP is claimable on anvil.
+    amount, nonce, signature = await provider.ledger.fetchone(
+        "SELECT amount, nonce, signature FROM vouchers WHERE channel_id = ? ORDER BY id DESC LIMIT 1",
+        (consumer.channel_id,),
+    ) or (0, "0", "")
+    result = await anvil_chain.client().claim(
+        Account.from_key(provider.settings.provider_private_key),
+        Voucher(consumer.channel_id, amount, int(nonce), bytes.fromhex(signature[2:])),
+    )
+    assert result.succeeded
+    assert await anvil_chain.usdc_balance(provider.address) == amount
+
+
+async def test_rpc_down_for_a_new_channel_is_503(
+    anvil_chain: DevChain, rpc_proxy: RpcProxy, provider_factory: ProviderFactory, open_channel: ChannelFactory
+) -> None:
+    provider = await provider_factory(
+        chain_client=ChainClient.over_http(rpc_proxy.url, anvil_chain.contract), on=anvil_chain
+    )
+    consumer = await open_channel(provider, on=anvil_chain)
+    rpc_proxy.fail_next = 1
+    with pytest.raises(openai.APIStatusError) as info:
+        await paid_chat(provider.client(), consumer)
+    assert info.value.status_code == 503
+    assert info.value.response.headers["X-DRAIN-Error"] == "chain_unavailable"
+    # The RPC is back: the same voucher... is a new request with the next nonce, and works.
+    raw = await paid_chat(provider.client(), consumer)
+    assert int(raw.headers["X-DRAIN-Cost"]) > 0
