@@ -194,8 +194,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def anvil_url() -> Iterator[str]:
-    """A real anvil node (installed by `npm ci`) for the whole session."""
-    assert ANVIL.exists(), "anvil is missing: run `npm ci`"
+    """A real anvil node (installed by `npm install`) for the whole session."""
+    assert ANVIL.exists(), "anvil is missing: run `npm install`"
     port = _free_port()
     proc = subprocess.Popen(
         [str(ANVIL), "--port", str(port), "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
