@@ -132,34 +132,10 @@ class ChannelRecord:
 
     @classmethod
     def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> ChannelRecord:
-        (
-            cid,
-            consumer,
-            provider,
-            deposit,
-            claimed,
-            expiry,
-            status,
-            charged,
-            reserved,
-            best_amount,
-            best_nonce,
-            synced,
-        ) = tuple(row)
-        return cls(
-            cid,
-            consumer,
-            provider,
-            deposit,
-            claimed,
-            expiry,
-            status,
-            charged,
-            reserved,
-            best_amount,
-            int(best_nonce),
-            synced,
-        )
+        """From the columns of _CHANNEL_COLUMNS, in order (best_nonce is stored as text)."""
+        values = list(row)
+        values[10] = int(values[10])
+        return cls(*values)
 
 
 _CHANNEL_COLUMNS = ", ".join(
