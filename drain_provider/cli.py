@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
 def serve(env: dict[str, str]) -> int:
     settings = load_settings(env)
     setup_logging(settings.log_level)
-    from .api import create_app
+    from .api import RUNNER_OPTIONS, create_app
 
     app = create_app(settings)
     log.info(
@@ -66,6 +66,6 @@ def serve(env: dict[str, str]) -> int:
         settings.port,
     )
     started = time.monotonic()
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, **RUNNER_OPTIONS)
     log.info("stopped uptime_s=%d", time.monotonic() - started)
     return 0

@@ -37,6 +37,9 @@ class DemoStats:
     """What the server saw, for tests that check what reached the upstream."""
 
     requests: list[dict[str, Any]] = field(default_factory=list)
+    streams_started: int = 0
+    # (content events sent, time.monotonic()) of each stream whose client went away
+    streams_cancelled: list[tuple[int, float]] = field(default_factory=list)
 
 
 DEMO_STATS = web.AppKey("demo_stats", DemoStats)
@@ -147,7 +150,14 @@ async def _answer(
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.get("stream"):
-        return await _stream(request, body, options, text, finish, usage, model, ident, created, chat=chat)
+        head = {
+            "id": ident,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": "fp_demo",
+        }
+        return await _stream(request, body, options, text, finish, usage, head, chat=chat)
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -181,6 +191,41 @@ def _pieces(text: str) -> list[str]:
     return pieces
 
 
+def _stream_events(
+    body: dict[str, Any],
+    options: dict[str, Any],
+    text: str,
+    finish: str,
+    usage: dict[str, int],
+    head: dict[str, Any],
+    *,
+    chat: bool,
+) -> list[tuple[str, bytes]]:
+    """The stream as (kind, bytes) events, kind "content" for those that carry a token."""
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and options.get("usage", True)
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        chunk = {**head, "choices": choices, **({"usage": None} if include_usage else {}), **extra}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    def choice(content: str | None, finish_reason: str | None) -> dict[str, Any]:
+        if not chat:
+            return {"text": content or "", "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        delta = {} if content is None else {"content": content}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    events: list[tuple[str, bytes]] = []
+    if chat:
+        role = {"role": "assistant", "content": "", "refusal": None}
+        events.append(("role", event([{"index": 0, "delta": role, "logprobs": None, "finish_reason": None}])))
+    events += [("content", event([choice(piece, None)])) for piece in _pieces(text)]
+    events.append(("finish", event([choice(None, finish)])))
+    if include_usage:
+        events.append(("usage", event([], usage=usage)))
+    events.append(("done", b"data: [DONE]\n\n"))
+    return events
+
+
 async def _stream(
     request: web.Request,
     body: dict[str, Any],
@@ -188,53 +233,55 @@ async def _stream(
     text: str,
     finish: str,
     usage: dict[str, int],
-    model: str,
-    ident: str,
-    created: int,
+    head: dict[str, Any],
     *,
     chat: bool,
 ) -> web.StreamResponse:
+    """Stream the answer, misbehaving as the directive asks: `token_delay`, `die_after` K
+    content events (the connection is cut), `error_after` K (an error event), `malformed_after`
+    K (an event that is not JSON), `split` (events cut into 3-byte writes), `merge` (the whole
+    stream in one write), `crlf` line endings, `comments` (keep-alive comments between events)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage")) and options.get("usage", True)
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    interval = float(options.get("token_delay", 0))
-
-    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-        chunk: dict[str, Any] = {"id": ident, "object": obj, "created": created, "model": model}
-        chunk["system_fingerprint"] = "fp_demo"
-        chunk["choices"] = choices
-        if include_usage:
-            chunk["usage"] = None
-        chunk.update(extra)
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-
-    if chat:
-        await send(
-            [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": "", "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
-    for piece in _pieces(text):
-        if interval:
-            await asyncio.sleep(interval)
-        if chat:
-            await send([{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
-        else:
-            await send([{"text": piece, "index": 0, "logprobs": None, "finish_reason": None}])
-    if chat:
-        await send([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
-    else:
-        await send([{"text": "", "index": 0, "logprobs": None, "finish_reason": finish}])
-    if include_usage:
-        await send([], usage=usage)
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+    stats = request.app[DEMO_STATS]
+    stats.streams_started += 1
+    delay = float(options.get("token_delay", 0))
+    out: list[bytes] = []
+    content_sent = 0
+    try:
+        for kind, data in _stream_events(body, options, text, finish, usage, head, chat=chat):
+            if kind == "content":
+                if content_sent == options.get("die_after"):
+                    await response.write(b"".join(out))
+                    assert request.transport is not None
+                    request.transport.close()  # mid-stream, without the chunked terminator
+                    return response
+                if content_sent == options.get("error_after"):
+                    out.append(b'data: {"error": {"message": "demo upstream overloaded", "type": "server_error"}}\n\n')
+                    break
+                if content_sent == options.get("malformed_after"):
+                    out.append(b"data: {this is not json\n\n")
+                content_sent += 1
+                if delay:
+                    await asyncio.sleep(delay)
+            if options.get("crlf"):
+                data = data.replace(b"\n", b"\r\n")
+            if options.get("comments"):
+                data = b": keep-alive\n\n" + data
+            out.append(data)
+            if not options.get("merge"):
+                payload = b"".join(out)
+                out.clear()
+                if not options.get("split"):
+                    await response.write(payload)
+                for start in range(0, len(payload), 3) if options.get("split") else ():
+                    await response.write(payload[start : start + 3])
+                    await asyncio.sleep(0.001)
+        await response.write(b"".join(out))
+        await response.write_eof()
+    except (asyncio.CancelledError, ConnectionResetError):
+        stats.streams_cancelled.append((content_sent, time.monotonic()))
+        raise
     return response
 
 

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 from eth_account import Account
 
-from .api import create_app
+from .api import RUNNER_OPTIONS, create_app
 from .config import ConfigError, Settings, load_settings
 from .consumer import DrainConsumer
 from .demo_upstream import DEMO_MODEL, create_demo_upstream
@@ -40,7 +40,7 @@ CHANNEL_DURATION = 7 * 86_400
 
 
 async def _serve_demo_upstream() -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_demo_upstream(), access_log=None)
+    runner = web.AppRunner(create_demo_upstream(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -119,7 +119,7 @@ async def run_dev(
     consumer_address = Account.from_key(consumer_key).address
     await chain.fund(consumer_address, usdc=CONSUMER_USDC)
 
-    runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None)
+    runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None, **RUNNER_OPTIONS)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.host, settings.port).start()

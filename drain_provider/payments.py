@@ -53,6 +53,7 @@ class PaymentGate:
         self._separator = domain.separator
         self._known: dict[str, KnownChannel] = {}
         self._fetch_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Future[Settlement]] = set()
 
     async def authorize(
         self, header: str | None, plan: ReservationPlan, *, endpoint: str, model: str
@@ -79,14 +80,27 @@ class PaymentGate:
             raise PaymentError(
                 "exceeds_deposit", f"The voucher amount exceeds the channel deposit of {channel.deposit}."
             )
+        task = asyncio.ensure_future(self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model))
         try:
-            reservation = await self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model)
+            reservation = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The client left while its voucher was being stored; the transaction completes
+            # regardless, so its reservation is released as soon as it exists.
+            task.add_done_callback(self._release_orphan)
+            raise
         except Rejected as exc:
             headers = {}
             if isinstance(exc, InsufficientFunds):
                 headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
             raise PaymentError(exc.code, exc.message, headers) from None
         return voucher, reservation
+
+    def _release_orphan(self, task: asyncio.Future[Reservation]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        release = asyncio.ensure_future(self.ledger.release(task.result(), error="client left during authorization"))
+        self._background.add(release)
+        release.add_done_callback(self._background.discard)
 
     async def settle(
         self,

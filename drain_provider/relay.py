@@ -1,16 +1,27 @@
 """Relaying a completion from the upstream, and metering it.
 
-This module knows tokens and the OpenAI wire format, not vouchers: it is told how many output
-tokens a request may produce and reports how many it did.
+This module knows tokens and the OpenAI wire format, not vouchers: it is told what a request
+may cost (its budget) and reports how many tokens it delivered and what the upstream reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+import tiktoken
+from aiohttp import web
+
+from . import safejson, sse
+from .pricing import ModelPrice, cost
 from .tokens import TokenCounter
+from .upstream import UpstreamError
+
+log = logging.getLogger(__name__)
 
 MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
 
@@ -70,3 +81,205 @@ def response_usage(data: dict[str, Any], counter: TokenCounter, model: str, coun
         if prompt is not None and completion is not None:
             return Usage(prompt, completion, "upstream")
     return Usage(counted_input, counter.count_text(model, completion_text(data)), "local")
+
+
+# --- streaming ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamBudget:
+    """What a stream may cost: the reservation made for it."""
+
+    price: ModelPrice
+    input_tokens: int
+    amount: int
+
+    def pays_for(self, output_tokens: int) -> bool:
+        return cost(self.price, self.input_tokens, output_tokens) <= self.amount
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The generated text in one stream chunk (content, reasoning, refusals, tool arguments)."""
+    parts: list[str] = []
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):  # legacy completions
+            parts.append(choice["text"])
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key in ("content", "reasoning_content", "refusal"):
+                if isinstance(delta.get(key), str):
+                    parts.append(delta[key])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return "".join(parts)
+
+
+def _usage_of(chunk: dict[str, Any]) -> Usage | None:
+    usage = chunk.get("usage")
+    if isinstance(usage, dict):
+        prompt = _int_or_none(usage.get("prompt_tokens"))
+        completion = _int_or_none(usage.get("completion_tokens"))
+        if prompt is not None and completion is not None:
+            return Usage(prompt, completion, "upstream")
+    return None
+
+
+class StreamRelay:
+    """Forward one upstream SSE stream to the client, event by event, metering as it goes.
+
+    `run` returns how the stream ended: "done" (the upstream finished), "budget" (the next event
+    would pass what the reservation pays for: the upstream is dropped), "client_gone" (a write
+    failed), or "upstream_failed" (the upstream broke off or sent an error event). It raises
+    UpstreamError instead when the upstream fails before the client was sent anything, so that
+    the client can get a plain JSON error. The response is prepared at the first event, with
+    `headers`.
+    """
+
+    def __init__(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        *,
+        headers: dict[str, str],
+        encoding: tiktoken.Encoding,
+        budget: StreamBudget,
+        client_wants_usage: bool,
+        chat: bool,
+    ) -> None:
+        self.request = request
+        self.upstream = upstream
+        self.response = web.StreamResponse(headers=headers)
+        self.encoding = encoding
+        self.budget = budget
+        self.client_wants_usage = client_wants_usage
+        self.chat = chat
+        self.delivered_tokens = 0
+        self.upstream_usage: Usage | None = None
+        self.malformed_events = 0
+        self.ending = ""
+        self.error_message = ""
+        self._last: dict[str, Any] = {}
+        self._choices: set[int] = set()
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
+
+    async def run(self) -> str:
+        parser = sse.Parser()
+        try:
+            async for chunk in self.upstream.content.iter_any():
+                for event in parser.feed(chunk):
+                    if await self._relay(event):
+                        return self.ending
+            for event in parser.close():
+                if await self._relay(event):
+                    return self.ending
+            self.error_message = "The upstream stream ended without [DONE]."
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.error_message = f"The upstream stream broke off ({type(exc).__name__})."
+        log.warning("upstream_stream_failed delivered_tokens=%d reason=%s", self.delivered_tokens, self.error_message)
+        if not self.started:
+            raise UpstreamError(self.error_message + " You were not charged.")
+        self.ending = "upstream_failed"
+        return self.ending
+
+    async def _relay(self, event: sse.Event) -> bool:
+        """Handle one upstream event; True when the stream must end here."""
+        if event.data is None:  # a comment or keep-alive: keeps the client's connection warm too
+            return self.started and await self._send(event.encode())
+        if event.data.strip() == "[DONE]":
+            self.ending = "done"
+            return True
+        try:
+            chunk = safejson.loads(event.data)
+        except ValueError:
+            chunk = None
+        if not isinstance(chunk, dict):
+            self.malformed_events += 1
+            log.warning("upstream_malformed_event count=%d bytes=%d", self.malformed_events, len(event.data))
+            return False
+        if chunk.get("error"):
+            error = chunk["error"]
+            message = error.get("message") if isinstance(error, dict) else None
+            self.error_message = f"The upstream failed mid-stream: {str(message)[:200]}" if message else ""
+            if not self.started:
+                raise UpstreamError((self.error_message or "The upstream failed.") + " You were not charged.")
+            self.ending = "upstream_failed"
+            return True
+        usage = _usage_of(chunk)
+        if usage is not None:
+            self.upstream_usage = usage
+        self._remember(chunk)
+        if not chunk.get("choices"):
+            if usage is not None and not self.client_wants_usage:
+                return False  # the usage chunk we asked for, not the client
+            return await self._send(event.encode())
+        tokens = len(self.encoding.encode(chunk_text(chunk), disallowed_special=()))
+        if not self.budget.pays_for(self.delivered_tokens + tokens):
+            self.ending = "budget"
+            return True
+        if await self._send(event.encode()):
+            return True
+        self.delivered_tokens += tokens
+        return False
+
+    def _remember(self, chunk: dict[str, Any]) -> None:
+        for key in ("id", "object", "created", "model", "system_fingerprint"):
+            if key in chunk:
+                self._last[key] = chunk[key]
+        for choice in chunk.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("index"), int):
+                self._choices.add(choice["index"])
+
+    async def _send(self, data: bytes) -> bool:
+        """Write to the client; True if the client is gone."""
+        try:
+            if not self.started:
+                await self.response.prepare(self.request)
+            await self.response.write(data)
+        except ConnectionResetError:
+            self.ending = "client_gone"
+            return True
+        return False
+
+    def _chunk(self, **fields: Any) -> bytes:
+        default_object = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = {"id": "", "object": default_object, "created": 0, "model": "", **self._last, **fields}
+        return sse.encode(data=json.dumps(chunk, separators=(",", ":")))
+
+    async def stop_for_budget(self, input_tokens: int) -> None:
+        """End a stream cut at the budget as a model would: finish_reason "length" on every
+        choice, then the usage chunk if the client asked for one (our own counts)."""
+        for index in sorted(self._choices or {0}):
+            if self.chat:
+                choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "length"}
+            else:
+                choice = {"text": "", "index": index, "logprobs": None, "finish_reason": "length"}
+            await self._send(self._chunk(choices=[choice]))
+        if self.client_wants_usage:
+            usage = {
+                "prompt_tokens": input_tokens,
+                "completion_tokens": self.delivered_tokens,
+                "total_tokens": input_tokens + self.delivered_tokens,
+            }
+            await self._send(self._chunk(choices=[], usage=usage))
+
+    async def finish(self, *, cost: int, total: int, remaining: int) -> None:
+        """The cost report as SSE comments, then [DONE] (or the error event of a failed stream):
+        clients that stop reading at [DONE] still see the figures."""
+        if self.ending == "upstream_failed":
+            message = self.error_message or "The upstream failed mid-stream."
+            error = {"message": message + " You were charged for what was delivered.", "type": "upstream_error"}
+            await self._send(sse.encode(event="error", data=json.dumps({"error": {**error, "code": "upstream_error"}})))
+        comments = [f"X-DRAIN-Cost: {cost}", f"X-DRAIN-Total: {total}", f"X-DRAIN-Remaining: {remaining}"]
+        await self._send(sse.encode(comments=comments))
+        if self.ending != "upstream_failed":
+            await self._send(sse.encode(data="[DONE]"))
+        with contextlib.suppress(ConnectionResetError):
+            await self.response.write_eof()

@@ -54,6 +54,8 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
+        # A stream may run for many minutes: what must not be long is the silence between bytes.
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self.max_tokens_field = max_tokens_field
 
     def _headers(self) -> dict[str, str]:
@@ -90,6 +92,32 @@ class Upstream:
             log.warning("upstream_bad_json path=%s bytes=%d", path, len(raw))
             raise UpstreamError("The upstream model provider sent an invalid answer; you were not charged.")
         return UpstreamResponse(status, raw, data)
+
+    async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
+        """POST a streaming request; the response once the upstream has answered 200 with an
+        event stream (the caller reads and closes it), or an UpstreamError."""
+        url = self.base_url + path
+        headers = {**self._headers(), "Accept": "text/event-stream"}
+        try:
+            resp = await self.session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
+        except TimeoutError:
+            log.warning("upstream_timeout path=%s stream=true", path)
+            raise UpstreamError("The upstream model provider timed out; you were not charged.", status=504) from None
+        except aiohttp.ClientError as exc:
+            log.warning("upstream_unreachable path=%s error=%s stream=true", path, type(exc).__name__)
+            raise UpstreamError("The upstream model provider could not be reached; you were not charged.") from None
+        if resp.status != 200 or resp.content_type != "text/event-stream":
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            if resp.status == 200:
+                log.warning("upstream_not_streaming content_type=%s", resp.content_type)
+                raise UpstreamError("The upstream model provider did not stream; you were not charged.")
+            raise self._status_error(resp.status, raw)
+        return resp
 
     def _status_error(self, status: int, raw: bytes) -> UpstreamError:
         log.warning("upstream_status status=%d bytes=%d", status, len(raw))

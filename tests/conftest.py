@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from eth_account import Account
 from openai import AsyncOpenAI
 
-from drain_provider.api import create_app
+from drain_provider.api import RUNNER_OPTIONS, create_app
 from drain_provider.api.state import LEDGER
 from drain_provider.chain import ChainClient
 from drain_provider.config import Settings
@@ -120,6 +120,9 @@ async def provider_factory(
         settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
         await dev_chain.fund(settings.provider_address)
         app = create_app(settings, chain=chain_client or dev_chain.client())
+        # TestServer always cancels handlers on disconnect, as RUNNER_OPTIONS asks; a short
+        # shutdown_timeout lets a test stop a server mid-request.
+        assert RUNNER_OPTIONS["handler_cancellation"]
         server = await aiohttp_server(app, shutdown_timeout=0.5)
         started.append(Provider(settings, server, app))
         return started[-1]

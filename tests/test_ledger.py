@@ -135,5 +135,7 @@ async def test_shutdown_mid_request_releases_the_reservation(
     with pytest.raises(openai.APIConnectionError):
         await call
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT status, cost, error FROM usage").fetchall() == [("failed", 0, "interrupted")]
+        assert conn.execute("SELECT status, cost, error FROM usage").fetchall() == [
+            ("failed", 0, "interrupted by shutdown")
+        ]
         assert conn.execute("SELECT charged, reserved FROM channels").fetchall() == [(0, 0)]

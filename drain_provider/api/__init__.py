@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -19,11 +20,17 @@ from ..tokens import TokenCounter
 from ..upstream import Upstream
 from . import completions, info
 from .errors import error_middleware
-from .state import CHAIN, COUNTER, GATE, LEDGER, SETTINGS, UPSTREAM
+from .state import CHAIN, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM
 
 log = logging.getLogger(__name__)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+# How the provider is served (run_app, dev and the tests alike). handler_cancellation: a client
+# that disconnects cancels its handler at once, which is how a stream learns to drop its
+# upstream; shutdown_timeout: how long in-flight requests get to finish on a stop.
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 15.0}
 
 
 def create_app(
@@ -34,6 +41,8 @@ def create_app(
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[COUNTER] = counter or TokenCounter()
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_stopping)
     app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _tokenizer_ctx])
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
@@ -43,6 +52,10 @@ def create_app(
     app.router.add_get("/v1/docs", info.docs)
     app.router.add_get("/health", info.health)
     return app
+
+
+async def _stopping(app: web.Application) -> None:
+    app[STOPPING].set()
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -121,7 +121,8 @@ How to pay, step by step
 3. Send the request in the OpenAI format with the header
    X-DRAIN-Voucher: {{"channelId":"0x..","amount":"<base units>","nonce":"<n>","signature":"0x..(65 bytes)"}}
 4. Read the answer's headers: X-DRAIN-Cost (this request), X-DRAIN-Total (charged on the channel
-   so far), X-DRAIN-Remaining (deposit - total), X-DRAIN-Channel.
+   so far), X-DRAIN-Remaining (deposit - total), X-DRAIN-Channel. Streams ("stream": true) carry
+   the same three figures as SSE comment lines (": X-DRAIN-Cost: 102") just before data: [DONE].
 
 What you are charged: input and output tokens as the upstream model reports them, at the prices
 above (cost = in*inPrice//1000 + out*outPrice//1000). A request reserves its worst case

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from ..chain import ChainClient
@@ -17,3 +19,5 @@ CHAIN = web.AppKey("chain", ChainClient)
 GATE = web.AppKey("gate", PaymentGate)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COUNTER = web.AppKey("counter", TokenCounter)
+# Set when the server begins to stop: a request cancelled after that was not left by its client.
+STOPPING = web.AppKey("stopping", asyncio.Event)
