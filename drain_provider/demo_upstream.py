@@ -298,3 +298,20 @@ def create_demo_upstream() -> web.Application:
     app.router.add_post("/v1/completions", _legacy)
     app.router.add_get("/v1/models", _models)
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the demo model on its own: `python -m drain_provider.demo_upstream --port 8100`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m drain_provider.demo_upstream", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    args = parser.parse_args(argv)
+    web.run_app(
+        create_demo_upstream(), host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True
+    )
+
+
+if __name__ == "__main__":
+    main()

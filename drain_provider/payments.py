@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .chain import ChainClient, ChainUnavailable
 from .ledger import ChannelRecord, InsufficientFunds, Ledger, Rejected, Reservation, Settlement
 from .pricing import ReservationPlan
-from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_signer, voucher_digest
+from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,10 @@ class KnownChannel:
     deposit: int
     expiry: int
 
+    @property
+    def consumer_bytes(self) -> bytes:
+        return bytes.fromhex(self.consumer[2:])
+
 
 class PaymentGate:
     def __init__(self, ledger: Ledger, chain: ChainClient, domain: Domain, provider_address: str) -> None:
@@ -64,13 +68,13 @@ class PaymentGate:
             voucher = parse_voucher(header)
         except VoucherFormatError as exc:
             raise PaymentError("invalid_voucher_format", f"Malformed X-DRAIN-Voucher: {exc}") from None
-        signer = recover_signer(
+        signer = recover_address(
             voucher_digest(self._separator, voucher.channel_id, voucher.amount, voucher.nonce), voucher.signature
         )
         if signer is None:
             raise PaymentError("invalid_signature", "The voucher signature is not a valid 65-byte low-s signature.")
         channel = await self._channel(voucher.channel_id)
-        if signer != channel.consumer:
+        if signer != channel.consumer_bytes:
             raise PaymentError(
                 "invalid_signature",
                 "The voucher is not signed by the channel's consumer under this provider's EIP-712 domain "

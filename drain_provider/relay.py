@@ -192,8 +192,8 @@ class StreamRelay:
     async def _relay(self, event: sse.Event) -> bool:
         """Handle one upstream event; True when the stream must end here."""
         if event.data is None:  # a comment or keep-alive: keeps the client's connection warm too
-            return self.started and await self._send(event.encode())
-        if event.data.strip() == "[DONE]":
+            return self.started and await self._send(event.raw)
+        if event.data.strip() == b"[DONE]":
             self.ending = "done"
             return True
         try:
@@ -219,20 +219,20 @@ class StreamRelay:
         if not chunk.get("choices"):
             if usage is not None and not self.client_wants_usage:
                 return False  # the usage chunk we asked for, not the client
-            return await self._send(event.encode())
+            return await self._send(event.raw)
         tokens = len(self.encoding.encode(chunk_text(chunk), disallowed_special=()))
         if not self.budget.pays_for(self.delivered_tokens + tokens):
             self.ending = "budget"
             return True
-        if await self._send(event.encode()):
+        if await self._send(event.raw):
             return True
         self.delivered_tokens += tokens
         return False
 
     def _remember(self, chunk: dict[str, Any]) -> None:
-        for key in ("id", "object", "created", "model", "system_fingerprint"):
-            if key in chunk:
-                self._last[key] = chunk[key]
+        """What a chunk we write ourselves must look like (ids do not change within a stream)."""
+        if not self._last:
+            self._last = {k: chunk[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in chunk}
         for choice in chunk.get("choices") or ():
             if isinstance(choice, dict) and isinstance(choice.get("index"), int):
                 self._choices.add(choice["index"])

@@ -1,7 +1,10 @@
 """Server-sent events: an incremental parser and the encoder for what we send.
 
 The parser takes bytes as they come off the socket (an event may be split across reads, several
-may arrive in one, lines may end in \\r\\n, \\n or \\r) and returns complete events. Pure: no I/O.
+may arrive in one, lines may end in \\r\\n, \\n or \\r) and returns complete events, each with
+its bytes normalised to \\n line endings so that it can be forwarded as it came. It stays in
+bytes: a relay parses every token event, and decoding to str and back costs per event. Pure: no
+I/O.
 """
 
 from __future__ import annotations
@@ -11,12 +14,10 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Event:
-    data: str | None = None  # the data lines joined with "\n"; None if the event had none
+    raw: bytes  # the whole event, "\n" line endings, ending in a blank line: ready to forward
+    data: bytes | None = None  # the data lines joined with "\n"; None if the event had none
     event: str | None = None
     comments: list[str] = field(default_factory=list)
-
-    def encode(self) -> bytes:
-        return encode(data=self.data, event=self.event, comments=self.comments)
 
 
 def encode(*, data: str | None = None, event: str | None = None, comments: list[str] | None = None) -> bytes:
@@ -29,22 +30,24 @@ def encode(*, data: str | None = None, event: str | None = None, comments: list[
 
 
 def _parse_block(block: bytes) -> Event:
-    event = Event()
-    data_lines: list[str] = []
-    for raw_line in block.split(b"\n"):
-        line = raw_line.decode("utf-8", "replace")
-        if line.startswith(":"):
-            event.comments.append(line[1:].strip())
+    raw = block + b"\n\n"
+    if block.startswith(b"data: ") and b"\n" not in block:  # the common case: one data line
+        return Event(raw, data=block[6:])
+    event = Event(raw)
+    data_lines: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b":"):
+            event.comments.append(line[1:].strip().decode("utf-8", "replace"))
             continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
+        name, _, value = line.partition(b":")
+        value = value.removeprefix(b" ")
+        if name == b"data":
             data_lines.append(value)
-        elif name == "event":
-            event.event = value
+        elif name == b"event":
+            event.event = value.decode("utf-8", "replace")
         # "id" and "retry" mean nothing to a completion stream
     if data_lines:
-        event.data = "\n".join(data_lines)
+        event.data = b"\n".join(data_lines)
     return event
 
 
@@ -54,7 +57,7 @@ class Parser:
 
     def feed(self, chunk: bytes) -> list[Event]:
         """The events completed by `chunk`."""
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         # A trailing \r may be the first half of a \r\n split across reads: keep it for later.
         held = b"\r" if buffer.endswith(b"\r") else b""
         if held:
@@ -63,9 +66,9 @@ class Parser:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *blocks, rest = buffer.split(b"\n\n")
         self._buffer = rest + held
-        return [_parse_block(block) for block in blocks if block.strip(b"\n")]
+        return [_parse_block(block.strip(b"\n")) for block in blocks if block.strip(b"\n")]
 
     def close(self) -> list[Event]:
         """The last event, if the stream ended without its blank line."""
-        rest, self._buffer = self._buffer.replace(b"\r", b"\n"), b""
-        return [_parse_block(rest)] if rest.strip(b"\n") else []
+        rest, self._buffer = self._buffer.replace(b"\r", b"\n").strip(b"\n"), b""
+        return [_parse_block(rest)] if rest else []

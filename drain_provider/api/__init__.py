@@ -95,7 +95,9 @@ def _chain_ctx(given: ChainClient | None) -> Context:
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    session = aiohttp.ClientSession()
+    # No pool limit: every paid request in flight needs its own upstream connection, and the
+    # default cap of 100 would queue the 101st stream behind the others.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens); most
     # OpenAI-compatible servers know only max_tokens.
     field = "max_completion_tokens" if settings.upstream_base_url == OPENAI_BASE_URL else "max_tokens"

@@ -1,0 +1,1 @@
+"""Benchmarks of drain-provider against a direct upstream and a plain pass-through proxy."""
