@@ -58,9 +58,10 @@ async def main(quick: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run in well under a minute")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"where the JSON goes (default {RESULTS})")
     args = parser.parse_args()
     results = asyncio.run(main(args.quick))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"\n(run took {results['seconds']} s; figures in {RESULTS.relative_to(Path.cwd())})")
+    print(f"\n(run took {results['seconds']} s; figures in {args.output})")

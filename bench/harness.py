@@ -89,8 +89,8 @@ class Rig:
     passthrough: Server
     provider: Server
     chain: DevChain
+    workdir: Path
     consumers: list[DrainConsumer] = field(default_factory=list)
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="drain-bench-")))
 
     def stop(self) -> None:
         for server in (self.provider, self.passthrough, self.upstream, self.anvil):

@@ -1,0 +1,28 @@
+"""The benchmark still runs end to end (a smoke run: its figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_runs_and_writes_every_figure(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| relay CPU per token event (µs) |" in run.stdout
+    results = json.loads(output.read_text())
+    stream = results["stream"]
+    assert set(stream["ttft_ms_p50"]) == {"direct", "passthrough", "drain-provider"}
+    assert all(value > 0 for value in stream["ttft_ms_p50"].values())
+    assert stream["relay_cpu_us_per_token_event"]["drain-provider"] > 0
