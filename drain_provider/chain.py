@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +20,9 @@ from eth_hash.auto import keccak
 from eth_tester.exceptions import TransactionFailed
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
-from web3.exceptions import ContractLogicError
+from web3.exceptions import ContractLogicError, TransactionNotFound
 from web3.providers import AsyncHTTPProvider
+from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from .contracts import load_artifact
 from .protocol import ChannelState, Voucher
@@ -38,6 +40,29 @@ class ContractReverted(Exception):
     def __init__(self, error: str) -> None:
         super().__init__(error)
         self.error = error
+
+
+class FeeAboveCeiling(Exception):
+    def __init__(self, fee: int, ceiling: int) -> None:
+        super().__init__(f"fee per gas {fee} is above the ceiling {ceiling}")
+        self.fee = fee
+        self.ceiling = ceiling
+
+
+class NonceTooLow(Exception):
+    """The account nonce of a transaction was already used."""
+
+
+class InsufficientGasFunds(Exception):
+    """The provider account cannot pay for gas."""
+
+
+@dataclass(frozen=True)
+class PreparedTx:
+    raw: bytes = field(repr=False)
+    tx_hash: str
+    nonce: int
+    max_cost: int  # wei: gas limit x max fee per gas
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,25 @@ def _error_selectors(abi: list[dict[str, Any]]) -> dict[str, str]:
     return selectors
 
 
+class ChainClock:
+    """The chain's time, without an RPC call: wall time plus the offset last seen.
+
+    Expiry is chain time. On a live chain the two agree within seconds; on a dev chain whose
+    clock was moved forward they do not, so whoever reads the chain (the claimer, each cycle)
+    calls `sync`. The offset is never negative: an idle dev chain's last block may be old, and
+    reading "now" too early would let a channel run closer to its expiry than allowed.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    async def sync(self, chain: ChainClient) -> None:
+        self.offset = max(0.0, await chain.latest_timestamp() - time.time())
+
+
 class ChainClient:
     def __init__(self, w3: AsyncWeb3[Any], contract_address: str) -> None:
         self.w3 = w3
@@ -105,6 +149,11 @@ class ChainClient:
     @property
     def address(self) -> str:
         return str(self.contract.address)
+
+    @property
+    def is_embedded(self) -> bool:
+        """The in-process eth-tester chain: mined at once, so polling can be quick."""
+        return isinstance(self.w3.provider, AsyncEthereumTesterProvider)
 
     async def close(self) -> None:
         if isinstance(self.w3.provider, AsyncHTTPProvider):
@@ -146,38 +195,120 @@ class ChainClient:
         block = await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
         return int(block["timestamp"])
 
-    async def send(self, account: LocalAccount, call: Any, *, gas_margin_percent: int = 20) -> TxResult:
-        """Sign `call` with `account` locally, send it and wait for the receipt.
+    async def balance(self, address: str) -> int:
+        return int(await self._rpc("eth_getBalance", self.w3.eth.get_balance(to_checksum_address(address))))
 
-        A revert during gas estimation raises ContractReverted before anything is sent."""
+    async def pending_nonce(self, address: str) -> int:
+        count = self.w3.eth.get_transaction_count(to_checksum_address(address), "pending")
+        return int(await self._rpc("eth_getTransactionCount", count))
+
+    async def fees(self) -> dict[str, int]:
+        """EIP-1559 fee fields where the chain has a base fee, a legacy gas price where not."""
+        block = await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
+        base_fee = block.get("baseFeePerGas")
+        if base_fee is None:
+            return {"gasPrice": int(await self._rpc("eth_gasPrice", self.w3.eth.gas_price))}
+        try:
+            tip = int(await self._rpc("eth_maxPriorityFeePerGas", self.w3.eth.max_priority_fee))
+        except ChainUnavailable:  # nodes without the method: a common minimum
+            tip = 10**9
+        # Twice the base fee: room for six full blocks of base-fee increases before it is stuck.
+        return {"maxFeePerGas": 2 * int(base_fee) + tip, "maxPriorityFeePerGas": tip}
+
+    async def prepare(
+        self,
+        account: LocalAccount,
+        call: Any,
+        *,
+        nonce: int,
+        max_fee_per_gas: int | None = None,
+        gas_margin_percent: int = 20,
+    ) -> PreparedTx:
+        """Estimate, price and sign a transaction; nothing is sent.
+
+        A call that would revert raises ContractReverted here, before anything is signed; fees
+        above `max_fee_per_gas` raise FeeAboveCeiling."""
         sender = account.address
-        gas = await self._rpc("eth_estimateGas", call.estimate_gas({"from": sender}))
-        nonce = await self._rpc("eth_getTransactionCount", self.w3.eth.get_transaction_count(sender, "pending"))
+        gas = int(await self._rpc("eth_estimateGas", call.estimate_gas({"from": sender})))
+        fees = await self.fees()
+        fee_per_gas = fees.get("maxFeePerGas", fees.get("gasPrice", 0))
+        if max_fee_per_gas is not None and fee_per_gas > max_fee_per_gas:
+            raise FeeAboveCeiling(fee_per_gas, max_fee_per_gas)
+        gas_limit = gas * (100 + gas_margin_percent) // 100
         tx = await self._rpc(
-            "build_transaction",
-            call.build_transaction({"from": sender, "nonce": nonce, "gas": gas * (100 + gas_margin_percent) // 100}),
+            "build_transaction", call.build_transaction({"from": sender, "nonce": nonce, "gas": gas_limit, **fees})
         )
         signed = account.sign_transaction(tx)
-        tx_hash = await self._rpc("eth_sendRawTransaction", self.w3.eth.send_raw_transaction(signed.raw_transaction))
-        receipt = await self._rpc("eth_getTransactionReceipt", self.w3.eth.wait_for_transaction_receipt(tx_hash))
+        return PreparedTx(
+            raw=bytes(signed.raw_transaction),
+            tx_hash="0x" + bytes(signed.hash).hex(),
+            nonce=nonce,
+            max_cost=gas_limit * fee_per_gas,
+        )
+
+    async def broadcast(self, raw: bytes) -> None:
+        """Send a signed transaction. Sending one the node already has is not an error (so a
+        pending claim can be re-sent after a restart); a used nonce or an empty gas account is."""
+        try:
+            await self.w3.eth.send_raw_transaction(raw)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            message = str(exc).lower()
+            if "already known" in message or "known transaction" in message or "already imported" in message:
+                return
+            if "nonce too low" in message or ("nonce" in message and "low" in message):
+                raise NonceTooLow(str(exc)[:200]) from None
+            if "insufficient funds" in message:
+                raise InsufficientGasFunds(str(exc)[:200]) from None
+            log.warning("chain_rpc_failed what=eth_sendRawTransaction error=%s", type(exc).__name__)
+            raise ChainUnavailable(f"eth_sendRawTransaction failed: {type(exc).__name__}") from None
+
+    async def receipt(self, tx_hash: str) -> TxResult | None:
+        """The receipt of a mined transaction, None while it is not mined (or unknown)."""
+        try:
+            receipt = await self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            return None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("chain_rpc_failed what=eth_getTransactionReceipt error=%s", type(exc).__name__)
+            raise ChainUnavailable(f"eth_getTransactionReceipt failed: {type(exc).__name__}") from None
+        if receipt is None:
+            return None
         return TxResult(
-            tx_hash="0x" + bytes(tx_hash).hex(),
+            tx_hash=tx_hash,
             succeeded=receipt["status"] == 1,
             block_number=int(receipt["blockNumber"]),
             gas_used=int(receipt["gasUsed"]),
             receipt=receipt,
         )
 
-    async def claim(self, account: LocalAccount, voucher: Voucher) -> TxResult:
-        call = self.contract.functions.claim(
+    async def wait_receipt(self, tx_hash: str, *, timeout: float = 120.0, poll: float = 1.0) -> TxResult | None:
+        """Poll for the receipt; None if the transaction is not mined within `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            result = await self.receipt(tx_hash)
+            if result is not None or asyncio.get_running_loop().time() >= deadline:
+                return result
+            await asyncio.sleep(poll)
+
+    async def send(self, account: LocalAccount, call: Any) -> TxResult:
+        """Sign, send and wait: for the consumer's approve/open and for tests. The provider's
+        claims go through the claimer, which records each step in the ledger."""
+        prepared = await self.prepare(account, call, nonce=await self.pending_nonce(account.address))
+        await self.broadcast(prepared.raw)
+        result = await self.wait_receipt(prepared.tx_hash, poll=0.05)
+        if result is None:
+            raise ChainUnavailable(f"transaction {prepared.tx_hash} was not mined in time")
+        return result
+
+    def claim_call(self, voucher: Voucher) -> Any:
+        return self.contract.functions.claim(
             bytes.fromhex(voucher.channel_id[2:]), voucher.amount, voucher.nonce, voucher.signature
         )
-        result = await self.send(account, call)
-        log.info(
-            "claim_sent channel=%s amount=%d tx=%s ok=%s",
-            voucher.channel_id,
-            voucher.amount,
-            result.tx_hash,
-            result.succeeded,
-        )
-        return result
+
+    async def claim(self, account: LocalAccount, voucher: Voucher) -> TxResult:
+        """Claim one voucher now (tests and one-off use; the claimer is the provider's way)."""
+        return await self.send(account, self.claim_call(voucher))

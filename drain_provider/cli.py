@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
 
 from aiohttp import web
 
-from .config import ConfigError, load_settings, read_environment
+from .config import ConfigError, Settings, load_settings, read_environment
 
 log = logging.getLogger("drain_provider")
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     dev.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
     dev.add_argument("--port", type=int, help="port for the provider (default: PORT or 3000)")
     dev.add_argument("--no-serve", action="store_true", help="exit after the demo call instead of serving")
+    claim = commands.add_parser("claim", help="claim what is due now, with or without the server running")
+    claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
+    commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
@@ -41,6 +45,14 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
 
             return asyncio.run(
                 run_dev(env, rpc_url=args.rpc_url, port=args.port, serve=not args.no_serve, started=started)
+            )
+        if args.command in ("claim", "status"):
+            settings = load_settings(env)
+            setup_logging(settings.log_level)
+            return asyncio.run(
+                claim_or_status(
+                    settings, claim=args.command == "claim", force=args.force if args.command == "claim" else False
+                )
             )
         return serve(env)
     except ConfigError as exc:
@@ -69,3 +81,35 @@ def serve(env: dict[str, str]) -> int:
     web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, **RUNNER_OPTIONS)
     log.info("stopped uptime_s=%d", time.monotonic() - started)
     return 0
+
+
+async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> int:
+    """`claim` and `status`: the same ledger and chain as the server, without the server. Safe
+    while it runs: claims in flight are one per channel across processes (the ledger decides)."""
+    from eth_account import Account
+
+    from .chain import ChainClient, ChainClock, ChainUnavailable
+    from .claimer import Claimer, claim_json, status_report
+    from .ledger import Ledger
+
+    assert settings.rpc_url is not None
+    ledger = Ledger(settings.database_path)
+    await ledger.open()
+    chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
+    try:
+        claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, ChainClock())
+        if claim:
+            try:
+                outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
+            except ChainUnavailable as exc:
+                print(f"drain-provider: the chain RPC is unavailable: {exc}", file=sys.stderr)
+                return 1
+            report = {"claims": [vars(o) for o in outcomes], "alert": claimer.alert}
+        else:
+            report = await status_report(settings, ledger, chain, None)
+            report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status="pending")]
+        print(json.dumps(report, indent=2))
+        return 1 if claim and any(o.status == "failed" for o in outcomes) else 0
+    finally:
+        await chain.close()
+        await ledger.close()

@@ -43,6 +43,12 @@ class Settings:
     database_path: Path = Path("data/drain.db")
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
+    claim_interval: float = 60.0
+    claim_expiry_margin: int = 3600
+    claim_retry_seconds: float = 30.0  # first backoff after a failed claim; doubles up to an hour
+    claim_receipt_timeout: float = 180.0
+    max_fee_per_gas: int = 1000 * 10**9  # wei; a claim waits rather than pay more
+    min_channel_ttl: int = 600
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1024 * 1024
     default_max_tokens: int = 4096
@@ -85,16 +91,16 @@ def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, m
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
     raw = _get(env, name)
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}: must be a number of seconds, got {raw!r}") from None
-    if not 0 < value < 86400:
-        raise ConfigError(f"{name}: must be between 0 and 86400 seconds, got {raw!r}")
+        raise ConfigError(f"{name}: must be a number of seconds, got {raw[:40]!r}") from None
+    if not (0 < value < 86400 or (allow_zero and value == 0)):
+        raise ConfigError(f"{name}: must be between 0 and 86400 seconds, got {raw[:40]!r}")
     return value
 
 
@@ -192,6 +198,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         database_path=Path(database),
         prices=prices,
         claim_threshold=_int(env, "CLAIM_THRESHOLD", 10_000_000),
+        claim_interval=_float(env, "CLAIM_INTERVAL", 60.0, allow_zero=True),
+        claim_expiry_margin=_int(env, "CLAIM_EXPIRY_MARGIN", 3600, maximum=365 * 86400),
+        claim_retry_seconds=_float(env, "CLAIM_RETRY_SECONDS", 30.0),
+        max_fee_per_gas=_int(env, "MAX_FEE_GWEI", 1000, minimum=1, maximum=10**9) * 10**9,
+        min_channel_ttl=_int(env, "MIN_CHANNEL_TTL", 600, maximum=365 * 86400),
         admin_token=admin_token,
         max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
         default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 4096, minimum=1, maximum=10_000_000),

@@ -49,6 +49,8 @@ MIGRATIONS: list[str] = [
         best_amount     INTEGER NOT NULL DEFAULT 0,     -- last accepted voucher
         best_nonce      TEXT NOT NULL DEFAULT '0',
         best_voucher_id INTEGER,
+        claim_attempts  INTEGER NOT NULL DEFAULT 0,     -- failed claims in a row
+        claim_retry_at  REAL,                           -- no claim before this (backoff)
         synced_at       REAL NOT NULL,                  -- when the on-chain fields were read
         created_at      REAL NOT NULL
     );
@@ -85,13 +87,16 @@ MIGRATIONS: list[str] = [
         channel_id  TEXT NOT NULL REFERENCES channels(channel_id),
         voucher_id  INTEGER NOT NULL REFERENCES vouchers(id),
         amount      INTEGER NOT NULL,
-        tx_hash     TEXT,
         status      TEXT NOT NULL,       -- pending | confirmed | reverted | failed
+        tx_hash     TEXT,                -- recorded before the transaction is sent
+        tx_nonce    INTEGER,
+        raw_tx      TEXT,                -- the signed transaction, to re-send after a restart
         error       TEXT,
         created_at  REAL NOT NULL,
         updated_at  REAL NOT NULL
     );
     CREATE INDEX claims_channel ON claims(channel_id);
+    CREATE UNIQUE INDEX claims_one_pending ON claims(channel_id) WHERE status = 'pending';
     """,
 ]
 
@@ -161,6 +166,40 @@ class Settlement:
     total: int  # channel's charged total after it
     remaining: int  # deposit - total
     price_cost: int  # what the usage costs at list price (cost is lower only if the voucher ran out)
+
+
+@dataclass(frozen=True)
+class ClaimTarget:
+    """A channel with earnings to claim, and the voucher to claim them with (DESIGN rule 7: the
+    smallest stored voucher that covers the charged total and is above what the chain has)."""
+
+    channel_id: str
+    expiry: int
+    charged: int
+    claimed: int  # on chain, at the last sync
+    voucher_id: int
+    voucher: Voucher
+
+    @property
+    def unclaimed(self) -> int:
+        return self.charged - self.claimed
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    id: int
+    channel_id: str
+    amount: int
+    status: str
+    tx_hash: str | None
+    tx_nonce: int | None
+    raw_tx: str | None
+    error: str | None
+    created_at: float
+    updated_at: float
+
+
+_CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at"
 
 
 class Ledger:
@@ -408,3 +447,150 @@ class Ledger:
         if count:
             log.warning("reservations_released count=%d reason=restart", count)
         return count
+
+    # --- claims -------------------------------------------------------------------------------
+
+    async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
+        rows = await self.fetchall(
+            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, v.id, v.amount, v.nonce, v.signature
+                FROM channels c
+                JOIN vouchers v ON v.id = (
+                    SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
+                                                  AND amount > c.claimed
+                    ORDER BY amount, id LIMIT 1)
+                WHERE c.status = 'open' AND c.charged > c.claimed
+                  AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id AND k.status = 'pending')
+                  AND ({where})
+                ORDER BY c.expiry""",
+            params,
+        )
+        return [
+            ClaimTarget(cid, expiry, charged, claimed, vid, Voucher(cid, amount, int(nonce), bytes.fromhex(sig[2:])))
+            for cid, expiry, charged, claimed, vid, amount, nonce, sig in rows
+        ]
+
+    async def claim_targets(
+        self, *, threshold: int, expiring_before: float, now: float, force: bool = False
+    ) -> list[ClaimTarget]:
+        """Channels due for a claim: unclaimed earnings at the threshold, or anything unclaimed on a
+        channel that expires before `expiring_before`; all with earnings when `force`. Channels in
+        backoff after a failed claim wait for it to pass, unless `force`."""
+        if force:
+            return await self._claim_targets("1", ())
+        return await self._claim_targets(
+            "(c.charged - c.claimed >= ? OR c.expiry <= ?) AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)",
+            (threshold, expiring_before, now),
+        )
+
+    async def begin_claim(self, target: ClaimTarget) -> int | None:
+        """A pending claims row for `target`, or None if the channel already has one in flight (in
+        this process or another: the unique index on pending claims decides)."""
+        now = time.time()
+
+        def begin(conn: sqlite3.Connection) -> int | None:
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO claims (channel_id, voucher_id, amount, status, created_at, updated_at)
+                       VALUES (?, ?, ?, 'pending', ?, ?)""",
+                    (target.channel_id, target.voucher_id, target.voucher.amount, now, now),
+                )
+            except sqlite3.IntegrityError:
+                return None
+            return cursor.lastrowid
+
+        return await self.write(begin)
+
+    async def record_claim_tx(self, claim_id: int, *, tx_hash: str, tx_nonce: int, raw_tx: bytes) -> None:
+        """Written before the transaction is sent: a crash after this line is reconciled from the
+        chain by its hash, and the same signed bytes can be sent again (never a second claim)."""
+        now = time.time()
+        await self.write(
+            lambda conn: conn.execute(
+                "UPDATE claims SET tx_hash = ?, tx_nonce = ?, raw_tx = ?, updated_at = ? WHERE id = ?",
+                (tx_hash, tx_nonce, "0x" + raw_tx.hex(), now, claim_id),
+            )
+        )
+
+    async def finish_claim(
+        self, claim_id: int, *, status: str, error: str | None = None, retry_after: float | None = None
+    ) -> None:
+        """Close a claim. A confirmed one clears the channel's backoff; a failed or reverted one sets
+        it to `retry_after` seconds from now."""
+        now = time.time()
+
+        def finish(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE claims SET status = ?, error = ?, updated_at = ? WHERE id = ?",
+                (status, error[:500] if error else None, now, claim_id),
+            )
+            if status == "confirmed":
+                conn.execute(
+                    """UPDATE channels SET claim_attempts = 0, claim_retry_at = NULL
+                       WHERE channel_id = (SELECT channel_id FROM claims WHERE id = ?)""",
+                    (claim_id,),
+                )
+            else:
+                conn.execute(
+                    """UPDATE channels SET claim_attempts = claim_attempts + 1, claim_retry_at = ?
+                       WHERE channel_id = (SELECT channel_id FROM claims WHERE id = ?)""",
+                    (now + (retry_after or 0), claim_id),
+                )
+
+        await self.write(finish)
+
+    async def claim_attempts(self, channel_id: str) -> int:
+        row = await self.fetchone("SELECT claim_attempts FROM channels WHERE channel_id = ?", (channel_id,))
+        return int(row[0]) if row else 0
+
+    async def claims(self, *, status: str | None = None, limit: int = 100) -> list[ClaimRecord]:
+        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
+        rows = await self.fetchall(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+        )
+        return [ClaimRecord(*row) for row in rows]
+
+    # --- reports and upkeep ---------------------------------------------------------------------
+
+    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[str]:
+        """Open channels holding vouchers above what the chain has claimed, not read for a while:
+        the ones whose closing or claiming elsewhere we must not miss."""
+        rows = await self.fetchall(
+            """SELECT channel_id FROM channels WHERE status = 'open' AND best_amount > claimed AND synced_at < ?
+               ORDER BY synced_at LIMIT ?""",
+            (synced_before, limit),
+        )
+        return [row[0] for row in rows]
+
+    async def stats(self) -> dict[str, Any]:
+        row = await self.fetchone(
+            """SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(MIN(claimed, charged)), 0),
+                      COALESCE(SUM(MAX(charged - claimed, 0)), 0), COALESCE(SUM(reserved), 0) FROM channels"""
+        )
+        assert row is not None
+        by_status = dict(await self.fetchall("SELECT status, COUNT(*) FROM channels GROUP BY status"))
+        return {
+            "earned": row[0],
+            "claimed": row[1],
+            "unclaimed": row[2],
+            "reserved": row[3],
+            "channels": {"open": by_status.get("open", 0), "closed": by_status.get("closed", 0)},
+        }
+
+    async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
+        rows = await self.fetchall(
+            f"SELECT {_CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,)
+        )
+        return [ChannelRecord.from_row(row) for row in rows]
+
+    async def best_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
+        """The last accepted voucher of each channel (the highest: amounts only grow)."""
+        rows = await self.fetchall(
+            f"""SELECT {", ".join("c." + c for c in _CHANNEL_COLUMNS.split(", "))}, v.amount, v.nonce, v.signature
+                FROM channels c JOIN vouchers v ON v.id = c.best_voucher_id
+                ORDER BY c.created_at DESC LIMIT ?""",
+            (limit,),
+        )
+        return [
+            (ChannelRecord.from_row(row[:12]), Voucher(row[0], row[12], int(row[13]), bytes.fromhex(row[14][2:])))
+            for row in rows
+        ]

@@ -5,18 +5,18 @@ ledger, then chain), check it belongs to us and to the signer, then let the ledg
 voucher and reserve the worst case in one transaction. settle/release: charge what the usage
 costs (never past the voucher) and free the reservation, exactly once.
 
-The chain is read only for a channel we have not seen, and, for a channel past its expiry
-(when the consumer may close it at any moment), on each request until it is gone.
+The chain is read only for a channel we have not seen. A channel within MIN_CHANNEL_TTL of its
+expiry (chain time) is refused: after expiry its consumer may close it and take back whatever
+was not claimed. Closings are noticed by the claimer, which re-reads channels it has earnings on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 
-from .chain import ChainClient, ChainUnavailable
+from .chain import ChainClient, ChainClock, ChainUnavailable
 from .ledger import ChannelRecord, InsufficientFunds, Ledger, Rejected, Reservation, Settlement
 from .pricing import ReservationPlan
 from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
@@ -49,11 +49,22 @@ class KnownChannel:
 
 
 class PaymentGate:
-    def __init__(self, ledger: Ledger, chain: ChainClient, domain: Domain, provider_address: str) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        chain: ChainClient,
+        domain: Domain,
+        provider_address: str,
+        *,
+        clock: ChainClock | None = None,
+        min_channel_ttl: int = 600,
+    ) -> None:
         self.ledger = ledger
         self.chain = chain
         self.domain = domain
         self.provider = provider_address
+        self.clock = clock or ChainClock()
+        self.min_channel_ttl = min_channel_ttl
         self._separator = domain.separator
         self._known: dict[str, KnownChannel] = {}
         self._fetch_locks: dict[str, asyncio.Lock] = {}
@@ -135,28 +146,32 @@ class PaymentGate:
 
     async def _channel(self, channel_id: str) -> KnownChannel:
         known = self._known.get(channel_id)
-        if known is not None and time.time() < known.expiry:
-            return known
-        # One chain read per unknown channel, however many requests arrive for it at once.
-        lock = self._fetch_locks.setdefault(channel_id, asyncio.Lock())
-        async with lock:
-            known = self._known.get(channel_id)
-            if known is not None and time.time() < known.expiry:
-                return known
-            known = await self._load(channel_id)
-            self._known[channel_id] = known
-        self._fetch_locks.pop(channel_id, None)
+        if known is None:
+            # One chain read per unknown channel, however many requests arrive for it at once.
+            lock = self._fetch_locks.setdefault(channel_id, asyncio.Lock())
+            async with lock:
+                known = self._known.get(channel_id) or await self._load(channel_id)
+                self._known[channel_id] = known
+            self._fetch_locks.pop(channel_id, None)
+        # After expiry the consumer may close the channel and take back whatever is unclaimed:
+        # serve only while there is time left to claim what this request earns.
+        if self.clock.now() >= known.expiry - self.min_channel_ttl:
+            raise PaymentError(
+                "channel_expiring",
+                f"Channel {channel_id} expires at {known.expiry} (unix time); this provider takes no vouchers "
+                f"within {self.min_channel_ttl} s of expiry. Open a new channel.",
+            )
         return known
 
     async def _load(self, channel_id: str) -> KnownChannel:
         record = await self.ledger.get_channel(channel_id)
         if record is not None and record.status != "open":
-            raise PaymentError("channel_not_found", "The channel is closed.")
-        if record is None or time.time() >= record.expiry:
-            record = await self._sync_from_chain(channel_id, record)
+            raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
+        if record is None:
+            record = await self._sync_from_chain(channel_id)
         return KnownChannel(record.consumer, record.provider, record.deposit, record.expiry)
 
-    async def _sync_from_chain(self, channel_id: str, record: ChannelRecord | None) -> ChannelRecord:
+    async def _sync_from_chain(self, channel_id: str) -> ChannelRecord:
         try:
             state = await self.chain.get_channel(channel_id)
         except ChainUnavailable:
@@ -164,9 +179,6 @@ class PaymentGate:
                 "chain_unavailable", "The blockchain RPC is unavailable; try again shortly. You were not charged."
             ) from None
         if not state.exists:
-            if record is not None:
-                await self.ledger.upsert_channel(channel_id, state)
-                log.info("channel_closed channel=%s", channel_id)
             raise PaymentError("channel_not_found", f"Channel {channel_id} does not exist on chain (or was closed).")
         if state.provider != self.provider:
             raise PaymentError(
@@ -174,3 +186,7 @@ class PaymentGate:
             )
         log.info("channel_synced channel=%s deposit=%d expiry=%d", channel_id, state.deposit, state.expiry)
         return await self.ledger.upsert_channel(channel_id, state)
+
+    def forget(self, channel_id: str) -> None:
+        """Drop a channel from the memory cache (it was closed, or its state changed on chain)."""
+        self._known.pop(channel_id, None)

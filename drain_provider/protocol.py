@@ -111,6 +111,9 @@ ERRORS: dict[str, ErrorSpec] = {
         402, "payment_required", "The voucher amount must not be below the last accepted amount."
     ),
     "exceeds_deposit": ErrorSpec(402, "payment_required", "The voucher amount exceeds the channel deposit."),
+    "channel_expiring": ErrorSpec(
+        402, "payment_required", "The channel expires too soon for this provider to claim in time."
+    ),
     "model_not_supported": ErrorSpec(400, "invalid_request_error", "The requested model is not available."),
     "invalid_request": ErrorSpec(400, "invalid_request_error", "The request body is not valid."),
     "not_found": ErrorSpec(404, "invalid_request_error", "No such endpoint."),
@@ -120,6 +123,8 @@ ERRORS: dict[str, ErrorSpec] = {
     "upstream_timeout": ErrorSpec(
         504, "upstream_error", "The upstream model provider timed out; you were not charged."
     ),
+    "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
+    "admin_disabled": ErrorSpec(403, "permission_error", "The admin API is disabled."),
     "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
     "internal_error": ErrorSpec(500, "server_error", "Internal error; you were not charged."),
 }

@@ -3,6 +3,7 @@ HTTP on a free port, the provider app served on another, and the official openai
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -20,8 +21,9 @@ from eth_account import Account
 from openai import AsyncOpenAI
 
 from drain_provider.api import RUNNER_OPTIONS, create_app
-from drain_provider.api.state import LEDGER
+from drain_provider.api.state import CLAIMER, LEDGER
 from drain_provider.chain import ChainClient
+from drain_provider.claimer import Claimer
 from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
 from drain_provider.demo_upstream import DEMO_MODEL, DEMO_STATS, DemoStats, create_demo_upstream
@@ -81,6 +83,10 @@ class Provider:
     def ledger(self) -> Ledger:
         return self.app[LEDGER]
 
+    @property
+    def claimer(self) -> Claimer:
+        return self.app[CLAIMER]
+
     def client(self) -> AsyncOpenAI:
         """An openai SDK client for this provider (closed when the test ends)."""
         client = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
@@ -103,6 +109,7 @@ def make_settings(chain: DevChain, upstream_url: str, database: Path, **override
         upstream_timeout=5.0,
         database_path=database,
         prices={DEMO_MODEL: DEMO_PRICE, "gpt-4o": ModelPrice(7500, 22500)},
+        claim_interval=0,  # tests run claim cycles themselves
     )
     return replace(settings, **overrides)
 
@@ -113,12 +120,15 @@ async def provider_factory(
 ) -> AsyncIterator[ProviderFactory]:
     started: list[Provider] = []
 
-    async def start(chain_client: ChainClient | None = None, on: DevChain | None = None, **overrides: Any) -> Provider:
+    async def start(
+        chain_client: ChainClient | None = None, on: DevChain | None = None, fund: bool = True, **overrides: Any
+    ) -> Provider:
         """A provider app served on a free port, for the contracts of `on` (default: the embedded
         chain) read through `chain_client` (default: directly); `overrides` replace Settings fields."""
         dev_chain = on or chain
         settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
-        await dev_chain.fund(settings.provider_address)
+        if fund:  # gas money for claims
+            await dev_chain.fund(settings.provider_address)
         app = create_app(settings, chain=chain_client or dev_chain.client())
         # TestServer always cancels handlers on disconnect, as RUNNER_OPTIONS asks; a short
         # shutdown_timeout lets a test stop a server mid-request.
@@ -223,7 +233,10 @@ class RpcProxy:
 
     target: str
     calls: list[str] = field(default_factory=list)
-    fail_next: int = 0
+    fail_next: int = 0  # answer 502 without forwarding
+    lose_next: int = 0  # forward, then answer 502: the node acted, the caller cannot know
+    hold: set[str] = field(default_factory=set)  # methods that get no answer until released
+    released: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
     @property
@@ -239,11 +252,17 @@ class RpcProxy:
         if self.fail_next > 0:
             self.fail_next -= 1
             return web.Response(status=502, text="proxy: injected failure")
+        if self.hold.intersection(methods):
+            await self.released.wait()
         async with (
             aiohttp.ClientSession() as session,
             session.post(self.target, data=body, headers={"Content-Type": "application/json"}) as resp,
         ):
-            return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+            answer = await resp.read()
+        if self.lose_next > 0:
+            self.lose_next -= 1
+            return web.Response(status=502, text="proxy: answer lost")
+        return web.Response(body=answer, status=resp.status, content_type="application/json")
 
 
 @pytest.fixture

@@ -4,23 +4,26 @@ connection, session and background task the server uses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from eth_account import Account
 
-from ..chain import ChainClient, ChainUnavailable
+from ..chain import ChainClient, ChainClock, ChainUnavailable
+from ..claimer import Claimer
 from ..config import OPENAI_BASE_URL, ConfigError, Settings
 from ..ledger import Ledger
 from ..payments import PaymentGate
 from ..protocol import Domain
 from ..tokens import TokenCounter
 from ..upstream import Upstream
-from . import completions, info
+from . import admin, completions, info
 from .errors import error_middleware
-from .state import CHAIN, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM
+from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def create_app(
     app[COUNTER] = counter or TokenCounter()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
-    app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _tokenizer_ctx])
+    app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _claimer_ctx, _tokenizer_ctx])
     app.router.add_post("/v1/chat/completions", completions.chat_completions)
     app.router.add_post("/v1/completions", completions.completions)
     app.router.add_get("/v1/models", info.models)
@@ -51,6 +54,7 @@ def create_app(
     app.router.add_get("/v1/signing", info.signing)
     app.router.add_get("/v1/docs", info.docs)
     app.router.add_get("/health", info.health)
+    admin.add_routes(app)
     return app
 
 
@@ -115,8 +119,33 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     domain = Domain(settings.chain_id, settings.drain_contract)
-    app[GATE] = PaymentGate(app[LEDGER], app[CHAIN], domain, settings.provider_address)
+    app[CLOCK] = ChainClock()
+    app[GATE] = PaymentGate(
+        app[LEDGER],
+        app[CHAIN],
+        domain,
+        settings.provider_address,
+        clock=app[CLOCK],
+        min_channel_ttl=settings.min_channel_ttl,
+    )
     yield
+
+
+async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The background claimer: started with the server, cancelled with it (a claim cut off
+    mid-way is reconciled at the next start)."""
+    settings = app[SETTINGS]
+    account = Account.from_key(settings.provider_private_key)
+    claimer = Claimer(app[LEDGER], app[CHAIN], account, settings, app[CLOCK], on_closed=app[GATE].forget)
+    app[CLAIMER] = claimer
+    # CLAIM_INTERVAL=0: no automatic claims (POST /v1/admin/claim or the CLI instead), but what
+    # a previous run left pending is still reconciled at start.
+    work = claimer.run() if settings.claim_interval > 0 else claimer.recover()
+    task = asyncio.create_task(work, name="claimer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:

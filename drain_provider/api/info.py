@@ -9,7 +9,7 @@ from aiohttp import web
 from .. import __version__
 from ..protocol import EIP712_TYPES, format_usdc
 from .errors import base_url
-from .state import GATE, LEDGER, SETTINGS
+from .state import CLAIMER, GATE, LEDGER, SETTINGS
 
 STARTED_AT = int(time.time())
 
@@ -43,11 +43,16 @@ async def pricing(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 while requests can be served: "degraded" (still 200) when claims are blocked, so a
+    load balancer keeps the server in while its operator gets told; 503 without a ledger."""
     settings = request.app[SETTINGS]
     ledger_ok = await request.app[LEDGER].fetchone("SELECT 1") == (1,)
+    claimer = request.app[CLAIMER]
     return web.json_response(
         {
-            "status": "ok" if ledger_ok else "degraded",
+            "status": "ok" if ledger_ok and claimer.alert is None else "degraded",
+            "alert": claimer.alert if ledger_ok else "ledger_unavailable",
+            "claimerLastCycleAt": claimer.last_cycle_at,
             "version": __version__,
             "provider": settings.provider_address,
             "chainId": settings.chain_id,
@@ -131,8 +136,9 @@ to what it pays for. Failed upstream calls are not charged.
 
 Errors: JSON {{"error": {{"message", "type", "code"}}}} plus header X-DRAIN-Error. 402 codes:
 voucher_required, invalid_voucher_format, invalid_signature, channel_not_found, wrong_provider,
-invalid_nonce, invalid_amount, exceeds_deposit, insufficient_funds (with X-DRAIN-Required =
-the cumulative amount needed and X-DRAIN-Provided). 400 model_not_supported / invalid_request,
+invalid_nonce, invalid_amount, exceeds_deposit, channel_expiring (the channel expires too soon:
+open a new one), insufficient_funds (with X-DRAIN-Required = the cumulative amount needed and
+X-DRAIN-Provided). 400 model_not_supported / invalid_request,
 413 request_too_large, 502/504 upstream_error, 503 chain_unavailable.
 
 Other endpoints: GET {root}/v1/models, GET {root}/v1/pricing, GET {root}/v1/signing, GET {root}/health.

@@ -6,7 +6,8 @@ import asyncio
 
 from aiohttp import web
 
-from ..chain import ChainClient
+from ..chain import ChainClient, ChainClock
+from ..claimer import Claimer
 from ..config import Settings
 from ..ledger import Ledger
 from ..payments import PaymentGate
@@ -19,5 +20,7 @@ CHAIN = web.AppKey("chain", ChainClient)
 GATE = web.AppKey("gate", PaymentGate)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COUNTER = web.AppKey("counter", TokenCounter)
+CLOCK = web.AppKey("clock", ChainClock)
+CLAIMER = web.AppKey("claimer", Claimer)
 # Set when the server begins to stop: a request cancelled after that was not left by its client.
 STOPPING = web.AppKey("stopping", asyncio.Event)

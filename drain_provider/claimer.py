@@ -1,0 +1,337 @@
+"""The background claimer: turn earned vouchers into USDC on chain, on time, exactly once.
+
+Every CLAIM_INTERVAL it (1) re-reads the chain's clock and the channels holding unclaimed
+vouchers (a consumer may have closed one), (2) claims channels whose unclaimed earnings reach
+CLAIM_THRESHOLD, and any channel with earnings that expires within CLAIM_EXPIRY_MARGIN.
+
+A claim goes through the ledger's `claims` table step by step, so that no crash can make it
+happen twice or be forgotten:
+
+    pending (row inserted; at most one per channel, across processes)
+      -> signed, tx hash + raw bytes recorded        <- a crash from here on is reconciled:
+      -> sent                                           the receipt by hash, else the same
+      -> confirmed | reverted | failed                  bytes sent again, else the chain's state
+
+Failures back off exponentially per channel (CLAIM_RETRY_SECONDS, doubling, at most an hour).
+A claim that reverts because the chain already holds that amount is reconciled from the chain
+and not retried. An empty gas account is an alert (logs, /health, /v1/admin/stats), not a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+
+from .chain import (
+    ChainClient,
+    ChainClock,
+    ChainUnavailable,
+    ContractReverted,
+    FeeAboveCeiling,
+    InsufficientGasFunds,
+    NonceTooLow,
+)
+from .config import Settings
+from .ledger import ClaimRecord, ClaimTarget, Ledger
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 3600.0
+REFRESH_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    channel_id: str
+    amount: int
+    status: str  # confirmed | reverted | failed | pending | skipped
+    tx_hash: str | None = None
+    error: str | None = None
+
+
+class Claimer:
+    def __init__(
+        self,
+        ledger: Ledger,
+        chain: ChainClient,
+        account: LocalAccount,
+        settings: Settings,
+        clock: ChainClock,
+        *,
+        on_closed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.chain = chain
+        self.account = account
+        self.settings = settings
+        self.clock = clock
+        self.alert: str | None = None  # why claims cannot go through, until one does
+        self.last_cycle_at: float | None = None
+        self._submit = asyncio.Lock()  # one transaction signed and sent at a time: nonces in order
+        self._next_nonce: int | None = None
+        self._in_flight: set[int] = set()  # claim ids this process is working on
+        self._on_closed = on_closed  # told of each channel found closed (the gate drops its cache)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Cycle forever (owned by the app); the first cycle reconciles what a previous run left."""
+        while True:
+            await self._guarded(self.cycle())
+            await asyncio.sleep(self.settings.claim_interval)
+
+    async def recover(self) -> None:
+        """Only reconcile what a previous run left (when automatic claims are off)."""
+        await self._guarded(self.reconcile())
+
+    async def _guarded(self, work: object) -> None:
+        try:
+            await work  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except ChainUnavailable as exc:
+            log.warning("claimer_cycle_failed reason=%s", exc)
+        except Exception:
+            log.exception("claimer_cycle_crashed")
+
+    async def cycle(self, *, force: bool = False) -> list[ClaimOutcome]:
+        await self.clock.sync(self.chain)
+        await self.refresh_channels()
+        outcomes = await self.reconcile()
+        outcomes += await self.claim_due(force=force)
+        self.last_cycle_at = time.time()
+        return outcomes
+
+    async def refresh_channels(self) -> None:
+        """Re-read the channels holding vouchers the chain has not paid, once per interval."""
+        stale = await self.ledger.channels_to_refresh(synced_before=time.time() - self.settings.claim_interval)
+        limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+        async def refresh(channel_id: str) -> None:
+            async with limit:
+                await self.refresh(channel_id)
+
+        await asyncio.gather(*(refresh(channel_id) for channel_id in stale))
+
+    async def refresh(self, channel_id: str) -> None:
+        state = await self.chain.get_channel(channel_id)
+        record = await self.ledger.upsert_channel(channel_id, state)
+        if not state.exists:
+            if self._on_closed is not None:
+                self._on_closed(channel_id)
+            lost = max(record.charged - record.claimed, 0)
+            level = logging.ERROR if lost else logging.INFO
+            log.log(level, "channel_closed channel=%s unclaimed_lost=%d", channel_id, lost)
+
+    # --- claiming ----------------------------------------------------------------------------
+
+    async def claim_due(self, *, force: bool = False) -> list[ClaimOutcome]:
+        now = self.clock.now()
+        targets = await self.ledger.claim_targets(
+            threshold=self.settings.claim_threshold,
+            expiring_before=now + self.settings.claim_expiry_margin,
+            now=time.time(),
+            force=force,
+        )
+        return list(await asyncio.gather(*(self.claim(target) for target in targets)))
+
+    async def claim(self, target: ClaimTarget) -> ClaimOutcome:
+        claim_id = await self.ledger.begin_claim(target)
+        if claim_id is None:
+            return ClaimOutcome(target.channel_id, target.voucher.amount, "skipped", error="a claim is in flight")
+        record = ClaimRecord(claim_id, target.channel_id, target.voucher.amount, "pending", *(None,) * 4, 0, 0)
+        self._in_flight.add(claim_id)
+        try:
+            return await self._submit_claim(target, record)
+        finally:
+            self._in_flight.discard(claim_id)
+
+    async def _submit_claim(self, target: ClaimTarget, record: ClaimRecord) -> ClaimOutcome:
+        claim_id = record.id
+        try:
+            async with self._submit:
+                balance = await self.chain.balance(self.account.address)
+                if balance == 0:  # some nodes refuse even to estimate gas for an empty account
+                    raise InsufficientGasFunds("balance 0 wei")
+                prepared = await self.chain.prepare(
+                    self.account,
+                    self.chain.claim_call(target.voucher),
+                    nonce=await self._nonce(),
+                    max_fee_per_gas=self.settings.max_fee_per_gas,
+                )
+                if balance < prepared.max_cost:
+                    raise InsufficientGasFunds(f"balance {balance} wei, the claim may cost {prepared.max_cost} wei")
+                await self.ledger.record_claim_tx(
+                    claim_id, tx_hash=prepared.tx_hash, tx_nonce=prepared.nonce, raw_tx=prepared.raw
+                )
+                record = replace(record, tx_hash=prepared.tx_hash, raw_tx="0x" + prepared.raw.hex())
+                self._next_nonce = prepared.nonce + 1
+                await self.chain.broadcast(prepared.raw)
+        except ContractReverted as exc:
+            # Found at gas estimation, nothing sent. InvalidAmount usually means the chain already
+            # holds this amount (claimed elsewhere, or by a transaction we lost track of): the
+            # refresh brings the ledger up to date and the channel is no longer due.
+            await self.refresh(target.channel_id)
+            return await self._close(record, "reverted", exc.error, retry_after=MAX_BACKOFF)
+        except InsufficientGasFunds as exc:
+            self._next_nonce = None
+            self.alert = "insufficient_gas_funds"
+            log.error(
+                "claim_blocked reason=insufficient_gas_funds provider=%s channel=%s detail=%s",
+                self.account.address,
+                target.channel_id,
+                exc,
+            )
+            return await self._close(record, "failed", "insufficient_gas_funds")
+        except FeeAboveCeiling as exc:
+            return await self._close(record, "failed", f"fee_above_ceiling: {exc}")
+        except (ChainUnavailable, NonceTooLow) as exc:
+            self._next_nonce = None
+            if record.tx_hash is not None:  # the send's outcome is unknown: find out from the chain
+                return await self._settle(record)
+            return await self._close(record, "failed", f"rpc: {exc}")
+        log.info(
+            "claim_sent channel=%s amount=%d unclaimed=%d tx=%s",
+            target.channel_id,
+            target.voucher.amount,
+            target.unclaimed,
+            prepared.tx_hash,
+        )
+        return await self._settle(record)
+
+    async def _nonce(self) -> int:
+        pending = await self.chain.pending_nonce(self.account.address)
+        return pending if self._next_nonce is None else max(pending, self._next_nonce)
+
+    async def _settle(self, record: ClaimRecord) -> ClaimOutcome:
+        """Wait for a sent claim's receipt and close its row from what the chain says."""
+        assert record.tx_hash is not None
+        try:
+            result = await self.chain.wait_receipt(
+                record.tx_hash, timeout=self.settings.claim_receipt_timeout, poll=self._poll
+            )
+        except ChainUnavailable as exc:
+            return self._outcome(record, "pending", f"rpc: {exc}")
+        if result is None:
+            return await self._unmined(record)
+        await self.refresh(record.channel_id)
+        if not result.succeeded:
+            return await self._close(record, "reverted", "reverted on chain", retry_after=MAX_BACKOFF)
+        self.alert = None
+        return await self._close(record, "confirmed")
+
+    async def _unmined(self, record: ClaimRecord) -> ClaimOutcome:
+        """No receipt: send the very same signed bytes again (a no-op if the node has them), or
+        learn from the chain that its nonce went to something else."""
+        assert record.raw_tx is not None
+        try:
+            await self.chain.broadcast(bytes.fromhex(record.raw_tx[2:]))
+        except NonceTooLow:
+            await self.refresh(record.channel_id)
+            channel = await self.ledger.get_channel(record.channel_id)
+            if channel is not None and channel.claimed >= record.amount:
+                return await self._close(record, "confirmed")
+            return await self._close(record, "failed", "its nonce was used by another transaction")
+        except (ChainUnavailable, InsufficientGasFunds) as exc:
+            log.warning("claim_resend_failed channel=%s tx=%s error=%s", record.channel_id, record.tx_hash, exc)
+        log.warning("claim_not_mined_yet channel=%s tx=%s", record.channel_id, record.tx_hash)
+        return self._outcome(record, "pending")
+
+    async def _close(
+        self, record: ClaimRecord, status: str, error: str | None = None, *, retry_after: float | None = None
+    ) -> ClaimOutcome:
+        if status == "failed" and retry_after is None:
+            attempts = await self.ledger.claim_attempts(record.channel_id)
+            retry_after = min(self.settings.claim_retry_seconds * 2**attempts, MAX_BACKOFF)
+        await self.ledger.finish_claim(record.id, status=status, error=error, retry_after=retry_after)
+        level = logging.INFO if status == "confirmed" else logging.WARNING
+        log.log(
+            level,
+            "claim_%s channel=%s amount=%d tx=%s%s",
+            status,
+            record.channel_id,
+            record.amount,
+            record.tx_hash,
+            f" error={error} retry_in_s={retry_after:.0f}" if error else "",
+        )
+        return self._outcome(record, status, error)
+
+    @staticmethod
+    def _outcome(record: ClaimRecord, status: str, error: str | None = None) -> ClaimOutcome:
+        return ClaimOutcome(record.channel_id, record.amount, status, record.tx_hash, error)
+
+    @property
+    def _poll(self) -> float:
+        return 0.05 if self.chain.is_embedded else 1.0
+
+    # --- after a restart ---------------------------------------------------------------------
+
+    async def reconcile(self) -> list[ClaimOutcome]:
+        """Pending claims nobody here is working on (left by a crash, or by an RPC failure in an
+        earlier cycle): settled from their receipts, re-sent as the same bytes, or, if they never
+        got a transaction, closed as failed (nothing was sent)."""
+        outcomes = []
+        for record in await self.ledger.claims(status="pending", limit=10_000):
+            if record.id in self._in_flight:
+                continue
+            self._in_flight.add(record.id)
+            try:
+                outcomes.append(await self._reconcile(record))
+            finally:
+                self._in_flight.discard(record.id)
+        return outcomes
+
+    async def _reconcile(self, record: ClaimRecord) -> ClaimOutcome:
+        if record.tx_hash is None:  # stopped before signing: nothing was sent
+            return await self._close(record, "failed", "stopped before sending")
+        log.info("claim_reconciling channel=%s tx=%s", record.channel_id, record.tx_hash)
+        if await self.chain.receipt(record.tx_hash) is None:
+            return await self._unmined(record)
+        return await self._settle(record)
+
+
+def claim_json(record: ClaimRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "channelId": record.channel_id,
+        "amount": str(record.amount),
+        "status": record.status,
+        "txHash": record.tx_hash,
+        "error": record.error,
+        "createdAt": record.created_at,
+        "updatedAt": record.updated_at,
+    }
+
+
+async def status_report(
+    settings: Settings, ledger: Ledger, chain: ChainClient, claimer: Claimer | None
+) -> dict[str, Any]:
+    """What the provider has earned and claimed: GET /v1/admin/stats and `python -m drain_provider
+    status` (amounts in USDC base units, as decimal strings)."""
+    figures = await ledger.stats()
+    last = await ledger.claims(limit=1)
+    try:
+        gas: str | None = str(await chain.balance(settings.provider_address))
+    except ChainUnavailable:
+        gas = None
+    return {
+        "provider": settings.provider_address,
+        "chainId": settings.chain_id,
+        "contract": settings.drain_contract,
+        "earned": str(figures["earned"]),
+        "claimed": str(figures["claimed"]),
+        "unclaimed": str(figures["unclaimed"]),
+        "inFlight": str(figures["reserved"]),
+        "channels": figures["channels"],
+        "claimThreshold": str(settings.claim_threshold),
+        "lastClaim": claim_json(last[0]) if last else None,
+        "gasBalanceWei": gas,
+        "alert": claimer.alert if claimer else None,
+        "claimerLastCycleAt": claimer.last_cycle_at if claimer else None,
+    }
