@@ -7,6 +7,7 @@ threads): it counts what the server spent, whatever else the machine is doing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -97,16 +98,30 @@ class Rig:
             server.stop()
 
 
-async def build_rig(channels: int, *, ledger: Path | None = None) -> Rig:
+async def build_rig(channels: int, *, ledger: Path | None = None, provider_env: dict[str, str] | None = None) -> Rig:
+    servers: list[Server] = []
+    try:
+        return await _build_rig(servers, channels, ledger, provider_env or {})
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+
+
+async def _build_rig(servers: list[Server], channels: int, ledger: Path | None, provider_env: dict[str, str]) -> Rig:
     anvil_port, upstream_port, proxy_port, provider_port = (free_port() for _ in range(4))
-    anvil = start("anvil", [str(ANVIL), "--port", str(anvil_port), "--silent"], anvil_port)
-    upstream = start(
-        "upstream", [sys.executable, "-m", "drain_provider.demo_upstream", "--port", str(upstream_port)], upstream_port
-    )
-    passthrough = start(
-        "passthrough",
-        [sys.executable, "bench/passthrough.py", "--port", str(proxy_port), "--upstream", upstream.url],
-        proxy_port,
+    servers.append(start("anvil", [str(ANVIL), "--port", str(anvil_port), "--silent"], anvil_port))
+    servers.append(
+        start("upstream", [sys.executable, "-m", "drain_provider.demo_upstream", "--port", str(upstream_port)],
+              upstream_port)
+    )  # fmt: skip
+    anvil, upstream = servers
+    servers.append(
+        start(
+            "passthrough",
+            [sys.executable, "bench/passthrough.py", "--port", str(proxy_port), "--upstream", upstream.url],
+            proxy_port,
+        )
     )
     chain = await attach_dev_node(anvil.url)
     provider_key = bytes(Account.create().key)
@@ -125,15 +140,26 @@ async def build_rig(channels: int, *, ledger: Path | None = None) -> Rig:
         "HOST": "127.0.0.1",
         "PORT": str(provider_port),
         "LOG_LEVEL": "WARNING",
+        "CLAIM_INTERVAL": "0",
+        **provider_env,
     }
-    provider = start("drain-provider", [sys.executable, "-m", "drain_provider"], provider_port, env)
-    rig = Rig(anvil, upstream, passthrough, provider, chain, workdir=workdir)
-    provider_address = Account.from_key(provider_key).address
-    for _ in range(channels):
-        key = bytes(Account.create().key)
-        await chain.fund(Account.from_key(key).address, usdc=100_000_000)
-        consumer = await DrainConsumer.open_channel(
-            chain.client(), chain.token, key, provider_address, deposit=100_000_000, duration=86_400
-        )
-        rig.consumers.append(consumer)
+    servers.append(start("drain-provider", [sys.executable, "-m", "drain_provider"], provider_port, env))
+    rig = Rig(anvil, upstream, servers[2], servers[3], chain, workdir=workdir)
+    rig.consumers = await open_channels(chain, Account.from_key(provider_key).address, channels)
     return rig
+
+
+async def open_channels(chain: DevChain, provider: str, count: int) -> list[DrainConsumer]:
+    keys = [bytes(Account.create().key) for _ in range(count)]
+    for key in keys:  # the funder's transactions, one after another
+        await chain.fund(Account.from_key(key).address, usdc=100_000_000)
+
+    async def open_one(key: bytes) -> DrainConsumer:
+        return await DrainConsumer.open_channel(
+            chain.client(), chain.token, key, provider, deposit=100_000_000, duration=86_400
+        )
+
+    consumers: list[DrainConsumer] = []
+    for start_at in range(0, count, 32):  # each consumer's own transactions, 32 at a time
+        consumers += await asyncio.gather(*(open_one(key) for key in keys[start_at : start_at + 32]))
+    return consumers

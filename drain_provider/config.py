@@ -41,6 +41,7 @@ class Settings:
     openai_api_key: str | None = field(default=None, repr=False)
     upstream_timeout: float = 300.0
     database_path: Path = Path("data/drain.db")
+    ledger_sync: str = "FULL"
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
     claim_interval: float = 60.0
@@ -176,6 +177,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigError(str(exc)) from None
 
     database = _get(env, "DATABASE_PATH") or _get(env, "STORAGE_PATH") or "data/drain.db"
+    ledger_sync = (_get(env, "LEDGER_SYNC") or "FULL").upper()
+    if ledger_sync not in ("FULL", "NORMAL"):
+        raise ConfigError(f"LEDGER_SYNC: must be FULL or NORMAL, got {ledger_sync[:20]!r}")
     log_level = (_get(env, "LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -196,6 +200,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         openai_api_key=api_key,
         upstream_timeout=_float(env, "UPSTREAM_TIMEOUT", 300.0),
         database_path=Path(database),
+        ledger_sync=ledger_sync,
         prices=prices,
         claim_threshold=_int(env, "CLAIM_THRESHOLD", 10_000_000),
         claim_interval=_float(env, "CLAIM_INTERVAL", 60.0, allow_zero=True),

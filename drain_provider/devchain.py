@@ -39,10 +39,14 @@ class DevChain:
         artifact = load_artifact(name)
         factory = self.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         tx_hash = await factory.constructor(*args).transact({"from": self.funder})
-        receipt = await self.w3.eth.wait_for_transaction_receipt(tx_hash)
+        receipt = await self._mined(tx_hash)
         if receipt["status"] != 1:
             raise RuntimeError(f"deploying {name} failed")
         return str(receipt["contractAddress"])
+
+    async def _mined(self, tx_hash: Any) -> Any:
+        # web3's wait_for_transaction_receipt polls every 0.1 s; dev chains mine at once.
+        return await self.w3.eth.wait_for_transaction_receipt(tx_hash, poll_latency=0.005)
 
     async def deploy(self) -> None:
         self.token = await self._deploy("TestUSDC")
@@ -60,10 +64,10 @@ class DevChain:
         address = to_checksum_address(address)
         if eth_wei:
             tx = await self.w3.eth.send_transaction({"from": self.funder, "to": address, "value": Wei(eth_wei)})
-            await self.w3.eth.wait_for_transaction_receipt(tx)
+            await self._mined(tx)
         if usdc:
             tx = await self.token_contract().functions.mint(address, usdc).transact({"from": self.funder})
-            await self.w3.eth.wait_for_transaction_receipt(tx)
+            await self._mined(tx)
 
     async def usdc_balance(self, address: str) -> int:
         return int(await self.token_contract().functions.balanceOf(to_checksum_address(address)).call())

@@ -63,7 +63,7 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    ledger = Ledger(app[SETTINGS].database_path)
+    ledger = Ledger(app[SETTINGS].database_path, synchronous=app[SETTINGS].ledger_sync)
     await ledger.open()
     await ledger.release_abandoned()
     app[LEDGER] = ledger

@@ -1,0 +1,93 @@
+"""Non-streaming figures at fixed concurrency (1, 32, 256): latency added over calling the
+upstream directly (p50/p99), requests per second, and server CPU per request, for the
+pass-through proxy and for drain-provider. The load comes from separate processes
+(bench/loadgen.py) with pre-signed vouchers, one channel per concurrent client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .harness import Rig, Server
+
+BODY = {"model": "demo", "messages": [{"role": "user", "content": "Hello, how are you today?"}], "max_tokens": 20}
+VOUCHER_BUDGET = 1_000  # base units per request; a request here costs about 55
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def load(
+    rig: Rig, server: Server, *, concurrency: int, per_lane: int, paid: bool, body: dict[str, Any] = BODY,
+    stream: bool = False, processes: int = 2,
+) -> dict[str, Any]:  # fmt: skip
+    """Run one load; latencies (s), wall time, and the server's CPU seconds during it."""
+    lanes = [
+        [c.sign(c.amount + VOUCHER_BUDGET).header_value() for _ in range(per_lane)] if paid else []
+        for c in rig.consumers[:concurrency]
+    ]
+    processes = max(1, min(processes, concurrency))
+    workdir = Path(tempfile.mkdtemp(prefix="loadgen-", dir=rig.workdir))
+    jobs = []
+    for p in range(processes):
+        job = {
+            "url": server.url + "/v1/chat/completions",
+            "body": body,
+            "lanes": lanes[p::processes],
+            "requests_per_lane": per_lane,
+            "stream": stream,
+        }
+        (workdir / f"job{p}.json").write_text(json.dumps(job))
+        jobs.append((workdir / f"job{p}.json", workdir / f"out{p}.json"))
+    cpu_before = server.cpu_seconds()
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, str(Path(__file__).with_name("loadgen.py")), str(j), str(o)
+        )
+        for j, o in jobs
+    ]
+    for proc in procs:
+        if await proc.wait() != 0:
+            raise RuntimeError(f"a load generator failed against {server.name}")
+    cpu = server.cpu_seconds() - cpu_before
+    outs = [json.loads(o.read_text()) for _, o in jobs]
+    latencies = [x for out in outs for x in out["latencies"]]
+    return {"latencies": latencies, "wall": max(out["wall"] for out in outs), "cpu": cpu}
+
+
+async def run(rig: Rig, *, quick: bool) -> dict[str, Any]:
+    levels = {1: 100 if quick else 400, 32: 10 if quick else 40, 256: 2 if quick else 8}
+    paths = [(rig.upstream, False), (rig.passthrough, False), (rig.provider, True)]
+    for server, paid in paths:  # warm-up: connections, channel caches, tokenizer
+        await load(rig, server, concurrency=min(256, len(rig.consumers)), per_lane=1, paid=paid)
+    results: dict[str, Any] = {}
+    for concurrency, per_lane in levels.items():
+        level: dict[str, Any] = {}
+        for server, paid in paths:
+            run_ = await load(rig, server, concurrency=concurrency, per_lane=per_lane, paid=paid)
+            count = len(run_["latencies"])
+            level[server.name] = {
+                "requests": count,
+                "p50_ms": statistics.median(run_["latencies"]) * 1000,
+                "p99_ms": percentile(run_["latencies"], 0.99) * 1000,
+                "requests_per_s": count / run_["wall"],
+                "server_cpu_us_per_request": run_["cpu"] / count * 1e6,
+            }
+        for name in ("passthrough", "drain-provider"):
+            level[name]["added_p50_ms"] = level[name]["p50_ms"] - level["upstream"]["p50_ms"]
+            level[name]["added_p99_ms"] = level[name]["p99_ms"] - level["upstream"]["p99_ms"]
+        level["cpu_ratio_provider_vs_passthrough"] = (
+            level["drain-provider"]["server_cpu_us_per_request"] / level["passthrough"]["server_cpu_us_per_request"]
+        )
+        level["rps_ratio_provider_vs_passthrough"] = (
+            level["drain-provider"]["requests_per_s"] / level["passthrough"]["requests_per_s"]
+        )
+        results[str(concurrency)] = level
+    return results

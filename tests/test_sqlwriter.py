@@ -1,0 +1,78 @@
+"""Group commit: jobs that wait together commit together, a failing job is undone alone, and no
+caller hears back before its write is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from drain_provider.sqlwriter import Writer
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)")
+    return conn
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> Writer:
+    w = Writer(lambda: connect(tmp_path / "w.db"))
+    await w.start()
+    yield w  # type: ignore[misc]
+    await w.stop()
+
+
+def committed(tmp_path: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        return conn.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+
+
+async def test_concurrent_jobs_share_commits_and_each_gets_its_result(writer: Writer, tmp_path: Path) -> None:
+    def insert(k: int):  # type: ignore[no-untyped-def]
+        def job(conn: sqlite3.Connection) -> int:
+            conn.execute("INSERT INTO t VALUES (?, ?)", (k, f"v{k}"))
+            return k * 10
+
+        return job
+
+    before = writer.batches
+    results = await asyncio.gather(*(writer.run(insert(k)) for k in range(500)))
+    assert results == [k * 10 for k in range(500)]
+    assert len(committed(tmp_path)) == 500
+    assert writer.batches - before < 100  # grouped, not one commit per job
+
+
+async def test_a_failing_job_is_rolled_back_alone(writer: Writer, tmp_path: Path) -> None:
+    def good(k: int):  # type: ignore[no-untyped-def]
+        return lambda conn: conn.execute("INSERT INTO t VALUES (?, 'ok')", (k,)).rowcount
+
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES (100, 'half done')")
+        raise ValueError("refused")
+
+    outcomes = await asyncio.gather(writer.run(good(1)), writer.run(bad), writer.run(good(2)), return_exceptions=True)
+    assert outcomes[0] == 1 and outcomes[2] == 1
+    assert isinstance(outcomes[1], ValueError)
+    assert committed(tmp_path) == [(1, "ok"), (2, "ok")]
+
+
+async def test_the_result_arrives_only_after_the_commit(writer: Writer, tmp_path: Path) -> None:
+    await writer.run(lambda conn: conn.execute("INSERT INTO t VALUES (7, 'durable')"))
+    # Another connection, as another process would after a crash, sees it already.
+    assert committed(tmp_path) == [(7, "durable")]
+
+
+async def test_a_broken_database_fails_every_call(tmp_path: Path) -> None:
+    def broken() -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    w = Writer(broken)
+    with pytest.raises(sqlite3.OperationalError):
+        await w.start()
+    with pytest.raises(sqlite3.OperationalError):
+        await w.run(lambda conn: None)
