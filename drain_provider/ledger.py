@@ -14,6 +14,7 @@ whole uint256 range and are stored as decimal TEXT.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -254,10 +255,11 @@ class Ledger:
             log.info("ledger_migrated version=%d", version)
         return len(MIGRATIONS)
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn(conn)` on the writer thread, all or nothing; return once it is committed."""
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `fn(conn)` on the writer thread, all or nothing; the future resolves once it is
+        committed. The write happens even if nobody awaits the future any more."""
         assert self._writer is not None, "ledger is not open"
-        return await self._writer.run(fn)
+        return self._writer.submit(fn)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         assert self._reader is not None, "ledger is not open"
@@ -306,7 +308,9 @@ class Ledger:
 
     # --- the two money transactions -----------------------------------------------------------
 
-    async def authorize(self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str) -> Reservation:
+    def authorize(
+        self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str
+    ) -> asyncio.Future[Reservation]:
         """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
 
         The caller has already checked what needs no ledger state (signature, provider,
@@ -356,9 +360,9 @@ class Ledger:
             assert usage_id is not None
             return Reservation(usage_id, voucher.channel_id, amount, output_tokens, voucher.amount)
 
-        return await self.write(authorize)
+        return self.write(authorize)
 
-    async def settle(
+    def settle(
         self,
         reservation: Reservation,
         *,
@@ -368,7 +372,7 @@ class Ledger:
         status: str,
         usage_source: str | None = None,
         error: str | None = None,
-    ) -> Settlement:
+    ) -> asyncio.Future[Settlement]:
         """Charge `price_cost` (capped so the charged total never passes the best voucher) and
         release the reservation. Idempotent: a second settle of the same usage row changes
         nothing and reports the first one's figures."""
@@ -404,11 +408,11 @@ class Ledger:
             total = charged + cost
             return Settlement(cost, total, deposit - total, price_cost)
 
-        return await self.write(settle)
+        return self.write(settle)
 
-    async def release(self, reservation: Reservation, *, error: str) -> Settlement:
+    def release(self, reservation: Reservation, *, error: str) -> asyncio.Future[Settlement]:
         """The request failed before anything billable happened: charge nothing."""
-        return await self.settle(
+        return self.settle(
             reservation, price_cost=0, input_tokens=0, output_tokens=0, status="failed", error=error[:500]
         )
 

@@ -95,7 +95,7 @@ class PaymentGate:
             raise PaymentError(
                 "exceeds_deposit", f"The voucher amount exceeds the channel deposit of {channel.deposit}."
             )
-        task = asyncio.ensure_future(self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model))
+        task = self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model)
         try:
             reservation = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -127,22 +127,19 @@ class PaymentGate:
         status: str = "ok",
         usage_source: str = "upstream",
     ) -> Settlement:
-        # Shielded: once the upstream has answered, the charge is booked even if the request is
-        # cancelled now.
-        return await asyncio.shield(
-            self.ledger.settle(
-                reservation,
-                price_cost=price_cost,
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                status=status,
-                usage_source=usage_source,
-            )
+        # The ledger books it even if this request is cancelled while waiting.
+        return await self.ledger.settle(
+            reservation,
+            price_cost=price_cost,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            status=status,
+            usage_source=usage_source,
         )
 
     async def release(self, reservation: Reservation, error: str) -> None:
-        """Free a reservation without charging. Shielded: a cancelled request still releases."""
-        await asyncio.shield(self.ledger.release(reservation, error=error))
+        """Free a reservation without charging (done even if this request is cancelled)."""
+        await self.ledger.release(reservation, error=error)
 
     async def _channel(self, channel_id: str) -> KnownChannel:
         known = self._known.get(channel_id)

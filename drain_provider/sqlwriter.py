@@ -57,14 +57,19 @@ class Writer:
         self._thread.start()
         await self.run(lambda conn: None)  # surfaces a connection error here, not later
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """`fn(conn)` inside a transaction; its result once that transaction is committed."""
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn(conn)`; the future gets its result once its transaction is committed. The
+        job runs whatever becomes of the future: cancelling it only drops the result."""
         assert self._loop is not None, "writer not started"
-        if self._failed is not None:
-            raise self._failed
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Job(fn, future))
-        return await future
+        if self._failed is not None:
+            future.set_exception(self._failed)
+        else:
+            self._queue.put(_Job(fn, future))
+        return future
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self.submit(fn)
 
     async def stop(self) -> None:
         self._queue.put(None)

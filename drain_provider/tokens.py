@@ -29,12 +29,18 @@ REPLY_PRIMING_TOKENS = 3
 # An image's token cost depends on its size, which we do not fetch; this is a 1024x1024 image at
 # high detail, a generous bound for sizing a reservation.
 IMAGE_TOKENS = 765
+SHORT_TEXT = 24
+SHORT_CACHE_SIZE = 50_000
 
 
 class TokenCounter:
     def __init__(self, default_encoding: str = "cl100k_base") -> None:
         self.default_encoding = default_encoding
         self._encodings: dict[str, tiktoken.Encoding] = {}
+        self._by_model: dict[str, tiktoken.Encoding] = {}
+        # Short strings (roles, names, one-word messages) recur in every request: their counts
+        # are remembered, per encoding, up to a bound.
+        self._short: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
     def encoding_name(self, model: str) -> str:
@@ -44,12 +50,15 @@ class TokenCounter:
             return self.default_encoding
 
     def encoding(self, model: str) -> tiktoken.Encoding:
+        encoding = self._by_model.get(model)
+        if encoding is not None:
+            return encoding
         name = self.encoding_name(model)
-        encoding = self._encodings.get(name)
-        if encoding is None:
-            with self._lock:
-                encoding = self._encodings.get(name) or self._load(name)
-                self._encodings[name] = encoding
+        with self._lock:
+            encoding = self._encodings.get(name) or self._load(name)
+            self._encodings[name] = encoding
+            if len(self._by_model) < 10_000:  # model names come from clients: bound the cache
+                self._by_model[model] = encoding
         return encoding
 
     def warm_up(self, models: Iterable[str]) -> None:
@@ -68,8 +77,17 @@ class TokenCounter:
     def count_text(self, model: str, text: str) -> int:
         if not text:
             return 0
-        # disallowed_special=(): a user who types "<|endoftext|>" is counted, not refused.
-        return len(self.encoding(model).encode(text, disallowed_special=()))
+        encoding = self.encoding(model)
+        if len(text) > SHORT_TEXT:
+            # disallowed_special=(): a user who types "<|endoftext|>" is counted, not refused.
+            return len(encoding.encode(text, disallowed_special=()))
+        key = (encoding.name, text)
+        count = self._short.get(key)
+        if count is None:
+            count = len(encoding.encode(text, disallowed_special=()))
+            if len(self._short) < SHORT_CACHE_SIZE:
+                self._short[key] = count
+        return count
 
     def count_messages(self, model: str, messages: list[Any], tools: Any = None) -> int:
         """Input tokens of a chat request, as OpenAI counts them (close enough to reserve on)."""
