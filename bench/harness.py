@@ -91,7 +91,15 @@ class Rig:
     provider: Server
     chain: DevChain
     workdir: Path
+    provider_env: dict[str, str] = field(default_factory=dict)
     consumers: list[DrainConsumer] = field(default_factory=list)
+
+    def restart_provider(self, **env: str) -> None:
+        """A new provider process on the same port, with some settings changed (a ledger file)."""
+        self.provider.stop()
+        self.provider_env.update(env)
+        args = [sys.executable, "-m", "drain_provider"]
+        self.provider = start("drain-provider", args, self.provider.port, self.provider_env)
 
     def stop(self) -> None:
         for server in (self.provider, self.passthrough, self.upstream, self.anvil):
@@ -144,7 +152,7 @@ async def _build_rig(servers: list[Server], channels: int, ledger: Path | None, 
         **provider_env,
     }
     servers.append(start("drain-provider", [sys.executable, "-m", "drain_provider"], provider_port, env))
-    rig = Rig(anvil, upstream, servers[2], servers[3], chain, workdir=workdir)
+    rig = Rig(anvil, upstream, servers[2], servers[3], chain, workdir=workdir, provider_env=env)
     rig.consumers = await open_channels(chain, Account.from_key(provider_key).address, channels)
     return rig
 

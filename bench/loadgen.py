@@ -2,7 +2,8 @@
 
     python bench/loadgen.py JOB.json OUT.json
 
-JOB: {"url", "body", "lanes": [[header, header, ...], ...], "requests_per_lane", "stream"}. Each
+JOB: {"url", "body", "lanes": [[header, header, ...], ...], "requests_per_lane", "stream",
+"stagger"}. Each
 lane is one concurrent client that sends its requests one after another, with its own list of
 pre-signed X-DRAIN-Voucher headers (one channel per lane, so nonces arrive in order); a lane
 with an empty list sends no voucher (the direct and pass-through paths). OUT: every request's
@@ -23,8 +24,9 @@ import aiohttp
 
 
 async def lane(
-    session: aiohttp.ClientSession, url: str, body: bytes, headers: list[str], count: int, stream: bool
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: list[str], count: int, stream: bool, delay: float
 ) -> list[float]:
+    await asyncio.sleep(delay)
     latencies = []
     base = {"Content-Type": "application/json"}
     for i in range(count):
@@ -50,8 +52,12 @@ async def run(job: dict[str, Any]) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.perf_counter()
+        stagger = job.get("stagger", 0.0)  # seconds between lane starts (keeps one channel's nonces in order)
         results = await asyncio.gather(
-            *(lane(session, job["url"], body, h, job["requests_per_lane"], job["stream"]) for h in job["lanes"])
+            *(
+                lane(session, job["url"], body, h, job["requests_per_lane"], job["stream"], i * stagger)
+                for i, h in enumerate(job["lanes"])
+            )
         )
         wall = time.perf_counter() - started
     return {"latencies": [x for r in results for x in r], "wall": wall}

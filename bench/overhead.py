@@ -26,13 +26,14 @@ def percentile(values: list[float], q: float) -> float:
 
 async def load(
     rig: Rig, server: Server, *, concurrency: int, per_lane: int, paid: bool, body: dict[str, Any] = BODY,
-    stream: bool = False, processes: int = 2,
+    stream: bool = False, processes: int = 2, stagger: float = 0.0, budget: int = VOUCHER_BUDGET,
+    during: Any = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run one load; latencies (s), wall time, and the server's CPU seconds during it."""
-    lanes = [
-        [c.sign(c.amount + VOUCHER_BUDGET).header_value() for _ in range(per_lane)] if paid else []
-        for c in rig.consumers[:concurrency]
-    ]
+    """Run one load of `concurrency` lanes (lane i pays on channel i mod the channels, its
+    vouchers signed in lane order); latencies (s), wall time, the server's CPU seconds, and what
+    `during()` (polled every 0.2 s while the load runs) returned at most."""
+    consumers = [rig.consumers[i % len(rig.consumers)] for i in range(concurrency)]
+    lanes = [[c.sign(c.amount + budget).header_value() for _ in range(per_lane)] if paid else [] for c in consumers]
     processes = max(1, min(processes, concurrency))
     workdir = Path(tempfile.mkdtemp(prefix="loadgen-", dir=rig.workdir))
     jobs = []
@@ -43,6 +44,7 @@ async def load(
             "lanes": lanes[p::processes],
             "requests_per_lane": per_lane,
             "stream": stream,
+            "stagger": stagger * processes,
         }
         (workdir / f"job{p}.json").write_text(json.dumps(job))
         jobs.append((workdir / f"job{p}.json", workdir / f"out{p}.json"))
@@ -53,13 +55,17 @@ async def load(
         )
         for j, o in jobs
     ]
+    peak = 0.0
+    while during is not None and any(p.returncode is None for p in procs):
+        peak = max(peak, during())
+        await asyncio.sleep(0.2)
     for proc in procs:
         if await proc.wait() != 0:
             raise RuntimeError(f"a load generator failed against {server.name}")
     cpu = server.cpu_seconds() - cpu_before
     outs = [json.loads(o.read_text()) for _, o in jobs]
     latencies = [x for out in outs for x in out["latencies"]]
-    return {"latencies": latencies, "wall": max(out["wall"] for out in outs), "cpu": cpu}
+    return {"latencies": latencies, "wall": max(out["wall"] for out in outs), "cpu": cpu, "peak": peak}
 
 
 async def run(rig: Rig, *, quick: bool) -> dict[str, Any]:

@@ -1,0 +1,78 @@
+"""Does a paid request cost the same with a big ledger? CPU per paid request (concurrency 32)
+with 10k, 100k and 1M voucher rows and as many usage rows already in the ledger.
+
+The rows are written straight into a fresh ledger file (about a thousand past channels), then
+a provider is started on it and the same load is run against each size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from drain_provider.ledger import Ledger
+
+from .harness import Rig
+from .overhead import load
+
+
+def _fill(path: Path, rows: int) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("BEGIN")
+    channels = max(rows // 1000, 1)
+    now = time.time()
+    conn.executemany(
+        """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status, charged,
+                                 best_amount, best_nonce, synced_at, created_at)
+           VALUES (?, ?, ?, 100000000, 0, 4000000000, 'open', ?, ?, '1000', ?, ?)""",
+        (
+            ("0x%064x" % (c + 1), "0x" + "11" * 20, "0x" + "22" * 20, 50_000, 1_000_000, now, now)
+            for c in range(channels)
+        ),
+    )
+    signature = "0x" + "ab" * 65
+    conn.executemany(
+        "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)",
+        (("0x%064x" % (i % channels + 1), 1000 * (i // channels + 1), str(i // channels + 1), signature, now)
+         for i in range(rows)),
+    )  # fmt: skip
+    conn.executemany(
+        """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved, input_tokens, output_tokens,
+                              usage_source, price_cost, cost, started_at, finished_at)
+           VALUES (?, ?, '/chat/completions', 'demo', 'ok', 100, 20, 30, 'upstream', 80, 80, ?, ?)""",
+        (("0x%064x" % (i % channels + 1), i + 1, now, now) for i in range(rows)),
+    )
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+
+async def populated_ledger(path: Path, rows: int) -> None:
+    ledger = Ledger(path)  # creates the schema through the real migrations
+    await ledger.open()
+    await ledger.close()
+    await asyncio.to_thread(_fill, path, rows)
+
+
+async def run(rig: Rig, *, quick: bool) -> dict[str, Any]:
+    sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    result: dict[str, Any] = {}
+    for rows in sizes:
+        path = rig.workdir / f"ledger-{rows}.db"
+        await populated_ledger(path, rows)
+        rig.restart_provider(DATABASE_PATH=str(path))
+        await load(rig, rig.provider, concurrency=32, per_lane=2, paid=True)  # warm-up: channels from chain
+        run_ = await load(rig, rig.provider, concurrency=32, per_lane=10 if quick else 40, paid=True)
+        count = len(run_["latencies"])
+        result[str(rows)] = {
+            "server_cpu_us_per_request": run_["cpu"] / count * 1e6,
+            "requests_per_s": count / run_["wall"],
+            "file_mb": path.stat().st_size / 1e6,
+        }
+    cpus = [v["server_cpu_us_per_request"] for v in result.values()]
+    result["largest_vs_smallest"] = cpus[-1] / cpus[0]
+    return result
