@@ -53,8 +53,9 @@ def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def completion_text(data: dict[str, Any]) -> str:
-    """Everything a completion produced, for counting when the upstream reports no usage."""
+def generated_text(data: dict[str, Any], part: str) -> str:
+    """The text the choices of a completion (part "message") or of a stream chunk (part "delta")
+    carry: content, reasoning, refusals, tool names and arguments; "text" for legacy ones."""
     parts: list[str] = []
     choices = data.get("choices")
     for choice in choices if isinstance(choices, list) else []:
@@ -62,13 +63,16 @@ def completion_text(data: dict[str, Any]) -> str:
             continue
         if isinstance(choice.get("text"), str):  # legacy completions
             parts.append(choice["text"])
-        message = choice.get("message")
-        if isinstance(message, dict):
-            for key in ("content", "reasoning_content", "refusal"):
-                if isinstance(message.get(key), str):
-                    parts.append(message[key])
-            if message.get("tool_calls"):
-                parts.append(json.dumps(message["tool_calls"], separators=(",", ":")))
+        body = choice.get(part)
+        if not isinstance(body, dict):
+            continue
+        for key in ("content", "reasoning_content", "refusal"):
+            if isinstance(body.get(key), str):
+                parts.append(body[key])
+        for call in body.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
     return "".join(parts)
 
 
@@ -80,7 +84,7 @@ def response_usage(data: dict[str, Any], counter: TokenCounter, model: str, coun
         completion = _int_or_none(usage.get("completion_tokens"))
         if prompt is not None and completion is not None:
             return Usage(prompt, completion, "upstream")
-    return Usage(counted_input, counter.count_text(model, completion_text(data)), "local")
+    return Usage(counted_input, counter.count_text(model, generated_text(data, "message")), "local")
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -96,27 +100,6 @@ class StreamBudget:
 
     def pays_for(self, output_tokens: int) -> bool:
         return cost(self.price, self.input_tokens, output_tokens) <= self.amount
-
-
-def chunk_text(chunk: dict[str, Any]) -> str:
-    """The generated text in one stream chunk (content, reasoning, refusals, tool arguments)."""
-    parts: list[str] = []
-    choices = chunk.get("choices")
-    for choice in choices if isinstance(choices, list) else []:
-        if not isinstance(choice, dict):
-            continue
-        if isinstance(choice.get("text"), str):  # legacy completions
-            parts.append(choice["text"])
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            for key in ("content", "reasoning_content", "refusal"):
-                if isinstance(delta.get(key), str):
-                    parts.append(delta[key])
-            for call in delta.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict):
-                    parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
-    return "".join(parts)
 
 
 def _usage_of(chunk: dict[str, Any]) -> Usage | None:
@@ -220,7 +203,7 @@ class StreamRelay:
             if usage is not None and not self.client_wants_usage:
                 return False  # the usage chunk we asked for, not the client
             return await self._send(event.raw)
-        tokens = len(self.encoding.encode(chunk_text(chunk), disallowed_special=()))
+        tokens = len(self.encoding.encode(generated_text(chunk, "delta"), disallowed_special=()))
         if not self.budget.pays_for(self.delivered_tokens + tokens):
             self.ending = "budget"
             return True

@@ -69,21 +69,27 @@ class Upstream:
             text = text.replace(self._api_key, "[redacted]")
         return _KEY_PATTERN.sub("[redacted]", text)[:500]
 
+    async def _post(self, path: str, body: dict[str, Any], *, stream: bool) -> aiohttp.ClientResponse:
+        headers = self._headers()
+        if stream:
+            headers["Accept"] = "text/event-stream"
+        timeout = self.stream_timeout if stream else self.timeout
+        try:
+            return await self.session.post(self.base_url + path, json=body, headers=headers, timeout=timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc, path) from None
+
     async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST a JSON body and return the parsed JSON answer, or raise UpstreamError."""
-        url = self.base_url + path
+        resp = await self._post(path, body, stream=False)
         try:
-            async with self.session.post(url, json=body, headers=self._headers(), timeout=self.timeout) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except TimeoutError:
-            log.warning("upstream_timeout path=%s", path)
-            raise UpstreamError("The upstream model provider timed out; you were not charged.", status=504) from None
-        except aiohttp.ClientError as exc:
-            log.warning("upstream_unreachable path=%s error=%s", path, type(exc).__name__)
-            raise UpstreamError("The upstream model provider could not be reached; you were not charged.") from None
-        if status != 200:
-            raise self._status_error(status, raw)
+            raw = await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _transport_error(exc, path) from None
+        finally:
+            resp.release()
+        if resp.status != 200:
+            raise self._status_error(resp.status, raw)
         try:
             data = safejson.loads(raw)
         except ValueError:
@@ -91,21 +97,12 @@ class Upstream:
         if not isinstance(data, dict):
             log.warning("upstream_bad_json path=%s bytes=%d", path, len(raw))
             raise UpstreamError("The upstream model provider sent an invalid answer; you were not charged.")
-        return UpstreamResponse(status, raw, data)
+        return UpstreamResponse(resp.status, raw, data)
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
         """POST a streaming request; the response once the upstream has answered 200 with an
         event stream (the caller reads and closes it), or an UpstreamError."""
-        url = self.base_url + path
-        headers = {**self._headers(), "Accept": "text/event-stream"}
-        try:
-            resp = await self.session.post(url, json=body, headers=headers, timeout=self.stream_timeout)
-        except TimeoutError:
-            log.warning("upstream_timeout path=%s stream=true", path)
-            raise UpstreamError("The upstream model provider timed out; you were not charged.", status=504) from None
-        except aiohttp.ClientError as exc:
-            log.warning("upstream_unreachable path=%s error=%s stream=true", path, type(exc).__name__)
-            raise UpstreamError("The upstream model provider could not be reached; you were not charged.") from None
+        resp = await self._post(path, body, stream=True)
         if resp.status != 200 or resp.content_type != "text/event-stream":
             try:
                 raw = await resp.read()
@@ -127,6 +124,14 @@ class Upstream:
             if detail:
                 message += " Upstream said: " + self._scrub(detail)
         return UpstreamError(message, upstream_status=status)
+
+
+def _transport_error(exc: BaseException, path: str) -> UpstreamError:
+    if isinstance(exc, TimeoutError):
+        log.warning("upstream_timeout path=%s", path)
+        return UpstreamError("The upstream model provider timed out; you were not charged.", status=504)
+    log.warning("upstream_unreachable path=%s error=%s", path, type(exc).__name__)
+    return UpstreamError("The upstream model provider could not be reached; you were not charged.")
 
 
 def _error_message(raw: bytes) -> str | None:
