@@ -17,12 +17,16 @@ def test_quick_bench_runs_and_writes_every_figure(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "| relay CPU per token event (µs) |" in run.stdout
+    assert "| relay CPU per token event (us) |" in run.stdout and "| target | goal | measured |" in run.stdout
     results = json.loads(output.read_text())
     stream = results["stream"]
     assert set(stream["ttft_ms_p50"]) == {"direct", "passthrough", "drain-provider"}
     assert all(value > 0 for value in stream["ttft_ms_p50"].values())
     assert stream["relay_cpu_us_per_token_event"]["drain-provider"] > 0
+    for level in ("1", "32", "256"):
+        assert results["overhead"][level]["drain-provider"]["requests"] > 0
+    assert results["memory"]["drain-provider"]["completed"] == results["memory"]["streams"]
+    assert results["ledger"]["100000"]["server_cpu_us_per_request"] > 0
