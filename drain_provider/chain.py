@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 from eth_account.signers.local import LocalAccount
 from eth_hash.auto import keccak
-from eth_tester.exceptions import TransactionFailed
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound
@@ -74,6 +73,12 @@ class TxResult:
     receipt: Any = field(repr=False, compare=False)
 
 
+def _is_embedded_revert(exc: BaseException) -> bool:
+    """eth-tester's TransactionFailed, recognised without importing eth-tester (and py-evm's
+    validation modules with it, 0.3 s at start-up) into a server that talks JSON-RPC."""
+    return type(exc).__name__ == "TransactionFailed" and type(exc).__module__.startswith("eth_tester")
+
+
 def revert_data(exc: BaseException) -> bytes | None:
     """The raw revert data of a failed call or transaction.
 
@@ -89,7 +94,7 @@ def revert_data(exc: BaseException) -> bytes | None:
             except ValueError:
                 return None
         return None
-    if isinstance(exc, TransactionFailed) and exc.args:
+    if _is_embedded_revert(exc) and exc.args:
         message = str(exc.args[0])
         prefix = "execution reverted: "
         if message.startswith(prefix):
@@ -169,11 +174,11 @@ class ChainClient:
     async def _rpc(self, what: str, awaitable: Any) -> Any:
         try:
             return await awaitable
-        except (ContractLogicError, TransactionFailed) as exc:
-            raise ContractReverted(self.revert_name(exc)) from None
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # any transport or decoding failure of the RPC
+        except Exception as exc:  # a revert, or any transport or decoding failure of the RPC
+            if isinstance(exc, ContractLogicError) or _is_embedded_revert(exc):
+                raise ContractReverted(self.revert_name(exc)) from None
             log.warning("chain_rpc_failed what=%s error=%s", what, type(exc).__name__)
             raise ChainUnavailable(f"{what} failed: {type(exc).__name__}") from None
 
