@@ -50,4 +50,12 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
-    web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    try:  # the same event loop as the provider gets, for a fair floor
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+    web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)

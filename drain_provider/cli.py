@@ -78,7 +78,9 @@ def serve(env: dict[str, str]) -> int:
         settings.port,
     )
     started = time.monotonic()
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, **RUNNER_OPTIONS)
+    web.run_app(
+        app, host=settings.host, port=settings.port, print=None, access_log=None, loop=_event_loop(), **RUNNER_OPTIONS
+    )
     log.info("stopped uptime_s=%d", time.monotonic() - started)
     return 0
 
@@ -113,3 +115,13 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     finally:
         await chain.close()
         await ledger.close()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (the `fast` extra): the same asyncio, about a third less CPU
+    per request; the standard loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
