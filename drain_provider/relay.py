@@ -76,15 +76,22 @@ def generated_text(data: dict[str, Any], part: str) -> str:
     return "".join(parts)
 
 
-def response_usage(data: dict[str, Any], counter: TokenCounter, model: str, counted_input: int) -> Usage:
-    """Usage as the upstream reports it; where it does not, our own count."""
+def reported_usage(data: dict[str, Any]) -> Usage | None:
+    """The `usage` object of a completion or a stream chunk, if it has valid token counts."""
     usage = data.get("usage")
     if isinstance(usage, dict):
         prompt = _int_or_none(usage.get("prompt_tokens"))
         completion = _int_or_none(usage.get("completion_tokens"))
         if prompt is not None and completion is not None:
             return Usage(prompt, completion, "upstream")
-    return Usage(counted_input, counter.count_text(model, generated_text(data, "message")), "local")
+    return None
+
+
+def response_usage(data: dict[str, Any], counter: TokenCounter, model: str, counted_input: int) -> Usage:
+    """Usage as the upstream reports it; where it does not, our own count."""
+    return reported_usage(data) or Usage(
+        counted_input, counter.count_text(model, generated_text(data, "message")), "local"
+    )
 
 
 # --- streaming ------------------------------------------------------------------------------
@@ -100,16 +107,6 @@ class StreamBudget:
 
     def pays_for(self, output_tokens: int) -> bool:
         return cost(self.price, self.input_tokens, output_tokens) <= self.amount
-
-
-def _usage_of(chunk: dict[str, Any]) -> Usage | None:
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        prompt = _int_or_none(usage.get("prompt_tokens"))
-        completion = _int_or_none(usage.get("completion_tokens"))
-        if prompt is not None and completion is not None:
-            return Usage(prompt, completion, "upstream")
-    return None
 
 
 class StreamRelay:
@@ -195,7 +192,7 @@ class StreamRelay:
                 raise UpstreamError((self.error_message or "The upstream failed.") + " You were not charged.")
             self.ending = "upstream_failed"
             return True
-        usage = _usage_of(chunk)
+        usage = reported_usage(chunk)
         if usage is not None:
             self.upstream_usage = usage
         self._remember(chunk)
