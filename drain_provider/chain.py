@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 from eth_account.signers.local import LocalAccount
-from eth_hash.auto import keccak
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound
@@ -24,7 +23,7 @@ from web3.providers import AsyncHTTPProvider
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from .contracts import load_artifact
-from .protocol import ChannelState, Voucher
+from .protocol import ChannelState, Voucher, keccak
 
 log = logging.getLogger(__name__)
 

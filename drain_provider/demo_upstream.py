@@ -157,7 +157,7 @@ async def _answer(
             "model": model,
             "system_fingerprint": "fp_demo",
         }
-        return await _stream(request, body, options, text, finish, usage, head, chat=chat)
+        return await _stream(request, options, _stream_events(body, options, text, finish, usage, head, chat=chat))
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -226,17 +226,7 @@ def _stream_events(
     return events
 
 
-async def _stream(
-    request: web.Request,
-    body: dict[str, Any],
-    options: dict[str, Any],
-    text: str,
-    finish: str,
-    usage: dict[str, int],
-    head: dict[str, Any],
-    *,
-    chat: bool,
-) -> web.StreamResponse:
+async def _stream(request: web.Request, options: dict[str, Any], events: list[tuple[str, bytes]]) -> web.StreamResponse:
     """Stream the answer, misbehaving as the directive asks: `token_delay`, `die_after` K
     content events (the connection is cut), `error_after` K (an error event), `malformed_after`
     K (an event that is not JSON), `split` (events cut into 3-byte writes), `merge` (the whole
@@ -249,7 +239,7 @@ async def _stream(
     out: list[bytes] = []
     content_sent = 0
     try:
-        for kind, data in _stream_events(body, options, text, finish, usage, head, chat=chat):
+        for kind, data in events:
             if kind == "content":
                 if content_sent == options.get("die_after"):
                     await response.write(b"".join(out))

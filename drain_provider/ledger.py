@@ -152,6 +152,11 @@ _CHANNEL_COLUMNS = ", ".join(
 )  # fmt: skip
 
 
+def _voucher(channel_id: str, amount: int, nonce: str, signature: str) -> Voucher:
+    """A voucher as the vouchers table stores it (nonce as decimal text, signature as 0x-hex)."""
+    return Voucher(channel_id, amount, int(nonce), bytes.fromhex(signature[2:]))
+
+
 @dataclass(frozen=True)
 class Reservation:
     usage_id: int
@@ -450,7 +455,7 @@ class Ledger:
             params,
         )
         return [
-            ClaimTarget(cid, expiry, charged, claimed, vid, Voucher(cid, amount, int(nonce), bytes.fromhex(sig[2:])))
+            ClaimTarget(cid, expiry, charged, claimed, vid, _voucher(cid, amount, nonce, sig))
             for cid, expiry, charged, claimed, vid, amount, nonce, sig in rows
         ]
 
@@ -575,7 +580,4 @@ class Ledger:
                 ORDER BY c.created_at DESC LIMIT ?""",
             (limit,),
         )
-        return [
-            (ChannelRecord.from_row(row[:12]), Voucher(row[0], row[12], int(row[13]), bytes.fromhex(row[14][2:])))
-            for row in rows
-        ]
+        return [(ChannelRecord.from_row(row[:12]), _voucher(row[0], row[12], row[13], row[14])) for row in rows]

@@ -38,14 +38,10 @@ class PaymentError(Exception):
 class KnownChannel:
     """The on-chain facts of a channel that cannot change while it is open."""
 
-    consumer: str
+    consumer: bytes  # the 20-byte address, as signature recovery returns it
     provider: str
     deposit: int
     expiry: int
-
-    @property
-    def consumer_bytes(self) -> bytes:
-        return bytes.fromhex(self.consumer[2:])
 
 
 class PaymentGate:
@@ -85,7 +81,7 @@ class PaymentGate:
         if signer is None:
             raise PaymentError("invalid_signature", "The voucher signature is not a valid 65-byte low-s signature.")
         channel = await self._channel(voucher.channel_id)
-        if signer != channel.consumer_bytes:
+        if signer != channel.consumer:
             raise PaymentError(
                 "invalid_signature",
                 "The voucher is not signed by the channel's consumer under this provider's EIP-712 domain "
@@ -166,7 +162,7 @@ class PaymentGate:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
         if record is None:
             record = await self._sync_from_chain(channel_id)
-        return KnownChannel(record.consumer, record.provider, record.deposit, record.expiry)
+        return KnownChannel(bytes.fromhex(record.consumer[2:]), record.provider, record.deposit, record.expiry)
 
     async def _sync_from_chain(self, channel_id: str) -> ChannelRecord:
         try:

@@ -175,6 +175,12 @@ async def _interrupted(request: web.Request, paid: PaidRequest, reservation: Res
     )
 
 
+async def _upstream_failed(request: web.Request, reservation: Reservation, exc: UpstreamError) -> ApiError:
+    """The upstream failed before the client got anything: release, charge nothing."""
+    await request.app[GATE].release(reservation, exc.message)
+    return ApiError("upstream_error", exc.message, status=exc.status)
+
+
 def _log_paid(channel_id: str, paid: PaidRequest, usage: Usage, settlement: Settlement, ending: str = "") -> None:
     log.info(
         "paid channel=%s model=%s in=%d out=%d cost=%d total=%d source=%s%s",
@@ -204,8 +210,7 @@ async def _serve_json(
             usage_source=usage.source,
         )
     except UpstreamError as exc:
-        await gate.release(reservation, exc.message)
-        raise ApiError("upstream_error", exc.message, status=exc.status) from None
+        raise await _upstream_failed(request, reservation, exc) from None
     except asyncio.CancelledError:
         await _interrupted(request, paid, reservation, output_tokens=0)
         raise
@@ -234,8 +239,7 @@ async def _serve_stream(
     try:
         upstream_response = await request.app[UPSTREAM].open_stream(paid.endpoint, body)
     except UpstreamError as exc:
-        await gate.release(reservation, exc.message)
-        raise ApiError("upstream_error", exc.message, status=exc.status) from None
+        raise await _upstream_failed(request, reservation, exc) from None
     except BaseException:
         await gate.release(reservation, "interrupted before the upstream answered")
         raise
@@ -272,8 +276,7 @@ async def _serve_stream(
             usage_source=usage.source,
         )
     except UpstreamError as exc:  # before the first event: the client still gets plain JSON
-        await gate.release(reservation, exc.message)
-        raise ApiError("upstream_error", exc.message, status=exc.status) from None
+        raise await _upstream_failed(request, reservation, exc) from None
     except asyncio.CancelledError:
         await _interrupted(request, paid, reservation, relay.delivered_tokens)
         raise
