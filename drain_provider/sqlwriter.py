@@ -2,11 +2,16 @@
 
 Every write to the ledger is a plain function of a sqlite3 connection, run on a single thread
 that owns the only write connection (Datasette's `execute_write_fn`). What that thread adds is
-group commit: the functions waiting in its queue when it wakes up run together in one
-`BEGIN IMMEDIATE ... COMMIT`, each inside its own SAVEPOINT so that one that raises is undone
-alone. Under load that is one commit (one fsync with synchronous=FULL) and one wake-up of the
-event loop for a whole batch, instead of one per request. Every caller still gets its result
-only after the COMMIT that made its write durable.
+group commit: the jobs submitted during one turn of the event loop reach it together, with any
+still waiting from earlier turns, and run in one `BEGIN IMMEDIATE ... COMMIT`. Under load that is
+one commit (one fsync with synchronous=FULL), one wake-up of the thread and one wake-up of the
+event loop for a whole batch, instead of per request. Every caller still gets its result only
+after the COMMIT that made its write durable.
+
+A job that raises is undone alone. The batch first runs without savepoints (they cost two
+statements per job); if any job raises, the transaction is rolled back and the batch runs again
+with a SAVEPOINT around each job. So a job must depend only on the connection and its own
+arguments: it may run twice.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_BATCH = 256
 
+Outcome = tuple["_Job", Any, BaseException | None]
+
 
 @dataclass
 class _Job:
@@ -32,7 +39,7 @@ class _Job:
     future: asyncio.Future[Any]
 
 
-def _deliver(outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
+def _deliver(outcomes: list[Outcome]) -> None:
     for job, result, error in outcomes:
         if job.future.cancelled():
             continue
@@ -42,15 +49,21 @@ def _deliver(outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
             job.future.set_exception(error)
 
 
+class _Failed(Exception):
+    """A job raised in a batch run without savepoints: run the batch again with them."""
+
+
 class Writer:
     def __init__(self, connect: Callable[[], sqlite3.Connection], *, name: str = "ledger-writer") -> None:
         self._connect = connect
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        self._pending: list[_Job] = []  # submitted during this turn of the event loop
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failed: BaseException | None = None
         self.batches = 0  # commits made, for tests and curiosity
         self.jobs = 0
+        self.replays = 0  # batches run again with savepoints because a job raised
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -64,14 +77,24 @@ class Writer:
         future: asyncio.Future[T] = self._loop.create_future()
         if self._failed is not None:
             future.set_exception(self._failed)
-        else:
-            self._queue.put(_Job(fn, future))
+            return future
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(_Job(fn, future))
         return future
+
+    def _flush(self) -> None:
+        jobs, self._pending = self._pending, []
+        if self._failed is not None:
+            _deliver([(job, None, self._failed) for job in jobs])
+        elif jobs:
+            self._queue.put(jobs)
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self.submit(fn)
 
     async def stop(self) -> None:
+        self._flush()
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -83,39 +106,35 @@ class Writer:
             self._fail_all(exc)
             return
         try:
-            while (job := self._queue.get()) is not None:
-                batch = [job]
-                stop = False
-                while len(batch) < MAX_BATCH:
+            waiting: list[_Job] = []
+            stop = False
+            while not stop or waiting:
+                if not waiting:
+                    jobs = self._queue.get()
+                    if jobs is None:
+                        break
+                    waiting = jobs
+                while len(waiting) < MAX_BATCH and not stop:  # whatever else has arrived
                     try:
                         more = self._queue.get_nowait()
                     except queue.Empty:
                         break
                     if more is None:
                         stop = True
-                        break
-                    batch.append(more)
+                    else:
+                        waiting += more
+                batch, waiting = waiting[:MAX_BATCH], waiting[MAX_BATCH:]
                 self._commit(conn, batch)
-                if stop:
-                    break
         finally:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    result = job.fn(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO job")
-                    outcomes.append((job, None, exc))
-                else:
-                    outcomes.append((job, result, None))
-                conn.execute("RELEASE job")
-            conn.execute("COMMIT")
+            try:
+                outcomes = self._transaction(conn, batch, savepoints=False)
+            except _Failed:
+                self.replays += 1
+                outcomes = self._transaction(conn, batch, savepoints=True)
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing was stored
             log.error("ledger_commit_failed jobs=%d error=%s", len(batch), exc)
             if conn.in_transaction:
@@ -126,14 +145,35 @@ class Writer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_deliver, outcomes)
 
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, batch: list[_Job], *, savepoints: bool) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        conn.execute("BEGIN IMMEDIATE")
+        for job in batch:
+            if savepoints:
+                conn.execute("SAVEPOINT job")
+            try:
+                result = job.fn(conn)
+            except Exception as exc:
+                if not savepoints:
+                    conn.execute("ROLLBACK")
+                    raise _Failed from exc
+                conn.execute("ROLLBACK TO job")
+                outcomes.append((job, None, exc))
+            else:
+                outcomes.append((job, result, None))
+            if savepoints:
+                conn.execute("RELEASE job")
+        conn.execute("COMMIT")
+        return outcomes
+
     def _fail_all(self, error: BaseException) -> None:
         assert self._loop is not None
-        pending: list[tuple[_Job, Any, BaseException | None]] = []
+        pending: list[Outcome] = []
         while True:
             try:
-                job = self._queue.get_nowait()
+                jobs = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                pending.append((job, None, error))
+            pending += [(job, None, error) for job in jobs or []]
         self._loop.call_soon_threadsafe(_deliver, pending)
