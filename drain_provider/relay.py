@@ -17,7 +17,7 @@ import tiktoken
 from aiohttp import web
 
 from . import safejson, sse
-from .pricing import ModelPrice, cost
+from .pricing import ModelPrice, affordable_output_tokens
 from .tokens import TokenCounter
 from .upstream import UpstreamError
 
@@ -105,8 +105,55 @@ class StreamBudget:
     input_tokens: int
     amount: int
 
-    def pays_for(self, output_tokens: int) -> bool:
-        return cost(self.price, self.input_tokens, output_tokens) <= self.amount
+    @property
+    def output_tokens(self) -> int | None:
+        """The most output tokens it pays for; None when output is free."""
+        return affordable_output_tokens(self.price, self.amount, self.input_tokens)
+
+
+class TokenMeter:
+    """The output tokens a stream has delivered, counted only as often as the budget needs.
+
+    A tiktoken call per token event is a good part of what relaying one costs. But a text of n
+    UTF-8 bytes is at most n tokens (every BPE token is at least one byte), so while the texts
+    collected so far could not pass the limit even at one token per byte they are only kept;
+    they are counted, together, when the next one might pass it, and when the total is asked
+    for. Counting the joined text also matches the upstream's own count better than adding up
+    the tokens of each fragment.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, limit: int | None) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self._counted = 0
+        self._pending: list[str] = []
+        self._pending_bound = 0  # UTF-8 bytes of _pending: at least its tokens
+
+    def fits(self, text: str) -> bool:
+        """Whether delivering `text` as well stays within the limit (records nothing)."""
+        if self.limit is None:
+            return True
+        bound = len(text.encode())
+        if self._counted + self._pending_bound + bound <= self.limit:
+            return True
+        return self.tokens + self._count(text) <= self.limit
+
+    def add(self, text: str) -> None:
+        """`text` reached the client."""
+        if text:
+            self._pending.append(text)
+            self._pending_bound += len(text.encode())
+
+    @property
+    def tokens(self) -> int:
+        if self._pending:
+            self._counted += self._count("".join(self._pending))
+            self._pending.clear()
+            self._pending_bound = 0
+        return self._counted
+
+    def _count(self, text: str) -> int:
+        return len(self.encoding.encode(text, disallowed_special=())) if text else 0
 
 
 class StreamRelay:
@@ -134,11 +181,9 @@ class StreamRelay:
         self.request = request
         self.upstream = upstream
         self.response = web.StreamResponse(headers=headers)
-        self.encoding = encoding
-        self.budget = budget
+        self.meter = TokenMeter(encoding, budget.output_tokens)
         self.client_wants_usage = client_wants_usage
         self.chat = chat
-        self.delivered_tokens = 0
         self.upstream_usage: Usage | None = None
         self.malformed_events = 0
         self.ending = ""
@@ -149,6 +194,10 @@ class StreamRelay:
     @property
     def started(self) -> bool:
         return self.response.prepared
+
+    @property
+    def delivered_tokens(self) -> int:
+        return self.meter.tokens
 
     async def run(self) -> str:
         parser = sse.Parser()
@@ -173,7 +222,7 @@ class StreamRelay:
         """Handle one upstream event; True when the stream must end here."""
         if event.data is None:  # a comment or keep-alive: keeps the client's connection warm too
             return self.started and await self._send(event.raw)
-        if event.data.strip() == b"[DONE]":
+        if event.data == b"[DONE]" or event.data.strip() == b"[DONE]":
             self.ending = "done"
             return True
         try:
@@ -192,7 +241,7 @@ class StreamRelay:
                 raise UpstreamError((self.error_message or "The upstream failed.") + " You were not charged.")
             self.ending = "upstream_failed"
             return True
-        usage = reported_usage(chunk)
+        usage = reported_usage(chunk) if chunk.get("usage") else None  # most events have none
         if usage is not None:
             self.upstream_usage = usage
         self._remember(chunk)
@@ -200,20 +249,25 @@ class StreamRelay:
             if usage is not None and not self.client_wants_usage:
                 return False  # the usage chunk we asked for, not the client
             return await self._send(event.raw)
-        tokens = len(self.encoding.encode(generated_text(chunk, "delta"), disallowed_special=()))
-        if not self.budget.pays_for(self.delivered_tokens + tokens):
+        text = generated_text(chunk, "delta")
+        if not self.meter.fits(text):
             self.ending = "budget"
             return True
         if await self._send(event.raw):
             return True
-        self.delivered_tokens += tokens
+        self.meter.add(text)
         return False
 
     def _remember(self, chunk: dict[str, Any]) -> None:
         """What a chunk we write ourselves must look like (ids do not change within a stream)."""
         if not self._last:
             self._last = {k: chunk[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in chunk}
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and len(choices) == 1 and 0 in self._choices:
+            first = choices[0]
+            if isinstance(first, dict) and first.get("index") == 0:
+                return  # the common case: one choice, already seen
+        for choice in choices or ():
             if isinstance(choice, dict) and isinstance(choice.get("index"), int):
                 self._choices.add(choice["index"])
 

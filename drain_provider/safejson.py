@@ -1,16 +1,19 @@
-"""JSON parsing for untrusted bytes, bounded in nesting depth.
+"""JSON for bytes from outside (request bodies, upstream answers, stream events): bounded in
+nesting depth, and fast.
 
-Python's C JSON decoder recurses once per nesting level and relies on the interpreter's
-recursion limit to stop. py-evm (imported with web3) raises that limit to 100,000, far past
-what the C stack holds, so a request body of 100,000 `[` kills the process with a segfault
-instead of raising RecursionError. Every body we did not write ourselves is parsed here.
+The depth bound is ours to choose and report (MAX_DEPTH, with its own error) rather than a
+parser's: the standard library's C decoder recurses once per level and relies on the
+interpreter's recursion limit, which py-evm (imported with web3) raises to 100,000, far past
+what the C stack holds; a body of 100,000 `[` once killed the process with a segfault.
 """
 
 from __future__ import annotations
 
-import json
+import codecs
 import re
 from typing import Any
+
+import orjson
 
 MAX_DEPTH = 128
 
@@ -35,9 +38,21 @@ def nesting_depth(raw: bytes) -> int:
 
 
 def loads(raw: bytes | str) -> Any:
-    """json.loads, refusing documents nested deeper than MAX_DEPTH (raises ValueError)."""
+    """Parse JSON from outside, refusing documents nested deeper than MAX_DEPTH. Every failure
+    is a ValueError.
+
+    orjson parses: a relay decodes every token event of a stream, and orjson does it about three
+    times faster than the standard library. It is also stricter: UTF-8 only (a BOM is
+    skipped), no NaN or Infinity. Integers beyond 64 bits come back as floats, which every
+    integer field we read refuses as it would any float.
+    """
     data = raw.encode() if isinstance(raw, str) else raw
     # Counting brackets is C-speed; only documents with many of them need the exact scan.
     if data.count(b"[") + data.count(b"{") > MAX_DEPTH and nesting_depth(data) > MAX_DEPTH:
         raise TooDeep(f"JSON nested deeper than {MAX_DEPTH} levels")
-    return json.loads(data)
+    return orjson.loads(data[3:] if data.startswith(codecs.BOM_UTF8) else data)
+
+
+def dumps(obj: Any) -> bytes:
+    """Compact JSON bytes (orjson: floats and integers as they were parsed by `loads`)."""
+    return orjson.dumps(obj)

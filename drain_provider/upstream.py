@@ -75,7 +75,9 @@ class Upstream:
             headers["Accept"] = "text/event-stream"
         timeout = self.stream_timeout if stream else self.timeout
         try:
-            return await self.session.post(self.base_url + path, json=body, headers=headers, timeout=timeout)
+            return await self.session.post(
+                self.base_url + path, data=safejson.dumps(body), headers=headers, timeout=timeout
+            )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _transport_error(exc, path) from None
 

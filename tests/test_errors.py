@@ -241,6 +241,8 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("stream not bool", json.dumps({"model": "demo", "messages": MESSAGES, "stream": "yes"}).encode()),
     ("invalid utf-8", b'{"model": "demo", "messages": "\xff"}'),
     ("deep nesting", b"[" * 100_000),
+    ("NaN", b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'),
+    ("infinite number", b'{"model": "demo", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}'),
 ]
 
 
