@@ -384,16 +384,13 @@ class Ledger:
         now = time.time()
 
         def settle(conn: sqlite3.Connection) -> Settlement:
-            usage = conn.execute(
-                "SELECT status, reserved, cost, price_cost FROM usage WHERE id = ?", (reservation.usage_id,)
+            current, own, settled_cost, settled_price, deposit, charged, reserved, best_amount = conn.execute(
+                """SELECT u.status, u.reserved, u.cost, u.price_cost, c.deposit, c.charged, c.reserved, c.best_amount
+                   FROM usage u JOIN channels c ON c.channel_id = u.channel_id WHERE u.id = ?""",
+                (reservation.usage_id,),
             ).fetchone()
-            deposit, charged, reserved, best_amount = conn.execute(
-                "SELECT deposit, charged, reserved, best_amount FROM channels WHERE channel_id = ?",
-                (reservation.channel_id,),
-            ).fetchone()
-            if usage[0] != "reserved":
-                return Settlement(usage[2], charged, deposit - charged, usage[3])
-            own = usage[1]
+            if current != "reserved":
+                return Settlement(settled_cost, charged, deposit - charged, settled_price)
             cap = max(best_amount - charged - (reserved - own), 0)
             cost = min(price_cost, cap)
             if cost < price_cost:

@@ -11,6 +11,7 @@ test pins the two to the same bytes.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +190,12 @@ class Voucher:
 MAX_VOUCHER_HEADER_BYTES = 1024
 _VOUCHER_KEYS = frozenset({"channelId", "amount", "nonce", "signature"})
 _HEX = frozenset("0123456789abcdefABCDEF")
+# The header as clients write it (JSON.stringify, keys in the documented order). It is a strict
+# subset of what the full parser accepts and gives the same voucher, for a fifth of the time.
+_CANONICAL_VOUCHER = re.compile(
+    r'\{"channelId":"0x([0-9a-fA-F]{64})","amount":"(0|[1-9][0-9]{0,77})",'
+    r'"nonce":"(0|[1-9][0-9]{0,77})","signature":"0x([0-9a-fA-F]{130})"\}'
+)
 
 
 def _hex_field(obj: dict[str, Any], key: str, n_bytes: int) -> str:
@@ -225,6 +232,12 @@ def parse_voucher(header: str) -> Voucher:
     Strict because whatever is accepted here is stored and later sent to the chain: exactly the
     four fields, exact types, no extras, no floats, no leading zeros, nothing outside uint256.
     """
+    canonical = _CANONICAL_VOUCHER.fullmatch(header)
+    if canonical is not None:
+        channel_hex, amount_text, nonce_text, signature_hex = canonical.groups()
+        amount, nonce = int(amount_text), int(nonce_text)
+        if amount <= UINT256_MAX and nonce <= UINT256_MAX:
+            return Voucher("0x" + channel_hex.lower(), amount, nonce, bytes.fromhex(signature_hex))
     if len(header.encode("utf-8", "surrogatepass")) > MAX_VOUCHER_HEADER_BYTES:
         raise VoucherFormatError("voucher header is too long")
     try:

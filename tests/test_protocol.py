@@ -102,6 +102,32 @@ def test_parse_accepts_header_of_exactly_max_length() -> None:
     assert parse_voucher(padded).amount == 1_000_000
 
 
+@pytest.mark.parametrize(
+    ("amount", "nonce"),
+    [("0", "1"), ("1000000", "7"), (str(UINT256_MAX), str(UINT256_MAX)), (str(UINT256_MAX + 1), "1"), ("01", "1")],
+)
+@pytest.mark.parametrize("hex_case", [str.lower, str.upper])
+def test_the_compact_header_and_the_spaced_one_parse_alike(amount: str, nonce: str, hex_case: Any) -> None:
+    """The compact form (what clients send) takes a fast path; it must agree with the full parser
+    on every input, accepted or refused."""
+    fields = {
+        "channelId": "0x" + hex_case("ab" * 32),
+        "amount": amount,
+        "nonce": nonce,
+        "signature": "0x" + hex_case("cd" * 65),
+    }
+    compact = json.dumps(fields, separators=(",", ":"))
+    spaced = json.dumps(fields)
+    outcomes = []
+    for text in (compact, spaced):
+        try:
+            outcomes.append(parse_voucher(text))
+        except VoucherFormatError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    assert isinstance(outcomes[0], Voucher) == (int(amount) <= UINT256_MAX and amount[0] != "0" or amount == "0")
+
+
 def test_header_value_roundtrips() -> None:
     voucher = sign_voucher(KEY, DOMAIN, CHANNEL, 123_456, 9)
     assert parse_voucher(voucher.header_value()) == voucher
