@@ -43,7 +43,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30)
                 return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{proc.args} did not start listening on {port}") from None
+                raise RuntimeError(f"{proc.args!r} did not start listening on {port}") from None
             time.sleep(0.05)
 
 

@@ -7,6 +7,7 @@ streams the answer back chunk by chunk. No payments, no metering, no parsing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -50,12 +51,11 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     args = parser.parse_args()
+    loop: asyncio.AbstractEventLoop
     try:  # the same event loop as the provider gets, for a fair floor
         import uvloop
 
         loop = uvloop.new_event_loop()
     except ImportError:
-        import asyncio
-
         loop = asyncio.new_event_loop()
     web.run_app(create_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None, loop=loop)

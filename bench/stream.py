@@ -90,17 +90,18 @@ async def _wave(server: Server, rig: Rig, streams: int, tokens: int, paid: bool)
 
 
 async def relay_cpu_per_event(rig: Rig, streams: int, long: int, short: int, rounds: int) -> dict[str, float]:
-    """Microseconds of server CPU per token event, for the proxy and for drain-provider."""
-    result = {}
-    for server, paid in ((rig.passthrough, False), (rig.provider, True)):
+    """Microseconds of server CPU per token event, for the proxy and for drain-provider; the two
+    servers take turns in every round, so that the machine's drift hits both."""
+    servers = ((rig.passthrough, False), (rig.provider, True))
+    cpu = {server.name: 0.0 for server, _ in servers}
+    for server, paid in servers:
         await _wave(server, rig, streams, short, paid)  # warm-up
-        cpu_long = cpu_short = 0.0
-        for _ in range(rounds):
-            cpu_long += await _wave(server, rig, streams, long, paid)
-            cpu_short += await _wave(server, rig, streams, short, paid)
-        events = rounds * streams * (long - short)
-        result[server.name] = (cpu_long - cpu_short) / events * 1e6
-    return result
+    for _ in range(rounds):
+        for server, paid in servers:
+            cpu[server.name] += await _wave(server, rig, streams, long, paid)
+            cpu[server.name] -= await _wave(server, rig, streams, short, paid)
+    events = rounds * streams * (long - short)
+    return {name: spent / events * 1e6 for name, spent in cpu.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
