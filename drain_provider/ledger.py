@@ -260,11 +260,14 @@ class Ledger:
             log.info("ledger_migrated version=%d", version)
         return len(MIGRATIONS)
 
-    def write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def write(
+        self, fn: Callable[[sqlite3.Connection], T], *, ran: asyncio.Future[T] | None = None
+    ) -> asyncio.Future[T]:
         """Run `fn(conn)` on the writer thread, all or nothing; the future resolves once it is
-        committed. The write happens even if nobody awaits the future any more."""
+        committed (`ran`, if given, as soon as it has run). The write happens even if nobody
+        awaits the future any more."""
         assert self._writer is not None, "ledger is not open"
-        return self._writer.submit(fn)
+        return self._writer.submit(fn, ran=ran)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         assert self._reader is not None, "ledger is not open"
@@ -314,14 +317,21 @@ class Ledger:
     # --- the two money transactions -----------------------------------------------------------
 
     def authorize(
-        self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str
+        self,
+        voucher: Voucher,
+        plan: ReservationPlan,
+        *,
+        endpoint: str,
+        model: str,
+        ran: asyncio.Future[Reservation] | None = None,
     ) -> asyncio.Future[Reservation]:
         """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
 
         The caller has already checked what needs no ledger state (signature, provider,
         consumer). Here are the checks that race: nonce and amount against the last accepted
         voucher, and the headroom left by the charged total and other in-flight reservations.
-        A refused voucher changes nothing.
+        A refused voucher changes nothing. `ran` hears the reservation before it is committed
+        (see Writer.submit); the returned future, once it is.
         """
         now = time.time()
 
@@ -365,7 +375,7 @@ class Ledger:
             assert usage_id is not None
             return Reservation(usage_id, voucher.channel_id, amount, output_tokens, voucher.amount)
 
-        return self.write(authorize)
+        return self.write(authorize, ran=ran)
 
     def settle(
         self,
@@ -384,11 +394,15 @@ class Ledger:
         now = time.time()
 
         def settle(conn: sqlite3.Connection) -> Settlement:
-            current, own, settled_cost, settled_price, deposit, charged, reserved, best_amount = conn.execute(
+            row = conn.execute(
                 """SELECT u.status, u.reserved, u.cost, u.price_cost, c.deposit, c.charged, c.reserved, c.best_amount
                    FROM usage u JOIN channels c ON c.channel_id = u.channel_id WHERE u.id = ?""",
                 (reservation.usage_id,),
             ).fetchone()
+            if row is None:  # its authorization never committed (the disk failed): nothing to undo
+                log.warning("settle_unknown_reservation usage_id=%d", reservation.usage_id)
+                return Settlement(0, 0, 0, 0)
+            current, own, settled_cost, settled_price, deposit, charged, reserved, best_amount = row
             if current != "reserved":
                 return Settlement(settled_cost, charged, deposit - charged, settled_price)
             cap = max(best_amount - charged - (reserved - own), 0)

@@ -2,8 +2,10 @@
 
 authorize: parse the voucher, recover its signer (pure CPU), find the channel (memory, then
 ledger, then chain), check it belongs to us and to the signer, then let the ledger store the
-voucher and reserve the worst case in one transaction. settle/release: charge what the usage
-costs (never past the voucher) and free the reservation, exactly once.
+voucher and reserve the worst case in one transaction. The reservation is known as soon as
+that transaction has run; its COMMIT (an fsync) then overlaps the upstream call, and the API
+waits for it before the client is sent anything. settle/release: charge what the usage costs
+(never past the voucher) and free the reservation, exactly once.
 
 The chain is read only for a channel we have not seen. A channel within MIN_CHANNEL_TTL of its
 expiry (chain time) is refused: after expiry its consumer may close it and take back whatever
@@ -35,6 +37,17 @@ class PaymentError(Exception):
 
 
 @dataclass(frozen=True)
+class Authorization:
+    """An accepted voucher and its reservation. `durable` resolves when the transaction that
+    stored them is committed: the upstream may be called before that, the client may be sent
+    nothing before it (DESIGN rule 4). If it fails, nothing was stored."""
+
+    voucher: Voucher
+    reservation: Reservation
+    durable: asyncio.Future[Reservation]
+
+
+@dataclass(frozen=True)
 class KnownChannel:
     """The on-chain facts of a channel that cannot change while it is open."""
 
@@ -42,6 +55,11 @@ class KnownChannel:
     provider: str
     deposit: int
     expiry: int
+
+
+def _retrieve(future: asyncio.Future[Reservation]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("authorization_not_stored error=%s", type(future.exception()).__name__)
 
 
 class PaymentGate:
@@ -66,9 +84,7 @@ class PaymentGate:
         self._fetch_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Future[Settlement]] = set()
 
-    async def authorize(
-        self, header: str | None, plan: ReservationPlan, *, endpoint: str, model: str
-    ) -> tuple[Voucher, Reservation]:
+    async def authorize(self, header: str | None, plan: ReservationPlan, *, endpoint: str, model: str) -> Authorization:
         if header is None or not header.strip():
             raise PaymentError("voucher_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header.")
         try:
@@ -91,20 +107,22 @@ class PaymentGate:
             raise PaymentError(
                 "exceeds_deposit", f"The voucher amount exceeds the channel deposit of {channel.deposit}."
             )
-        task = self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model)
+        ran: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        durable = self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model, ran=ran)
+        durable.add_done_callback(_retrieve)  # whoever stops waiting for it, its failure is seen
         try:
-            reservation = await asyncio.shield(task)
+            reservation = await asyncio.shield(ran)
         except asyncio.CancelledError:
             # The client left while its voucher was being stored; the transaction completes
             # regardless, so its reservation is released as soon as it exists.
-            task.add_done_callback(self._release_orphan)
+            durable.add_done_callback(self._release_orphan)
             raise
         except Rejected as exc:
             headers = {}
             if isinstance(exc, InsufficientFunds):
                 headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
             raise PaymentError(exc.code, exc.message, headers) from None
-        return voucher, reservation
+        return Authorization(voucher, reservation, durable)
 
     def _release_orphan(self, task: asyncio.Future[Reservation]) -> None:
         if task.cancelled() or task.exception() is not None:

@@ -8,6 +8,10 @@ one commit (one fsync with synchronous=FULL), one wake-up of the thread and one 
 event loop for a whole batch, instead of per request. Every caller still gets its result only
 after the COMMIT that made its write durable.
 
+A job may also ask to hear its outcome as soon as it has run, before the COMMIT (`ran`): the
+ledger uses it to call the upstream while the voucher's transaction is being made durable, and
+waits for the COMMIT only before the client is sent anything.
+
 A job that raises is undone alone. The batch first runs without savepoints (they cost two
 statements per job); if any job raises, the transaction is rolled back and the batch runs again
 with a SAVEPOINT around each job. So a job must depend only on the connection and its own
@@ -37,16 +41,27 @@ Outcome = tuple["_Job", Any, BaseException | None]
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
+    ran: asyncio.Future[Any] | None = None
+
+
+def _settle(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
+    if future is None or future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
+def _deliver_ran(outcomes: list[Outcome]) -> None:
+    for job, result, error in outcomes:
+        _settle(job.ran, result, error)
 
 
 def _deliver(outcomes: list[Outcome]) -> None:
     for job, result, error in outcomes:
-        if job.future.cancelled():
-            continue
-        if error is None:
-            job.future.set_result(result)
-        else:
-            job.future.set_exception(error)
+        _settle(job.ran, result, error)  # if it has not heard yet: BEGIN failed
+        _settle(job.future, result, error)
 
 
 class _Failed(Exception):
@@ -70,17 +85,22 @@ class Writer:
         self._thread.start()
         await self.run(lambda conn: None)  # surfaces a connection error here, not later
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], *, ran: asyncio.Future[T] | None = None
+    ) -> asyncio.Future[T]:
         """Queue `fn(conn)`; the future gets its result once its transaction is committed. The
-        job runs whatever becomes of the future: cancelling it only drops the result."""
+        job runs whatever becomes of the future: cancelling it only drops the result.
+
+        `ran`, if given, gets the outcome as soon as the job has run, before the COMMIT: a
+        result there is not durable yet, and the returned future may still fail."""
         assert self._loop is not None, "writer not started"
         future: asyncio.Future[T] = self._loop.create_future()
         if self._failed is not None:
-            future.set_exception(self._failed)
+            _deliver([(_Job(fn, future, ran), None, self._failed)])
             return future
         if not self._pending:
             self._loop.call_soon(self._flush)
-        self._pending.append(_Job(fn, future))
+        self._pending.append(_Job(fn, future, ran))
         return future
 
     def _flush(self) -> None:
@@ -129,12 +149,16 @@ class Writer:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        assert self._loop is not None
         try:
             try:
-                outcomes = self._transaction(conn, batch, savepoints=False)
+                outcomes = self._run_jobs(conn, batch, savepoints=False)
             except _Failed:
                 self.replays += 1
-                outcomes = self._transaction(conn, batch, savepoints=True)
+                outcomes = self._run_jobs(conn, batch, savepoints=True)
+            if any(job.ran is not None for job in batch):
+                self._loop.call_soon_threadsafe(_deliver_ran, outcomes)
+            conn.execute("COMMIT")
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing was stored
             log.error("ledger_commit_failed jobs=%d error=%s", len(batch), exc)
             if conn.in_transaction:
@@ -142,11 +166,11 @@ class Writer:
             outcomes = [(job, None, exc) for job in batch]
         self.batches += 1
         self.jobs += len(batch)
-        assert self._loop is not None
         self._loop.call_soon_threadsafe(_deliver, outcomes)
 
     @staticmethod
-    def _transaction(conn: sqlite3.Connection, batch: list[_Job], *, savepoints: bool) -> list[Outcome]:
+    def _run_jobs(conn: sqlite3.Connection, batch: list[_Job], *, savepoints: bool) -> list[Outcome]:
+        """BEGIN and every job of the batch; the caller commits."""
         outcomes: list[Outcome] = []
         conn.execute("BEGIN IMMEDIATE")
         for job in batch:
@@ -164,7 +188,6 @@ class Writer:
                 outcomes.append((job, result, None))
             if savepoints:
                 conn.execute("RELEASE job")
-        conn.execute("COMMIT")
         return outcomes
 
     def _fail_all(self, error: BaseException) -> None:

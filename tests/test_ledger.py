@@ -1,4 +1,4 @@
-"""The ledger's guarantees: vouchers are durable before the upstream is called, every
+"""The ledger's guarantees: vouchers are durable before the client gets a byte, every
 reservation ends in exactly one settle or release, and a restart releases what a crash left."""
 
 from __future__ import annotations
@@ -38,23 +38,68 @@ async def wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-
         await asyncio.sleep(0.01)
 
 
-async def test_voucher_is_committed_before_the_upstream_is_called(
-    provider: Provider, open_channel: ChannelFactory, upstream: Upstream
+async def test_voucher_is_committed_before_the_client_gets_a_byte(
+    provider: Provider, open_channel: ChannelFactory
 ) -> None:
+    """DESIGN rule 4. The upstream may be called while the voucher's transaction commits; the
+    client is sent nothing before the commit."""
     consumer = await open_channel(provider)
-    seen = len(upstream.stats.requests)
-    call = asyncio.create_task(paid_chat(provider.client(), consumer, content='!demo {"delay": 0.5}'))
-    await wait_for(lambda: len(upstream.stats.requests) > seen)
-    # While the upstream is still working, another connection (another process, after a
-    # crash) already sees the voucher and the reservation.
+    voucher = consumer.next_voucher(100_000)
+    stream = await provider.client().chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": '!demo {"reply": "one two three four", "token_delay": 0.3}'}],
+        stream=True,
+        extra_headers={"X-DRAIN-Voucher": voucher.header_value()},
+    )
+    first = await stream.__anext__()
+    assert first.choices
+    # The stream is still running; another connection (another process, after a crash) already
+    # sees the voucher and the reservation.
     with sqlite3.connect(provider.settings.database_path) as conn:
         stored = conn.execute("SELECT amount, nonce FROM vouchers WHERE channel_id = ?", (consumer.channel_id,))
         assert stored.fetchall() == [(consumer.amount, str(consumer.nonce))]
         reserved = conn.execute("SELECT reserved FROM channels WHERE channel_id = ?", (consumer.channel_id,))
         assert reserved.fetchone()[0] > 0
-    await call
+    async for _ in stream:
+        pass
     record = await provider.ledger.get_channel(consumer.channel_id)
     assert record is not None and record.reserved == 0 and record.charged > 0
+
+
+async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
+    provider: Provider, open_channel: ChannelFactory, upstream: Upstream
+) -> None:
+    """The voucher's COMMIT overlaps the upstream call. If it fails (a full disk, an I/O error),
+    nothing was stored: the client gets an error, no answer, and is charged nothing."""
+    consumer = await open_channel(provider)
+    await paid_chat(provider.client(), consumer)  # the channel is known; one request is charged
+    before = await provider.ledger.get_channel(consumer.channel_id)
+
+    def poison(conn: sqlite3.Connection) -> None:
+        # A foreign key checked only at COMMIT, violated by every new usage row: the
+        # authorization's statements succeed and its COMMIT fails, as on a failing disk.
+        conn.execute("CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TEMP TABLE child (id INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)")
+        conn.execute(
+            "CREATE TEMP TRIGGER poison AFTER INSERT ON main.usage BEGIN INSERT INTO child VALUES (NEW.id); END"
+        )
+
+    await provider.ledger.write(poison)
+    seen = len(upstream.stats.requests)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as caught:
+            await paid_chat(provider.client(), consumer, stream=stream)
+        assert caught.value.status_code == 500
+        assert caught.value.response.headers["X-DRAIN-Error"] == "internal_error"
+    assert len(upstream.stats.requests) == seen + 2  # the upstream was called both times
+    after = await provider.ledger.get_channel(consumer.channel_id)
+    assert after == before
+    assert await provider.ledger.fetchone(
+        "SELECT COUNT(*) FROM vouchers WHERE channel_id = ?", (consumer.channel_id,)
+    ) == (1,)
+
+    await provider.ledger.write(lambda conn: conn.execute("DROP TRIGGER temp.poison"))
+    await paid_chat(provider.client(), consumer)
 
 
 async def test_a_restart_releases_reservations_left_by_a_crash(

@@ -125,7 +125,7 @@ def test_the_compact_header_and_the_spaced_one_parse_alike(amount: str, nonce: s
         except VoucherFormatError as exc:
             outcomes.append(str(exc))
     assert outcomes[0] == outcomes[1]
-    assert isinstance(outcomes[0], Voucher) == (int(amount) <= UINT256_MAX and amount[0] != "0" or amount == "0")
+    assert isinstance(outcomes[0], Voucher) == ((int(amount) <= UINT256_MAX and amount[0] != "0") or amount == "0")
 
 
 def test_header_value_roundtrips() -> None:

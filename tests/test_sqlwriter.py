@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +80,81 @@ async def test_a_broken_database_fails_every_call(tmp_path: Path) -> None:
         await w.start()
     with pytest.raises(sqlite3.OperationalError):
         await w.run(lambda conn: None)
+
+
+class GatedConnection(sqlite3.Connection):
+    """A connection whose COMMIT waits until the test opens the gate."""
+
+    gate = threading.Event()
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            assert self.gate.wait(10)
+        return super().execute(sql, *args)
+
+
+async def test_ran_hears_before_the_commit_and_the_future_after_it(tmp_path: Path) -> None:
+    def connect_gated() -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            tmp_path / "w.db", isolation_level=None, check_same_thread=False, factory=GatedConnection
+        )
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT)")
+        return conn
+
+    GatedConnection.gate.set()
+    writer = Writer(connect_gated)
+    await writer.start()
+    GatedConnection.gate.clear()
+    ran: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (5, 'x')").rowcount, ran=ran)
+    assert await ran == 1
+    # Heard before the COMMIT: nothing is durable yet, and the future waits for it.
+    assert committed(tmp_path) == []
+    await asyncio.sleep(0.05)
+    assert not durable.done()
+    GatedConnection.gate.set()
+    assert await durable == 1
+    assert committed(tmp_path) == [(5, "x")]
+    await writer.stop()
+
+
+async def test_a_failed_commit_fails_the_future_after_ran_had_a_result(tmp_path: Path) -> None:
+    def connect_with_foreign_keys() -> sqlite3.Connection:
+        conn = connect(tmp_path / "w.db")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("CREATE TABLE IF NOT EXISTS parent (id INTEGER PRIMARY KEY)")
+        conn.execute("CREATE TABLE IF NOT EXISTS child (parent_id INTEGER REFERENCES parent(id))")
+        return conn
+
+    writer = Writer(connect_with_foreign_keys)
+    await writer.start()
+
+    def dangling(conn: sqlite3.Connection) -> str:
+        # A foreign key checked at COMMIT: the statement succeeds, the COMMIT fails.
+        conn.execute("PRAGMA defer_foreign_keys = ON")
+        conn.execute("INSERT INTO child VALUES (42)")
+        return "ran"
+
+    ran: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(dangling, ran=ran)
+    assert await ran == "ran"
+    with pytest.raises(sqlite3.IntegrityError):
+        await durable
+    with sqlite3.connect(tmp_path / "w.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM child").fetchone() == (0,)
+    # The writer goes on.
+    assert await writer.run(lambda conn: conn.execute("INSERT INTO t VALUES (6, 'after')").rowcount) == 1
+    await writer.stop()
+
+
+async def test_a_refused_job_tells_ran_and_the_future_alike(writer: Writer) -> None:
+    def refuse(conn: sqlite3.Connection) -> None:
+        raise LookupError("no")
+
+    ran: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(refuse, ran=ran)
+    with pytest.raises(LookupError):
+        await ran
+    with pytest.raises(LookupError):
+        await durable

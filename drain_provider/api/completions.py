@@ -18,8 +18,8 @@ from aiohttp import web
 
 from .. import safejson
 from ..ledger import Reservation, Settlement
+from ..payments import Authorization
 from ..pricing import ModelPrice, ReservationPlan, cost
-from ..protocol import Voucher
 from ..relay import StreamBudget, StreamRelay, Usage, requested_output_tokens, response_usage, upstream_body
 from ..upstream import UpstreamError
 from .errors import ApiError
@@ -139,14 +139,14 @@ async def _serve(request: web.Request, paid: PaidRequest) -> web.StreamResponse:
         paid.per_choice_tokens * paid.choices,
         min(settings.min_output_tokens, paid.per_choice_tokens) * paid.choices,
     )
-    voucher, reservation = await request.app[GATE].authorize(
+    authorized = await request.app[GATE].authorize(
         request.headers.get("X-DRAIN-Voucher"), plan, endpoint=paid.endpoint, model=paid.model
     )
     upstream = request.app[UPSTREAM]
-    body = upstream_body(paid.body, reservation.output_tokens // paid.choices, upstream.max_tokens_field)
+    body = upstream_body(paid.body, authorized.reservation.output_tokens // paid.choices, upstream.max_tokens_field)
     if paid.stream:
-        return await _serve_stream(request, paid, voucher, reservation, body)
-    return await _serve_json(request, paid, voucher, reservation, body)
+        return await _serve_stream(request, paid, authorized, body)
+    return await _serve_json(request, paid, authorized, body)
 
 
 async def _interrupted(request: web.Request, paid: PaidRequest, reservation: Reservation, output_tokens: int) -> None:
@@ -196,11 +196,13 @@ def _log_paid(channel_id: str, paid: PaidRequest, usage: Usage, settlement: Sett
 
 
 async def _serve_json(
-    request: web.Request, paid: PaidRequest, voucher: Voucher, reservation: Reservation, body: dict[str, Any]
+    request: web.Request, paid: PaidRequest, authorized: Authorization, body: dict[str, Any]
 ) -> web.StreamResponse:
     gate = request.app[GATE]
+    voucher, reservation = authorized.voucher, authorized.reservation
     try:
         answer = await request.app[UPSTREAM].post_json(paid.endpoint, body)
+        await authorized.durable  # long done, unless the disk is slow: the answer waits for it
         usage = response_usage(answer.data, request.app[COUNTER], paid.model, paid.input_tokens)
         settlement = await gate.settle(
             reservation,
@@ -228,11 +230,12 @@ async def _serve_json(
 
 
 async def _serve_stream(
-    request: web.Request, paid: PaidRequest, voucher: Voucher, reservation: Reservation, body: dict[str, Any]
+    request: web.Request, paid: PaidRequest, authorized: Authorization, body: dict[str, Any]
 ) -> web.StreamResponse:
     """Relay an SSE stream. The client's own stream_options decide whether it sees the usage
     chunk; upstream we always ask for it, since it is what we bill on."""
     gate = request.app[GATE]
+    voucher, reservation = authorized.voucher, authorized.reservation
     options = paid.body.get("stream_options") or {}
     client_wants_usage = bool(options.get("include_usage"))
     body = {**body, "stream_options": {**options, "include_usage": True}}
@@ -242,6 +245,12 @@ async def _serve_stream(
         raise await _upstream_failed(request, reservation, exc) from None
     except BaseException:
         await gate.release(reservation, "interrupted before the upstream answered")
+        raise
+    try:
+        await authorized.durable  # before the first byte reaches the client
+    except BaseException:
+        upstream_response.close()
+        await gate.release(reservation, "interrupted while the voucher was stored")
         raise
     relay = StreamRelay(
         request,
