@@ -187,6 +187,7 @@ Call it yourself (facts in {DEV_FILE}):
   consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
   channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
 
+  pip install openai   # once: the snippet uses the official SDK
   python - <<'EOF'
   from openai import OpenAI
   from drain_provider.consumer import DrainConsumer
