@@ -13,15 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .harness import Rig, Server
+from .harness import Rig, Server, percentile
 
 BODY = {"model": "demo", "messages": [{"role": "user", "content": "Hello, how are you today?"}], "max_tokens": 20}
 VOUCHER_BUDGET = 1_000  # base units per request; a request here costs about 55
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def load(

@@ -18,7 +18,7 @@ import aiohttp
 
 from drain_provider.consumer import DrainConsumer
 
-from .harness import Rig, Server
+from .harness import Rig, Server, percentile
 
 TOKEN_RATE_DELAY = 0.02  # 50 tokens/s per stream, a realistic model's pace
 
@@ -102,11 +102,6 @@ async def relay_cpu_per_event(rig: Rig, streams: int, long: int, short: int, rou
             cpu[server.name] -= await _wave(server, rig, streams, short, paid)
     events = rounds * streams * (long - short)
     return {name: spent / events * 1e6 for name, spent in cpu.items()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run(rig: Rig, *, quick: bool) -> dict[str, Any]:

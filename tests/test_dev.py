@@ -7,11 +7,12 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from conftest import _free_port
 
 DEV_KEYS = {
     "api",
@@ -28,12 +29,6 @@ DEV_KEYS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def clean_env() -> dict[str, str]:
     """This machine's environment minus anything that would point dev at a real upstream."""
     env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_BASE_URL", "OPENAI_API_KEY", "DATABASE_PATH")}
@@ -42,7 +37,7 @@ def clean_env() -> dict[str, str]:
 
 
 def test_dev_mode_serves_paid_calls_from_the_printed_snippet(tmp_path: Path) -> None:
-    port = free_port()
+    port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "drain_provider", "dev", "--port", str(port)],
         cwd=tmp_path,
