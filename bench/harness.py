@@ -21,7 +21,7 @@ from pathlib import Path
 from eth_account import Account
 
 from drain_provider.consumer import DrainConsumer
-from drain_provider.devchain import DevChain, attach_dev_node
+from drain_provider.devtools.devchain import DevChain, attach_dev_node
 
 REPO = Path(__file__).resolve().parent.parent
 ANVIL = REPO / "node_modules" / ".bin" / "anvil"
@@ -125,7 +125,7 @@ async def _build_rig(servers: list[Server], channels: int, ledger: Path | None, 
     anvil_port, upstream_port, proxy_port, provider_port = (free_port() for _ in range(4))
     servers.append(start("anvil", [str(ANVIL), "--port", str(anvil_port), "--silent"], anvil_port))
     servers.append(
-        start("upstream", [sys.executable, "-m", "drain_provider.demo_upstream", "--port", str(upstream_port)],
+        start("upstream", [sys.executable, "-m", "drain_provider.devtools.demo_upstream", "--port", str(upstream_port)],
               upstream_port)
     )  # fmt: skip
     anvil, upstream = servers

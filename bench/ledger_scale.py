@@ -28,7 +28,7 @@ def _fill(path: Path, rows: int) -> None:
     now = time.time()
     conn.executemany(
         """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status, charged,
-                                 best_amount, best_nonce, synced_at, created_at)
+                                 last_amount, last_nonce, synced_at, created_at)
            VALUES (?, ?, ?, 100000000, 0, 4000000000, 'open', ?, ?, '1000', ?, ?)""",
         (
             ("0x%064x" % (c + 1), "0x" + "11" * 20, "0x" + "22" * 20, 50_000, 1_000_000, now, now)

@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 from eth_account.signers.local import LocalAccount
 
@@ -39,6 +38,7 @@ from .chain import (
 )
 from .config import Settings
 from .ledger import ClaimRecord, ClaimTarget, Ledger
+from .states import ClaimStatus
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ REFRESH_CONCURRENCY = 8
 
 @dataclass(frozen=True)
 class ClaimOutcome:
+    """What one claim attempt came to (PENDING: sent, not mined yet; SKIPPED: another was in flight)."""
+
     channel_id: str
     amount: int
-    status: str  # confirmed | reverted | failed | pending | skipped
+    status: ClaimStatus
     tx_hash: str | None = None
     error: str | None = None
 
@@ -144,8 +146,12 @@ class Claimer:
     async def claim(self, target: ClaimTarget) -> ClaimOutcome:
         claim_id = await self.ledger.begin_claim(target)
         if claim_id is None:
-            return ClaimOutcome(target.channel_id, target.voucher.amount, "skipped", error="a claim is in flight")
-        record = ClaimRecord(claim_id, target.channel_id, target.voucher.amount, "pending", *(None,) * 4, 0, 0)
+            return ClaimOutcome(
+                target.channel_id, target.voucher.amount, ClaimStatus.SKIPPED, error="a claim is in flight"
+            )
+        record = ClaimRecord(
+            claim_id, target.channel_id, target.voucher.amount, ClaimStatus.PENDING, *(None,) * 4, 0, 0
+        )
         self._in_flight.add(claim_id)
         try:
             return await self._submit_claim(target, record)
@@ -178,7 +184,7 @@ class Claimer:
             # holds this amount (claimed elsewhere, or by a transaction we lost track of): the
             # refresh brings the ledger up to date and the channel is no longer due.
             await self.refresh(target.channel_id)
-            return await self._close(record, "reverted", exc.error, retry_after=MAX_BACKOFF)
+            return await self._close(record, ClaimStatus.REVERTED, exc.error, retry_after=MAX_BACKOFF)
         except InsufficientGasFunds as exc:
             self._next_nonce = None
             self.alert = "insufficient_gas_funds"
@@ -188,14 +194,14 @@ class Claimer:
                 target.channel_id,
                 exc,
             )
-            return await self._close(record, "failed", "insufficient_gas_funds")
+            return await self._close(record, ClaimStatus.FAILED, "insufficient_gas_funds")
         except FeeAboveCeiling as exc:
-            return await self._close(record, "failed", f"fee_above_ceiling: {exc}")
+            return await self._close(record, ClaimStatus.FAILED, f"fee_above_ceiling: {exc}")
         except (ChainUnavailable, NonceTooLow) as exc:
             self._next_nonce = None
             if record.tx_hash is not None:  # the send's outcome is unknown: find out from the chain
-                return await self._settle(record)
-            return await self._close(record, "failed", f"rpc: {exc}")
+                return await self._follow_receipt(record)
+            return await self._close(record, ClaimStatus.FAILED, f"rpc: {exc}")
         log.info(
             "claim_sent channel=%s amount=%d unclaimed=%d tx=%s",
             target.channel_id,
@@ -203,13 +209,13 @@ class Claimer:
             target.unclaimed,
             prepared.tx_hash,
         )
-        return await self._settle(record)
+        return await self._follow_receipt(record)
 
     async def _nonce(self) -> int:
         pending = await self.chain.pending_nonce(self.account.address)
         return pending if self._next_nonce is None else max(pending, self._next_nonce)
 
-    async def _settle(self, record: ClaimRecord) -> ClaimOutcome:
+    async def _follow_receipt(self, record: ClaimRecord) -> ClaimOutcome:
         """Wait for a sent claim's receipt and close its row from what the chain says."""
         assert record.tx_hash is not None
         try:
@@ -217,14 +223,14 @@ class Claimer:
                 record.tx_hash, timeout=self.settings.claim_receipt_timeout, poll=self._poll
             )
         except ChainUnavailable as exc:
-            return self._outcome(record, "pending", f"rpc: {exc}")
+            return self._outcome(record, ClaimStatus.PENDING, f"rpc: {exc}")
         if result is None:
             return await self._unmined(record)
         await self.refresh(record.channel_id)
         if not result.succeeded:
-            return await self._close(record, "reverted", "reverted on chain", retry_after=MAX_BACKOFF)
+            return await self._close(record, ClaimStatus.REVERTED, "reverted on chain", retry_after=MAX_BACKOFF)
         self.alert = None
-        return await self._close(record, "confirmed")
+        return await self._close(record, ClaimStatus.CONFIRMED)
 
     async def _unmined(self, record: ClaimRecord) -> ClaimOutcome:
         """No receipt: send the very same signed bytes again (a no-op if the node has them), or
@@ -236,21 +242,21 @@ class Claimer:
             await self.refresh(record.channel_id)
             channel = await self.ledger.get_channel(record.channel_id)
             if channel is not None and channel.claimed >= record.amount:
-                return await self._close(record, "confirmed")
-            return await self._close(record, "failed", "its nonce was used by another transaction")
+                return await self._close(record, ClaimStatus.CONFIRMED)
+            return await self._close(record, ClaimStatus.FAILED, "its nonce was used by another transaction")
         except (ChainUnavailable, InsufficientGasFunds) as exc:
             log.warning("claim_resend_failed channel=%s tx=%s error=%s", record.channel_id, record.tx_hash, exc)
         log.warning("claim_not_mined_yet channel=%s tx=%s", record.channel_id, record.tx_hash)
-        return self._outcome(record, "pending")
+        return self._outcome(record, ClaimStatus.PENDING)
 
     async def _close(
-        self, record: ClaimRecord, status: str, error: str | None = None, *, retry_after: float | None = None
+        self, record: ClaimRecord, status: ClaimStatus, error: str | None = None, *, retry_after: float | None = None
     ) -> ClaimOutcome:
-        if status == "failed" and retry_after is None:
+        if status is ClaimStatus.FAILED and retry_after is None:
             attempts = await self.ledger.claim_attempts(record.channel_id)
             retry_after = min(self.settings.claim_retry_seconds * 2**attempts, MAX_BACKOFF)
         await self.ledger.finish_claim(record.id, status=status, error=error, retry_after=retry_after)
-        level = logging.INFO if status == "confirmed" else logging.WARNING
+        level = logging.INFO if status is ClaimStatus.CONFIRMED else logging.WARNING
         log.log(
             level,
             "claim_%s channel=%s amount=%d tx=%s%s",
@@ -263,7 +269,7 @@ class Claimer:
         return self._outcome(record, status, error)
 
     @staticmethod
-    def _outcome(record: ClaimRecord, status: str, error: str | None = None) -> ClaimOutcome:
+    def _outcome(record: ClaimRecord, status: ClaimStatus, error: str | None = None) -> ClaimOutcome:
         return ClaimOutcome(record.channel_id, record.amount, status, record.tx_hash, error)
 
     @property
@@ -277,7 +283,7 @@ class Claimer:
         earlier cycle): settled from their receipts, re-sent as the same bytes, or, if they never
         got a transaction, closed as failed (nothing was sent)."""
         outcomes = []
-        for record in await self.ledger.claims(status="pending", limit=10_000):
+        for record in await self.ledger.claims(status=ClaimStatus.PENDING, limit=10_000):
             if record.id in self._in_flight:
                 continue
             self._in_flight.add(record.id)
@@ -289,49 +295,8 @@ class Claimer:
 
     async def _reconcile(self, record: ClaimRecord) -> ClaimOutcome:
         if record.tx_hash is None:  # stopped before signing: nothing was sent
-            return await self._close(record, "failed", "stopped before sending")
+            return await self._close(record, ClaimStatus.FAILED, "stopped before sending")
         log.info("claim_reconciling channel=%s tx=%s", record.channel_id, record.tx_hash)
         if await self.chain.receipt(record.tx_hash) is None:
             return await self._unmined(record)
-        return await self._settle(record)
-
-
-def claim_json(record: ClaimRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "channelId": record.channel_id,
-        "amount": str(record.amount),
-        "status": record.status,
-        "txHash": record.tx_hash,
-        "error": record.error,
-        "createdAt": record.created_at,
-        "updatedAt": record.updated_at,
-    }
-
-
-async def status_report(
-    settings: Settings, ledger: Ledger, chain: ChainClient, claimer: Claimer | None
-) -> dict[str, Any]:
-    """What the provider has earned and claimed: GET /v1/admin/stats and `python -m drain_provider
-    status` (amounts in USDC base units, as decimal strings)."""
-    figures = await ledger.stats()
-    last = await ledger.claims(limit=1)
-    try:
-        gas: str | None = str(await chain.balance(settings.provider_address))
-    except ChainUnavailable:
-        gas = None
-    return {
-        "provider": settings.provider_address,
-        "chainId": settings.chain_id,
-        "contract": settings.drain_contract,
-        "earned": str(figures["earned"]),
-        "claimed": str(figures["claimed"]),
-        "unclaimed": str(figures["unclaimed"]),
-        "inFlight": str(figures["reserved"]),
-        "channels": figures["channels"],
-        "claimThreshold": str(settings.claim_threshold),
-        "lastClaim": claim_json(last[0]) if last else None,
-        "gasBalanceWei": gas,
-        "alert": claimer.alert if claimer else None,
-        "claimerLastCycleAt": claimer.last_cycle_at if claimer else None,
-    }
+        return await self._follow_receipt(record)

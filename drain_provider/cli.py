@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     env = read_environment()
     try:
         if args.command == "dev":
-            from .dev import run_dev
+            from .devtools.dev import run_dev
 
             return asyncio.run(
                 run_dev(env, rpc_url=args.rpc_url, port=args.port, serve=not args.no_serve, started=started)
@@ -91,27 +91,29 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     from eth_account import Account
 
     from .chain import ChainClient, ChainClock, ChainUnavailable
-    from .claimer import Claimer, claim_json, status_report
+    from .claimer import Claimer
     from .ledger import Ledger
+    from .reports import claim_json, cycle_report, status_report
+    from .states import ClaimStatus
 
     assert settings.rpc_url is not None
-    ledger = Ledger(settings.database_path)
+    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
     await ledger.open()
     chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
     try:
         claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, ChainClock())
-        if claim:
-            try:
-                outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
-            except ChainUnavailable as exc:
-                print(f"drain-provider: the chain RPC is unavailable: {exc}", file=sys.stderr)
-                return 1
-            report = {"claims": [vars(o) for o in outcomes], "alert": claimer.alert}
-        else:
+        if not claim:
             report = await status_report(settings, ledger, chain, None)
-            report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status="pending")]
-        print(json.dumps(report, indent=2))
-        return 1 if claim and any(o.status == "failed" for o in outcomes) else 0
+            report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]
+            print(json.dumps(report, indent=2))
+            return 0
+        try:
+            outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
+        except ChainUnavailable as exc:
+            print(f"drain-provider: the chain RPC is unavailable: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps(cycle_report(outcomes, force=force, alert=claimer.alert), indent=2))
+        return 1 if any(o.status is ClaimStatus.FAILED for o in outcomes) else 0
     finally:
         await chain.close()
         await ledger.close()

@@ -1,6 +1,7 @@
 """A small DRAIN client: open a channel, sign the next voucher, read costs back.
 
-Used by `dev` mode, the tests and anyone who wants to pay a provider from Python:
+Used by `dev` mode, the tests and anyone who wants to pay a provider from Python (it is a client,
+not part of the server):
 
     consumer = await DrainConsumer.open_channel(chain, token, key, provider, deposit=10_000_000)
     voucher = consumer.next_voucher(budget=50_000)
@@ -16,10 +17,8 @@ unspent credit is reused instead of piling up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -93,23 +92,3 @@ class DrainConsumer:
             self.charged = int(headers["X-DRAIN-Total"])
         if "X-DRAIN-Cost" in headers:
             self.last_cost = int(headers["X-DRAIN-Cost"])
-
-    @classmethod
-    def from_dev_file(cls, path: str | Path = "data/dev.json") -> DrainConsumer:
-        """The demo consumer of a running `python -m drain_provider dev`, where it left off."""
-        facts = json.loads(Path(path).read_text())
-        return cls(
-            account=Account.from_key(facts["consumer"]["privateKey"]),
-            domain=Domain(int(facts["chainId"]), facts["contract"]),
-            channel_id=facts["channelId"],
-            deposit=int(facts["deposit"]),
-            nonce=int(facts["lastNonce"]),
-            amount=int(facts["lastAmount"]),
-            api=facts["api"],
-        )
-
-    def save_dev_file(self, path: str | Path = "data/dev.json") -> None:
-        """Record the last signed nonce and amount, so the next run continues the channel."""
-        facts = json.loads(Path(path).read_text())
-        facts["lastNonce"], facts["lastAmount"] = str(self.nonce), str(self.amount)
-        Path(path).write_text(json.dumps(facts, indent=2) + "\n")

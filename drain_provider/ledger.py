@@ -5,7 +5,11 @@ thread that owns the only write connection, inside `BEGIN IMMEDIATE ... COMMIT` 
 commit: see sqlwriter.py). A whole authorize or settle is therefore one function and one
 transaction, and two requests on the same channel are serialised by SQLite itself, with no lock
 in Python around the database. Reads use their own aiosqlite connection; in WAL mode they never
-wait for the writer.
+wait for the writer. Rows are read by column name.
+
+Words: a channel's *last voucher* is the last one it accepted; nonces only go up and amounts
+never down, so it is also the highest. *Settle* charges a request and ends its reservation;
+*release* ends it charging nothing.
 
 Amounts are INTEGER base units. On-chain values are uint256, but a real USDC deposit is far
 below 2^63, so a deposit beyond that is clamped (we accept less, never more). Nonces may use the
@@ -28,12 +32,15 @@ import aiosqlite
 from .pricing import ReservationPlan
 from .protocol import ChannelState, Voucher
 from .sqlwriter import Writer
+from .states import ChannelStatus, ClaimStatus, SyncMode, UsageSource, UsageStatus
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INT64_MAX = 2**63 - 1
 
+# Numbered migrations: the schema is version len(MIGRATIONS). Never edit one that has shipped;
+# add the next. The status columns hold the values of the enums in states.py.
 MIGRATIONS: list[str] = [
     # 1: the first schema.
     """
@@ -44,15 +51,15 @@ MIGRATIONS: list[str] = [
         deposit         INTEGER NOT NULL,
         claimed         INTEGER NOT NULL,
         expiry          INTEGER NOT NULL,
-        status          TEXT NOT NULL DEFAULT 'open',   -- open | closed
-        charged         INTEGER NOT NULL DEFAULT 0,     -- sum of settled usage costs
-        reserved        INTEGER NOT NULL DEFAULT 0,     -- sum of in-flight reservations
-        best_amount     INTEGER NOT NULL DEFAULT 0,     -- last accepted voucher
+        status          TEXT NOT NULL DEFAULT 'open',
+        charged         INTEGER NOT NULL DEFAULT 0,
+        reserved        INTEGER NOT NULL DEFAULT 0,
+        best_amount     INTEGER NOT NULL DEFAULT 0,
         best_nonce      TEXT NOT NULL DEFAULT '0',
         best_voucher_id INTEGER,
-        claim_attempts  INTEGER NOT NULL DEFAULT 0,     -- failed claims in a row
-        claim_retry_at  REAL,                           -- no claim before this (backoff)
-        synced_at       REAL NOT NULL,                  -- when the on-chain fields were read
+        claim_attempts  INTEGER NOT NULL DEFAULT 0,
+        claim_retry_at  REAL,
+        synced_at       REAL NOT NULL,
         created_at      REAL NOT NULL
     );
     CREATE TABLE vouchers (
@@ -70,13 +77,13 @@ MIGRATIONS: list[str] = [
         voucher_id    INTEGER NOT NULL REFERENCES vouchers(id),
         endpoint      TEXT NOT NULL,
         model         TEXT NOT NULL,
-        status        TEXT NOT NULL,     -- reserved | ok | partial | failed | abandoned
+        status        TEXT NOT NULL,
         reserved      INTEGER NOT NULL,
         input_tokens  INTEGER NOT NULL,
         output_tokens INTEGER NOT NULL DEFAULT 0,
-        usage_source  TEXT,              -- upstream | local
-        price_cost    INTEGER NOT NULL DEFAULT 0,  -- the price formula on the usage
-        cost          INTEGER NOT NULL DEFAULT 0,  -- what was charged (price_cost capped by the voucher)
+        usage_source  TEXT,
+        price_cost    INTEGER NOT NULL DEFAULT 0,
+        cost          INTEGER NOT NULL DEFAULT 0,
         error         TEXT,
         started_at    REAL NOT NULL,
         finished_at   REAL
@@ -88,16 +95,22 @@ MIGRATIONS: list[str] = [
         channel_id  TEXT NOT NULL REFERENCES channels(channel_id),
         voucher_id  INTEGER NOT NULL REFERENCES vouchers(id),
         amount      INTEGER NOT NULL,
-        status      TEXT NOT NULL,       -- pending | confirmed | reverted | failed
-        tx_hash     TEXT,                -- recorded before the transaction is sent
+        status      TEXT NOT NULL,
+        tx_hash     TEXT,
         tx_nonce    INTEGER,
-        raw_tx      TEXT,                -- the signed transaction, to re-send after a restart
+        raw_tx      TEXT,
         error       TEXT,
         created_at  REAL NOT NULL,
         updated_at  REAL NOT NULL
     );
     CREATE INDEX claims_channel ON claims(channel_id);
     CREATE UNIQUE INDEX claims_one_pending ON claims(channel_id) WHERE status = 'pending';
+    """,
+    # 2: one name for a channel's last accepted voucher (it was "best" in places, "last" in others).
+    """
+    ALTER TABLE channels RENAME COLUMN best_amount TO last_amount;
+    ALTER TABLE channels RENAME COLUMN best_nonce TO last_nonce;
+    ALTER TABLE channels RENAME COLUMN best_voucher_id TO last_voucher_id;
     """,
 ]
 
@@ -127,34 +140,46 @@ class ChannelRecord:
     consumer: str
     provider: str
     deposit: int
-    claimed: int
+    claimed: int  # on chain, at the last sync
     expiry: int
-    status: str
-    charged: int
-    reserved: int
-    best_amount: int
-    best_nonce: int
-    synced_at: float
+    status: ChannelStatus
+    charged: int  # the sum of settled costs
+    reserved: int  # the sum of in-flight reservations
+    last_amount: int  # of the last accepted voucher
+    last_nonce: int
+    synced_at: float  # when the on-chain fields were read
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row | tuple[Any, ...]) -> ChannelRecord:
-        """From the columns of _CHANNEL_COLUMNS, in order (best_nonce is stored as text)."""
-        values = list(row)
-        values[10] = int(values[10])
-        return cls(*values)
+    def from_row(cls, row: sqlite3.Row) -> ChannelRecord:
+        return cls(
+            channel_id=row["channel_id"],
+            consumer=row["consumer"],
+            provider=row["provider"],
+            deposit=row["deposit"],
+            claimed=row["claimed"],
+            expiry=row["expiry"],
+            status=ChannelStatus(row["status"]),
+            charged=row["charged"],
+            reserved=row["reserved"],
+            last_amount=row["last_amount"],
+            last_nonce=int(row["last_nonce"]),
+            synced_at=row["synced_at"],
+        )
 
 
-_CHANNEL_COLUMNS = ", ".join(
-    [
-        "channel_id", "consumer", "provider", "deposit", "claimed", "expiry", "status",
-        "charged", "reserved", "best_amount", "best_nonce", "synced_at",
-    ]
-)  # fmt: skip
+_CHANNEL_COLUMNS = (
+    "channel_id, consumer, provider, deposit, claimed, expiry, status, charged, reserved, last_amount, last_nonce, "
+    "synced_at"
+)
 
 
-def _voucher(channel_id: str, amount: int, nonce: str, signature: str) -> Voucher:
-    """A voucher as the vouchers table stores it (nonce as decimal text, signature as 0x-hex)."""
-    return Voucher(channel_id, amount, int(nonce), bytes.fromhex(signature[2:]))
+def _as_dict(row: sqlite3.Row) -> dict[str, Any]:
+    return {key: row[key] for key in row.keys()}  # noqa: SIM118 (a Row iterates over its values)
+
+
+def _voucher(row: sqlite3.Row) -> Voucher:
+    """A voucher from a vouchers row (nonce as decimal text, signature as 0x-hex)."""
+    return Voucher(row["channel_id"], row["amount"], int(row["nonce"]), bytes.fromhex(row["signature"][2:]))
 
 
 @dataclass(frozen=True)
@@ -176,8 +201,9 @@ class Settlement:
 
 @dataclass(frozen=True)
 class ClaimTarget:
-    """A channel with earnings to claim, and the voucher to claim them with (DESIGN rule 7: the
-    smallest stored voucher that covers the charged total and is above what the chain has)."""
+    """A channel with earnings to claim, and the voucher to claim them with (docs/DESIGN.md,
+    rule 7: the smallest stored voucher that covers the charged total and is above what the
+    chain has)."""
 
     channel_id: str
     expiry: int
@@ -196,7 +222,7 @@ class ClaimRecord:
     id: int
     channel_id: str
     amount: int
-    status: str
+    status: ClaimStatus
     tx_hash: str | None
     tx_nonce: int | None
     raw_tx: str | None
@@ -204,12 +230,28 @@ class ClaimRecord:
     created_at: float
     updated_at: float
 
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ClaimRecord:
+        return cls(**{**_as_dict(row), "status": ClaimStatus(row["status"])})
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The ledger's sums over all channels, in base units."""
+
+    earned: int
+    claimed: int
+    unclaimed: int
+    reserved: int
+    open_channels: int
+    closed_channels: int
+
 
 _CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at"
 
 
 class Ledger:
-    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: SyncMode = SyncMode.FULL) -> None:
         self.path = str(path)
         self.synchronous = synchronous
         self._writer: Writer | None = None
@@ -224,6 +266,7 @@ class Ledger:
         await self._writer.start()
         version = await self.write(self._migrate)
         self._reader = await aiosqlite.connect(self.path)
+        self._reader.row_factory = sqlite3.Row
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         await self._reader.execute("PRAGMA query_only = 1")
         log.info("ledger_open path=%s schema_version=%d", self.path, version)
@@ -238,10 +281,11 @@ class Ledger:
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL (the default): a committed voucher survives power loss, not only a process crash.
         # NORMAL: the last commits before a power cut may be lost; one fsync fewer per commit.
-        conn.execute(f"PRAGMA synchronous = {'NORMAL' if self.synchronous == 'NORMAL' else 'FULL'}")
+        conn.execute(f"PRAGMA synchronous = {SyncMode(self.synchronous).value}")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA busy_timeout = 5000")
         return conn
@@ -261,18 +305,22 @@ class Ledger:
         return len(MIGRATIONS)
 
     def write(
-        self, fn: Callable[[sqlite3.Connection], T], *, ran: asyncio.Future[T] | None = None
+        self, fn: Callable[[sqlite3.Connection], T], *, before_commit: asyncio.Future[T] | None = None
     ) -> asyncio.Future[T]:
         """Run `fn(conn)` on the writer thread, all or nothing; the future resolves once it is
-        committed (`ran`, if given, as soon as it has run). The write happens even if nobody
-        awaits the future any more."""
+        committed (`before_commit`, if given, as soon as it has run). The write happens even if
+        nobody awaits the future any more."""
         assert self._writer is not None, "ledger is not open"
-        return self._writer.submit(fn, ran=ran)
+        return self._writer.submit(fn, before_commit=before_commit)
 
-    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async def _select(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         assert self._reader is not None, "ledger is not open"
         async with self._reader.execute(sql, params) as cursor:
-            return [tuple(row) for row in await cursor.fetchall()]
+            return list(await cursor.fetchall())
+
+    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Any read-only query, rows as plain tuples (reports, health checks, tests)."""
+        return [tuple(row) for row in await self._select(sql, params)]
 
     async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
         rows = await self.fetchall(sql, params)
@@ -281,13 +329,13 @@ class Ledger:
     # --- channels -----------------------------------------------------------------------------
 
     async def get_channel(self, channel_id: str) -> ChannelRecord | None:
-        row = await self.fetchone(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
-        return ChannelRecord.from_row(row) if row else None
+        rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+        return ChannelRecord.from_row(rows[0]) if rows else None
 
     async def upsert_channel(self, channel_id: str, state: ChannelState) -> ChannelRecord:
         """Store what the chain says of a channel, keeping our own accounting columns."""
         now = time.time()
-        status = "open" if state.exists else "closed"
+        status = ChannelStatus.OPEN if state.exists else ChannelStatus.CLOSED
 
         def upsert(conn: sqlite3.Connection) -> ChannelRecord:
             conn.execute(
@@ -323,59 +371,58 @@ class Ledger:
         *,
         endpoint: str,
         model: str,
-        ran: asyncio.Future[Reservation] | None = None,
+        before_commit: asyncio.Future[Reservation] | None = None,
     ) -> asyncio.Future[Reservation]:
         """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
 
-        The caller has already checked what needs no ledger state (signature, provider,
-        consumer). Here are the checks that race: nonce and amount against the last accepted
-        voucher, and the headroom left by the charged total and other in-flight reservations.
-        A refused voucher changes nothing. `ran` hears the reservation before it is committed
-        (see Writer.submit); the returned future, once it is.
+        The caller (payments.PaymentGate) has already checked what needs no ledger state:
+        signature, provider, consumer, deposit. Here are the checks that race: nonce and amount
+        against the last voucher, and the headroom left by the charged total and the other
+        in-flight reservations. A refused voucher changes nothing. `before_commit` hears the
+        reservation before it is committed (see Writer.submit); the returned future, once it is.
         """
         now = time.time()
 
         def authorize(conn: sqlite3.Connection) -> Reservation:
             row = conn.execute(
-                "SELECT deposit, status, charged, reserved, best_amount, best_nonce FROM channels WHERE channel_id = ?",
+                "SELECT status, charged, reserved, last_amount, last_nonce FROM channels WHERE channel_id = ?",
                 (voucher.channel_id,),
             ).fetchone()
-            if row is None or row[1] != "open":
+            if row is None or row["status"] != ChannelStatus.OPEN:
                 raise Rejected("channel_not_found", "The channel does not exist on chain or is closed.")
-            deposit, _, charged, reserved, best_amount, best_nonce = row
-            if voucher.nonce <= int(best_nonce):
+            if voucher.nonce <= int(row["last_nonce"]):
                 raise Rejected(
-                    "invalid_nonce", f"The voucher nonce must be above {best_nonce}, the last accepted nonce."
+                    "invalid_nonce", f"The voucher nonce must be above {row['last_nonce']}, the last accepted nonce."
                 )
-            if voucher.amount < best_amount:
+            if voucher.amount < row["last_amount"]:
                 raise Rejected(
-                    "invalid_amount", f"The voucher amount must be at least {best_amount}, the last accepted amount."
+                    "invalid_amount",
+                    f"The voucher amount must be at least {row['last_amount']}, the last accepted amount.",
                 )
-            if voucher.amount > deposit:
-                raise Rejected("exceeds_deposit", f"The voucher amount exceeds the channel deposit of {deposit}.")
-            fit = plan.fit(voucher.amount - charged - reserved)
+            in_use = row["charged"] + row["reserved"]
+            fit = plan.fit(voucher.amount - in_use)
             if fit is None:
-                raise InsufficientFunds(required=charged + reserved + plan.worst_case, provided=voucher.amount)
+                raise InsufficientFunds(required=in_use + plan.worst_case, provided=voucher.amount)
             amount, output_tokens = fit
             voucher_id = conn.execute(
                 "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)",
                 (voucher.channel_id, voucher.amount, str(voucher.nonce), voucher.signature_hex, now),
             ).lastrowid
             conn.execute(
-                """UPDATE channels SET best_amount = ?, best_nonce = ?, best_voucher_id = ?, reserved = reserved + ?
+                """UPDATE channels SET last_amount = ?, last_nonce = ?, last_voucher_id = ?, reserved = reserved + ?
                    WHERE channel_id = ?""",
                 (voucher.amount, str(voucher.nonce), voucher_id, amount, voucher.channel_id),
             )
             usage_id = conn.execute(
                 """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
                                       input_tokens, started_at)
-                   VALUES (?, ?, ?, ?, 'reserved', ?, ?, ?)""",
-                (voucher.channel_id, voucher_id, endpoint, model, amount, plan.input_tokens, now),
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+                (voucher.channel_id, voucher_id, endpoint, model, UsageStatus.RESERVED, amount, plan.input_tokens, now),
             ).lastrowid
             assert usage_id is not None
             return Reservation(usage_id, voucher.channel_id, amount, output_tokens, voucher.amount)
 
-        return self.write(authorize, ran=ran)
+        return self.write(authorize, before_commit=before_commit)
 
     def settle(
         self,
@@ -384,28 +431,29 @@ class Ledger:
         price_cost: int,
         input_tokens: int,
         output_tokens: int,
-        status: str,
-        usage_source: str | None = None,
+        status: UsageStatus,
+        usage_source: UsageSource | None = None,
         error: str | None = None,
     ) -> asyncio.Future[Settlement]:
-        """Charge `price_cost` (capped so the charged total never passes the best voucher) and
-        release the reservation. Idempotent: a second settle of the same usage row changes
-        nothing and reports the first one's figures."""
+        """Charge `price_cost` (capped so the charged total never passes the last voucher) and
+        end the reservation. Idempotent: a second settle of the same usage row changes nothing
+        and reports the first one's figures."""
         now = time.time()
 
         def settle(conn: sqlite3.Connection) -> Settlement:
             row = conn.execute(
-                """SELECT u.status, u.reserved, u.cost, u.price_cost, c.deposit, c.charged, c.reserved, c.best_amount
+                """SELECT u.status, u.reserved AS own, u.cost, u.price_cost, c.deposit, c.charged, c.reserved,
+                          c.last_amount
                    FROM usage u JOIN channels c ON c.channel_id = u.channel_id WHERE u.id = ?""",
                 (reservation.usage_id,),
             ).fetchone()
             if row is None:  # its authorization never committed (the disk failed): nothing to undo
                 log.warning("settle_unknown_reservation usage_id=%d", reservation.usage_id)
                 return Settlement(0, 0, 0, 0)
-            current, own, settled_cost, settled_price, deposit, charged, reserved, best_amount = row
-            if current != "reserved":
-                return Settlement(settled_cost, charged, deposit - charged, settled_price)
-            cap = max(best_amount - charged - (reserved - own), 0)
+            deposit, charged = row["deposit"], row["charged"]
+            if row["status"] != UsageStatus.RESERVED:
+                return Settlement(row["cost"], charged, deposit - charged, row["price_cost"])
+            cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
             cost = min(price_cost, cap)
             if cost < price_cost:
                 log.warning(
@@ -413,7 +461,7 @@ class Ledger:
                 )
             conn.execute(
                 "UPDATE channels SET charged = charged + ?, reserved = reserved - ? WHERE channel_id = ?",
-                (cost, own, reservation.channel_id),
+                (cost, row["own"], reservation.channel_id),
             )
             conn.execute(
                 """UPDATE usage SET status = ?, input_tokens = ?, output_tokens = ?, usage_source = ?,
@@ -427,9 +475,9 @@ class Ledger:
         return self.write(settle)
 
     def release(self, reservation: Reservation, *, error: str) -> asyncio.Future[Settlement]:
-        """The request failed before anything billable happened: charge nothing."""
+        """End a reservation charging nothing: the request failed before anything billable."""
         return self.settle(
-            reservation, price_cost=0, input_tokens=0, output_tokens=0, status="failed", error=error[:500]
+            reservation, price_cost=0, input_tokens=0, output_tokens=0, status=UsageStatus.FAILED, error=error[:500]
         )
 
     async def release_abandoned(self) -> int:
@@ -439,7 +487,8 @@ class Ledger:
 
         def release(conn: sqlite3.Connection) -> int:
             count = conn.execute(
-                "UPDATE usage SET status = 'abandoned', finished_at = ? WHERE status = 'reserved'", (now,)
+                "UPDATE usage SET status = ?, finished_at = ? WHERE status = ?",
+                (UsageStatus.ABANDONED, now, UsageStatus.RESERVED),
             ).rowcount
             conn.execute("UPDATE channels SET reserved = 0 WHERE reserved != 0")
             return count
@@ -452,8 +501,9 @@ class Ledger:
     # --- claims -------------------------------------------------------------------------------
 
     async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
-        rows = await self.fetchall(
-            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, v.id, v.amount, v.nonce, v.signature
+        rows = await self._select(
+            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, v.id AS voucher_id, v.amount, v.nonce,
+                       v.signature
                 FROM channels c
                 JOIN vouchers v ON v.id = (
                     SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
@@ -466,8 +516,10 @@ class Ledger:
             params,
         )
         return [
-            ClaimTarget(cid, expiry, charged, claimed, vid, _voucher(cid, amount, nonce, sig))
-            for cid, expiry, charged, claimed, vid, amount, nonce, sig in rows
+            ClaimTarget(
+                row["channel_id"], row["expiry"], row["charged"], row["claimed"], row["voucher_id"], _voucher(row)
+            )
+            for row in rows
         ]
 
     async def claim_targets(
@@ -492,8 +544,8 @@ class Ledger:
             try:
                 cursor = conn.execute(
                     """INSERT INTO claims (channel_id, voucher_id, amount, status, created_at, updated_at)
-                       VALUES (?, ?, ?, 'pending', ?, ?)""",
-                    (target.channel_id, target.voucher_id, target.voucher.amount, now, now),
+                       VALUES (?, ?, ?, ?, ?, ?)""",
+                    (target.channel_id, target.voucher_id, target.voucher.amount, ClaimStatus.PENDING, now, now),
                 )
             except sqlite3.IntegrityError:
                 return None
@@ -513,7 +565,7 @@ class Ledger:
         )
 
     async def finish_claim(
-        self, claim_id: int, *, status: str, error: str | None = None, retry_after: float | None = None
+        self, claim_id: int, *, status: ClaimStatus, error: str | None = None, retry_after: float | None = None
     ) -> None:
         """Close a claim. A confirmed one clears the channel's backoff; a failed or reverted one sets
         it to `retry_after` seconds from now."""
@@ -524,7 +576,7 @@ class Ledger:
                 "UPDATE claims SET status = ?, error = ?, updated_at = ? WHERE id = ?",
                 (status, error[:500] if error else None, now, claim_id),
             )
-            if status == "confirmed":
+            if status is ClaimStatus.CONFIRMED:
                 conn.execute(
                     """UPDATE channels SET claim_attempts = 0, claim_retry_at = NULL
                        WHERE channel_id = (SELECT channel_id FROM claims WHERE id = ?)""",
@@ -543,52 +595,47 @@ class Ledger:
         row = await self.fetchone("SELECT claim_attempts FROM channels WHERE channel_id = ?", (channel_id,))
         return int(row[0]) if row else 0
 
-    async def claims(self, *, status: str | None = None, limit: int = 100) -> list[ClaimRecord]:
+    async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        rows = await self.fetchall(
+        rows = await self._select(
             f"SELECT {_CLAIM_COLUMNS} FROM claims {where} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
-        return [ClaimRecord(*row) for row in rows]
+        return [ClaimRecord.from_row(row) for row in rows]
 
     # --- reports and upkeep ---------------------------------------------------------------------
 
     async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[str]:
         """Open channels holding vouchers above what the chain has claimed, not read for a while:
         the ones whose closing or claiming elsewhere we must not miss."""
-        rows = await self.fetchall(
-            """SELECT channel_id FROM channels WHERE status = 'open' AND best_amount > claimed AND synced_at < ?
+        rows = await self._select(
+            """SELECT channel_id FROM channels WHERE status = 'open' AND last_amount > claimed AND synced_at < ?
                ORDER BY synced_at LIMIT ?""",
             (synced_before, limit),
         )
-        return [row[0] for row in rows]
+        return [row["channel_id"] for row in rows]
 
-    async def stats(self) -> dict[str, Any]:
-        row = await self.fetchone(
-            """SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(MIN(claimed, charged)), 0),
-                      COALESCE(SUM(MAX(charged - claimed, 0)), 0), COALESCE(SUM(reserved), 0) FROM channels"""
+    async def totals(self) -> Totals:
+        rows = await self._select(
+            """SELECT COALESCE(SUM(charged), 0) AS earned, COALESCE(SUM(MIN(claimed, charged)), 0) AS claimed,
+                      COALESCE(SUM(MAX(charged - claimed, 0)), 0) AS unclaimed,
+                      COALESCE(SUM(reserved), 0) AS reserved,
+                      COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
+                      COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
+               FROM channels"""
         )
-        assert row is not None
-        by_status = dict(await self.fetchall("SELECT status, COUNT(*) FROM channels GROUP BY status"))
-        return {
-            "earned": row[0],
-            "claimed": row[1],
-            "unclaimed": row[2],
-            "reserved": row[3],
-            "channels": {"open": by_status.get("open", 0), "closed": by_status.get("closed", 0)},
-        }
+        return Totals(**_as_dict(rows[0]))
 
     async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
-        rows = await self.fetchall(
-            f"SELECT {_CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,)
-        )
+        rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,))
         return [ChannelRecord.from_row(row) for row in rows]
 
-    async def best_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
-        """The last accepted voucher of each channel (the highest: amounts only grow)."""
-        rows = await self.fetchall(
-            f"""SELECT {", ".join("c." + c for c in _CHANNEL_COLUMNS.split(", "))}, v.amount, v.nonce, v.signature
-                FROM channels c JOIN vouchers v ON v.id = c.best_voucher_id
+    async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
+        """Each channel with its last accepted voucher."""
+        channel_columns = ", ".join("c." + c for c in _CHANNEL_COLUMNS.split(", "))
+        rows = await self._select(
+            f"""SELECT {channel_columns}, v.amount, v.nonce, v.signature
+                FROM channels c JOIN vouchers v ON v.id = c.last_voucher_id
                 ORDER BY c.created_at DESC LIMIT ?""",
             (limit,),
         )
-        return [(ChannelRecord.from_row(row[:12]), _voucher(row[0], row[12], row[13], row[14])) for row in rows]
+        return [(ChannelRecord.from_row(row), _voucher(row)) for row in rows]

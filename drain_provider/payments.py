@@ -1,15 +1,27 @@
-"""PaymentGate: the rules of money for one request, from voucher header to settlement.
+"""The money of a paid request: PaymentGate accepts vouchers, Charge owns what follows.
 
-authorize: parse the voucher, recover its signer (pure CPU), find the channel (memory, then
-ledger, then chain), check it belongs to us and to the signer, then let the ledger store the
-voucher and reserve the worst case in one transaction. The reservation is known as soon as
-that transaction has run; its COMMIT (an fsync) then overlaps the upstream call, and the API
-waits for it before the client is sent anything. settle/release: charge what the usage costs
-(never past the voucher) and free the reservation, exactly once.
+`PaymentGate.accept` checks what needs no ledger state: the header's format, the signer (pure
+CPU), the channel (memory, then the ledger, then one chain read for a channel never seen), its
+provider, consumer, deposit and expiry. The chain is read only for a new channel. A channel
+within MIN_CHANNEL_TTL of its expiry (chain time) is refused: after expiry its consumer may
+close it and take back whatever was not claimed. Closings are noticed by the claimer.
 
-The chain is read only for a channel we have not seen. A channel within MIN_CHANNEL_TTL of its
-expiry (chain time) is refused: after expiry its consumer may close it and take back whatever
-was not claimed. Closings are noticed by the claimer, which re-reads channels it has earnings on.
+`Charge` is the only owner of a reservation, from the ledger transaction that makes it to the one
+that ends it (docs/DESIGN.md, "Rules of money"):
+
+    async with gate.charge(header, plan, encoding=..., endpoint=..., model=...) as charge:
+        ...call the upstream, capped at charge.output_tokens...
+        await charge.committed()      # before the client is sent a byte (rule 4)
+        ...relay, metering what reaches the client into charge.meter...
+        charge.finish(ending, reported_usage)
+    charge.settlement                 # the figures for X-DRAIN-Cost / Total / Remaining
+
+Leaving the block decides, once, what the request costs:
+    normal end          settle: the upstream's reported usage if the upstream completed, else the
+                        local count of what was delivered (rule 5)
+    client gone         settle what was delivered: the input and the metered output
+    server stopping     release: the shutdown is our doing, nothing is charged
+    any error           release: an upstream failure before the client got a byte, or ours
 """
 
 from __future__ import annotations
@@ -17,11 +29,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import TracebackType
+from typing import assert_never
+
+import tiktoken
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
 from .ledger import ChannelRecord, InsufficientFunds, Ledger, Rejected, Reservation, Settlement
-from .pricing import ReservationPlan
+from .openai_format import Usage
+from .pricing import ReservationPlan, affordable_output_tokens, cost
 from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
+from .states import ChannelStatus, StreamEnding, UsageSource, UsageStatus
+from .tokens import TokenMeter
+from .upstream import UpstreamError
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +57,6 @@ class PaymentError(Exception):
 
 
 @dataclass(frozen=True)
-class Authorization:
-    """An accepted voucher and its reservation. `durable` resolves when the transaction that
-    stored them is committed: the upstream may be called before that, the client may be sent
-    nothing before it (DESIGN rule 4). If it fails, nothing was stored."""
-
-    voucher: Voucher
-    reservation: Reservation
-    durable: asyncio.Future[Reservation]
-
-
-@dataclass(frozen=True)
 class KnownChannel:
     """The on-chain facts of a channel that cannot change while it is open."""
 
@@ -57,9 +66,168 @@ class KnownChannel:
     expiry: int
 
 
-def _retrieve(future: asyncio.Future[Reservation]) -> None:
+def usage_status(ending: StreamEnding) -> UsageStatus:
+    """The usage row's status for each way a request can end (mypy checks none is missing)."""
+    match ending:
+        case StreamEnding.DONE:
+            return UsageStatus.OK
+        case StreamEnding.BUDGET:
+            return UsageStatus.BUDGET_STOP
+        case StreamEnding.CLIENT_GONE | StreamEnding.UPSTREAM_FAILED:
+            return UsageStatus.PARTIAL
+        case _:
+            assert_never(ending)
+
+
+def _log_if_failed(future: asyncio.Future[Reservation] | asyncio.Future[Settlement]) -> None:
+    """Look at a ledger write's failure, so that a future nobody awaits any more (its request was
+    cancelled) does not end as 'exception was never retrieved'."""
     if not future.cancelled() and future.exception() is not None:
-        log.debug("authorization_not_stored error=%s", type(future.exception()).__name__)
+        log.debug("ledger_write_failed error=%s", type(future.exception()).__name__)
+
+
+class Charge:
+    """One paid request's money; see the module docstring. Use it once, with `async with`."""
+
+    def __init__(
+        self,
+        gate: PaymentGate,
+        header: str | None,
+        plan: ReservationPlan,
+        *,
+        encoding: tiktoken.Encoding,
+        endpoint: str,
+        model: str,
+    ) -> None:
+        self._gate = gate
+        self._header = header
+        self.plan = plan
+        self.endpoint = endpoint
+        self.model = model
+        self._encoding = encoding
+        self._durable: asyncio.Future[Reservation] | None = None
+        self._ending: StreamEnding | None = None
+        self._reported: Usage | None = None
+        self.voucher: Voucher | None = None
+        self.reservation: Reservation | None = None
+        self.meter = TokenMeter(encoding, 0)
+        self.settlement: Settlement | None = None
+
+    @property
+    def output_tokens(self) -> int:
+        """The most output tokens the reservation pays for: the cap for the upstream."""
+        assert self.reservation is not None
+        return self.reservation.output_tokens
+
+    @property
+    def reserved(self) -> int:
+        """The most this request may cost (X-DRAIN-Reserved)."""
+        assert self.reservation is not None
+        return self.reservation.amount
+
+    @property
+    def channel_id(self) -> str:
+        assert self.voucher is not None
+        return self.voucher.channel_id
+
+    async def __aenter__(self) -> Charge:
+        """Accept the voucher and reserve the worst case, or raise PaymentError. Returns as soon
+        as the reservation is known; its COMMIT (an fsync) may still be running."""
+        ledger = self._gate.ledger
+        self.voucher = await self._gate.accept(self._header)
+        before_commit: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        self._durable = ledger.authorize(
+            self.voucher, self.plan, endpoint=self.endpoint, model=self.model, before_commit=before_commit
+        )
+        self._durable.add_done_callback(_log_if_failed)
+        try:
+            self.reservation = await asyncio.shield(before_commit)
+        except asyncio.CancelledError:
+            # The client left while its voucher was being stored; the transaction completes
+            # regardless, so its reservation is released as soon as it exists.
+            self._durable.add_done_callback(self._release_orphan)
+            raise
+        except Rejected as exc:
+            headers = {}
+            if isinstance(exc, InsufficientFunds):
+                headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
+            raise PaymentError(exc.code, exc.message, headers) from None
+        limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
+        self.meter = TokenMeter(self._encoding, limit)
+        return self
+
+    def _release_orphan(self, durable: asyncio.Future[Reservation]) -> None:
+        if durable.cancelled() or durable.exception() is not None:
+            return
+        self._gate.ledger.release(durable.result(), error="client left during authorization").add_done_callback(
+            _log_if_failed
+        )
+
+    async def committed(self) -> None:
+        """Wait until the voucher and the reservation are durable. Nothing may reach the client
+        before; if the COMMIT failed, this raises and nothing was stored."""
+        assert self._durable is not None
+        await self._durable
+
+    def finish(self, ending: StreamEnding, reported: Usage | None) -> None:
+        """How the request ended, and the usage the upstream reported (None if it reported none,
+        or none that covers what the client got). What reached the client is in `meter`."""
+        self._ending = ending
+        self._reported = reported
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self.reservation is not None
+        if exc is None and self._ending is not None:
+            await self._settle(self._ending)
+        elif isinstance(exc, asyncio.CancelledError):
+            if self._gate.stopping.is_set():
+                await self._release("interrupted by shutdown")
+            else:
+                await self._settle(StreamEnding.CLIENT_GONE)
+        elif exc is None:
+            log.error("charge_without_outcome channel=%s", self.channel_id)
+            await self._release("internal error")
+        elif isinstance(exc, UpstreamError):
+            await self._release(exc.message)
+        else:
+            await self._release("internal error")
+
+    def usage(self, ending: StreamEnding) -> Usage:
+        """What the request is charged on: the upstream's report when the upstream completed and
+        reported; otherwise the counted input and the output the client was sent."""
+        if ending is StreamEnding.DONE and self._reported is not None:
+            return self._reported
+        return Usage(self.plan.input_tokens, self.meter.tokens, UsageSource.LOCAL)
+
+    async def _settle(self, ending: StreamEnding) -> None:
+        assert self.reservation is not None
+        usage = self.usage(ending)
+        price_cost = cost(self.plan.price, usage.input_tokens, usage.output_tokens)
+        self.settlement = await self._gate.ledger.settle(
+            self.reservation,
+            price_cost=price_cost,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            status=usage_status(ending),
+            usage_source=usage.source,
+        )
+        log.info(
+            "paid channel=%s model=%s ending=%s in=%d out=%d cost=%d total=%d source=%s",
+            self.channel_id,
+            self.model,
+            ending,
+            usage.input_tokens,
+            usage.output_tokens,
+            self.settlement.cost,
+            self.settlement.total,
+            usage.source,
+        )
+
+    async def _release(self, reason: str) -> None:
+        assert self.reservation is not None
+        await self._gate.ledger.release(self.reservation, error=reason)
 
 
 class PaymentGate:
@@ -72,6 +240,7 @@ class PaymentGate:
         *,
         clock: ChainClock | None = None,
         min_channel_ttl: int = 600,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self.ledger = ledger
         self.chain = chain
@@ -79,12 +248,21 @@ class PaymentGate:
         self.provider = provider_address
         self.clock = clock or ChainClock()
         self.min_channel_ttl = min_channel_ttl
+        # Set when the server begins to stop: a request cancelled after that was not left by its client.
+        self.stopping = stopping or asyncio.Event()
         self._separator = domain.separator
         self._known: dict[str, KnownChannel] = {}
         self._fetch_locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Future[Settlement]] = set()
 
-    async def authorize(self, header: str | None, plan: ReservationPlan, *, endpoint: str, model: str) -> Authorization:
+    def charge(
+        self, header: str | None, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
+    ) -> Charge:
+        """The request's charge, to be entered with `async with`."""
+        return Charge(self, header, plan, encoding=encoding, endpoint=endpoint, model=model)
+
+    async def accept(self, header: str | None) -> Voucher:
+        """The voucher of `header`, if it may pay on one of our channels; PaymentError if not.
+        What depends on the ledger's state (nonce, amount, headroom) is checked when reserving."""
         if header is None or not header.strip():
             raise PaymentError("voucher_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header.")
         try:
@@ -107,53 +285,7 @@ class PaymentGate:
             raise PaymentError(
                 "exceeds_deposit", f"The voucher amount exceeds the channel deposit of {channel.deposit}."
             )
-        ran: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
-        durable = self.ledger.authorize(voucher, plan, endpoint=endpoint, model=model, ran=ran)
-        durable.add_done_callback(_retrieve)  # whoever stops waiting for it, its failure is seen
-        try:
-            reservation = await asyncio.shield(ran)
-        except asyncio.CancelledError:
-            # The client left while its voucher was being stored; the transaction completes
-            # regardless, so its reservation is released as soon as it exists.
-            durable.add_done_callback(self._release_orphan)
-            raise
-        except Rejected as exc:
-            headers = {}
-            if isinstance(exc, InsufficientFunds):
-                headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
-            raise PaymentError(exc.code, exc.message, headers) from None
-        return Authorization(voucher, reservation, durable)
-
-    def _release_orphan(self, task: asyncio.Future[Reservation]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        release = asyncio.ensure_future(self.ledger.release(task.result(), error="client left during authorization"))
-        self._background.add(release)
-        release.add_done_callback(self._background.discard)
-
-    async def settle(
-        self,
-        reservation: Reservation,
-        *,
-        price_cost: int,
-        input_tokens: int,
-        output_tokens: int,
-        status: str = "ok",
-        usage_source: str = "upstream",
-    ) -> Settlement:
-        # The ledger books it even if this request is cancelled while waiting.
-        return await self.ledger.settle(
-            reservation,
-            price_cost=price_cost,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            status=status,
-            usage_source=usage_source,
-        )
-
-    async def release(self, reservation: Reservation, error: str) -> None:
-        """Free a reservation without charging (done even if this request is cancelled)."""
-        await self.ledger.release(reservation, error=error)
+        return voucher
 
     async def _channel(self, channel_id: str) -> KnownChannel:
         known = self._known.get(channel_id)
@@ -176,7 +308,7 @@ class PaymentGate:
 
     async def _load(self, channel_id: str) -> KnownChannel:
         record = await self.ledger.get_channel(channel_id)
-        if record is not None and record.status != "open":
+        if record is not None and record.status is not ChannelStatus.OPEN:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
         if record is None:
             record = await self._sync_from_chain(channel_id)

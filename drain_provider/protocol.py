@@ -98,51 +98,6 @@ DEPLOYMENTS: dict[int, Deployment] = {
 }
 
 
-# --- error codes --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ErrorSpec:
-    status: int
-    type: str
-    message: str
-
-
-# Every code a client can meet, with its HTTP status and a default message. The seed's codes come
-# first; the rest are ours or the reference implementation's.
-ERRORS: dict[str, ErrorSpec] = {
-    "voucher_required": ErrorSpec(
-        402, "payment_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header."
-    ),
-    "invalid_voucher_format": ErrorSpec(402, "payment_required", "The X-DRAIN-Voucher header is malformed."),
-    "insufficient_funds": ErrorSpec(402, "payment_required", "The voucher does not cover this request."),
-    "invalid_signature": ErrorSpec(402, "payment_required", "The voucher signature is not the channel consumer's."),
-    "channel_not_found": ErrorSpec(402, "payment_required", "The channel does not exist on chain or is closed."),
-    "wrong_provider": ErrorSpec(402, "payment_required", "The channel belongs to another provider."),
-    "invalid_nonce": ErrorSpec(402, "payment_required", "The voucher nonce must be above the last accepted nonce."),
-    "invalid_amount": ErrorSpec(
-        402, "payment_required", "The voucher amount must not be below the last accepted amount."
-    ),
-    "exceeds_deposit": ErrorSpec(402, "payment_required", "The voucher amount exceeds the channel deposit."),
-    "channel_expiring": ErrorSpec(
-        402, "payment_required", "The channel expires too soon for this provider to claim in time."
-    ),
-    "model_not_supported": ErrorSpec(400, "invalid_request_error", "The requested model is not available."),
-    "invalid_request": ErrorSpec(400, "invalid_request_error", "The request body is not valid."),
-    "not_found": ErrorSpec(404, "invalid_request_error", "No such endpoint."),
-    "method_not_allowed": ErrorSpec(405, "invalid_request_error", "Method not allowed on this endpoint."),
-    "request_too_large": ErrorSpec(413, "invalid_request_error", "The request body is too large."),
-    "upstream_error": ErrorSpec(502, "upstream_error", "The upstream model provider failed; you were not charged."),
-    "upstream_timeout": ErrorSpec(
-        504, "upstream_error", "The upstream model provider timed out; you were not charged."
-    ),
-    "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
-    "admin_disabled": ErrorSpec(403, "permission_error", "The admin API is disabled."),
-    "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
-    "internal_error": ErrorSpec(500, "server_error", "Internal error; you were not charged."),
-}
-
-
 @dataclass(frozen=True)
 class ChannelState:
     """The contract's `Channel` struct as read from chain."""
@@ -187,6 +142,7 @@ class Voucher:
         return json.dumps(self.to_json(), separators=(",", ":"))
 
 
+VOUCHER_HEADER = "X-DRAIN-Voucher"
 MAX_VOUCHER_HEADER_BYTES = 1024
 _VOUCHER_KEYS = frozenset({"channelId", "amount", "nonce", "signature"})
 _HEX = frozenset("0123456789abcdefABCDEF")

@@ -8,9 +8,9 @@ one commit (one fsync with synchronous=FULL), one wake-up of the thread and one 
 event loop for a whole batch, instead of per request. Every caller still gets its result only
 after the COMMIT that made its write durable.
 
-A job may also ask to hear its outcome as soon as it has run, before the COMMIT (`ran`): the
-ledger uses it to call the upstream while the voucher's transaction is being made durable, and
-waits for the COMMIT only before the client is sent anything.
+A job may also ask to hear its outcome as soon as it has run, before the COMMIT
+(`before_commit`): the ledger uses it to call the upstream while the voucher's transaction is
+being made durable, and waits for the COMMIT only before the client is sent anything.
 
 A job that raises is undone alone. The batch first runs without savepoints (they cost two
 statements per job); if any job raises, the transaction is rolled back and the batch runs again
@@ -41,10 +41,10 @@ Outcome = tuple["_Job", Any, BaseException | None]
 class _Job:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
-    ran: asyncio.Future[Any] | None = None
+    before_commit: asyncio.Future[Any] | None = None
 
 
-def _settle(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
+def _resolve(future: asyncio.Future[Any] | None, result: Any, error: BaseException | None) -> None:
     if future is None or future.done():
         return
     if error is None:
@@ -53,15 +53,15 @@ def _settle(future: asyncio.Future[Any] | None, result: Any, error: BaseExceptio
         future.set_exception(error)
 
 
-def _deliver_ran(outcomes: list[Outcome]) -> None:
+def _deliver_before_commit(outcomes: list[Outcome]) -> None:
     for job, result, error in outcomes:
-        _settle(job.ran, result, error)
+        _resolve(job.before_commit, result, error)
 
 
 def _deliver(outcomes: list[Outcome]) -> None:
     for job, result, error in outcomes:
-        _settle(job.ran, result, error)  # if it has not heard yet: BEGIN failed
-        _settle(job.future, result, error)
+        _resolve(job.before_commit, result, error)  # if it has not heard yet: BEGIN failed
+        _resolve(job.future, result, error)
 
 
 class _Failed(Exception):
@@ -86,21 +86,21 @@ class Writer:
         await self.run(lambda conn: None)  # surfaces a connection error here, not later
 
     def submit(
-        self, fn: Callable[[sqlite3.Connection], T], *, ran: asyncio.Future[T] | None = None
+        self, fn: Callable[[sqlite3.Connection], T], *, before_commit: asyncio.Future[T] | None = None
     ) -> asyncio.Future[T]:
         """Queue `fn(conn)`; the future gets its result once its transaction is committed. The
         job runs whatever becomes of the future: cancelling it only drops the result.
 
-        `ran`, if given, gets the outcome as soon as the job has run, before the COMMIT: a
-        result there is not durable yet, and the returned future may still fail."""
+        `before_commit`, if given, gets the outcome as soon as the job has run, before the
+        COMMIT: a result there is not durable yet, and the returned future may still fail."""
         assert self._loop is not None, "writer not started"
         future: asyncio.Future[T] = self._loop.create_future()
         if self._failed is not None:
-            _deliver([(_Job(fn, future, ran), None, self._failed)])
+            _deliver([(_Job(fn, future, before_commit), None, self._failed)])
             return future
         if not self._pending:
             self._loop.call_soon(self._flush)
-        self._pending.append(_Job(fn, future, ran))
+        self._pending.append(_Job(fn, future, before_commit))
         return future
 
     def _flush(self) -> None:
@@ -156,8 +156,8 @@ class Writer:
             except _Failed:
                 self.replays += 1
                 outcomes = self._run_jobs(conn, batch, savepoints=True)
-            if any(job.ran is not None for job in batch):
-                self._loop.call_soon_threadsafe(_deliver_ran, outcomes)
+            if any(job.before_commit is not None for job in batch):
+                self._loop.call_soon_threadsafe(_deliver_before_commit, outcomes)
             conn.execute("COMMIT")
         except Exception as exc:  # BEGIN or COMMIT failed (disk full, I/O error): nothing was stored
             log.error("ledger_commit_failed jobs=%d error=%s", len(batch), exc)

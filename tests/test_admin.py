@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
 
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 
 TOKEN = "admin-0123456789abcdef-secret"
 ENDPOINTS = [("POST", "/claim"), ("GET", "/stats"), ("GET", "/vouchers"), ("GET", "/channels"), ("GET", "/claims")]

@@ -14,7 +14,7 @@ from conftest import ChannelFactory, ProviderFactory, RpcProxy, _free_port, paid
 from eth_account import Account
 
 from drain_provider.chain import ChainClient
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Voucher
 
 

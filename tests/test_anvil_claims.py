@@ -18,7 +18,7 @@ import pytest
 from conftest import ChannelFactory, ProviderFactory, RpcProxy, Upstream, _free_port, paid_chat
 
 from drain_provider.chain import ChainClient, ChainUnavailable
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 
 TOKEN = "admin-token-for-anvil-tests-0123"
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
 
 from drain_provider.consumer import DrainConsumer
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 
 
 async def charged(provider: Provider, consumer: DrainConsumer) -> int:

@@ -12,12 +12,36 @@ import pytest
 from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
 from eth_account import Account
 
+from drain_provider.api.errors import ERRORS
 from drain_provider.chain import ChainClient
 from drain_provider.consumer import DrainConsumer
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import SECP256K1_N, Domain, Voucher, sign_voucher
 
 MESSAGES = [{"role": "user", "content": "hi"}]
+
+# The DRAIN reference provider's codes and statuses: clients written against it must see the same.
+REFERENCE_CODES = {
+    "voucher_required": 402,
+    "invalid_voucher_format": 402,
+    "insufficient_funds": 402,
+    "invalid_signature": 402,
+    "channel_not_found": 402,
+    "wrong_provider": 402,
+    "model_not_supported": 400,
+}
+
+
+def test_reference_error_codes_have_reference_statuses() -> None:
+    assert {code: ERRORS[code].status for code in REFERENCE_CODES} == REFERENCE_CODES
+
+
+@pytest.mark.parametrize("code", ERRORS)
+def test_every_error_code_is_a_client_or_server_error(code: str) -> None:
+    spec = ERRORS[code]
+    assert 400 <= spec.status <= 599
+    assert spec.type and spec.message
+    assert "\n" not in spec.message  # messages may be written into headers
 
 
 async def sdk_error(provider: Provider, header: str | None, **kwargs: Any) -> openai.APIStatusError:
@@ -42,8 +66,8 @@ async def ledger_state(provider: Provider) -> tuple[Any, ...]:
     """Every balance a refused request must leave untouched (a channel seen for the first time
     may be cached, with nothing accepted or charged on it)."""
     channels = await provider.ledger.fetchall(
-        """SELECT channel_id, charged, reserved, best_amount, best_nonce FROM channels
-           WHERE charged != 0 OR reserved != 0 OR best_nonce != '0' ORDER BY channel_id"""
+        """SELECT channel_id, charged, reserved, last_amount, last_nonce FROM channels
+           WHERE charged != 0 OR reserved != 0 OR last_nonce != '0' ORDER BY channel_id"""
     )
     vouchers = await provider.ledger.fetchone("SELECT COUNT(*) FROM vouchers")
     usage = await provider.ledger.fetchone("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM usage")

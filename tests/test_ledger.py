@@ -12,7 +12,7 @@ import openai
 import pytest
 from conftest import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
 
-from drain_provider.ledger import Ledger
+from drain_provider.ledger import MIGRATIONS, Ledger
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 
@@ -117,7 +117,7 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
         provider = await provider_factory(database_path=path)
     record = await provider.ledger.get_channel(CHANNEL)
     assert record is not None
-    assert (record.reserved, record.charged, record.best_amount, record.best_nonce) == (0, 900, 100_000, 2)
+    assert (record.reserved, record.charged, record.last_amount, record.last_nonce) == (0, 900, 100_000, 2)
     statuses = await provider.ledger.fetchall("SELECT status FROM usage ORDER BY id")
     assert statuses == [("ok",), ("abandoned",)]
     assert "reservations_released count=1" in caplog.text
@@ -163,7 +163,8 @@ async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> Non
 async def test_migrations_run_once(tmp_path: Path) -> None:
     for _ in range(2):
         ledger = await open_ledger(tmp_path / "l.db")
-        assert await ledger.fetchall("SELECT version FROM schema_migrations") == [(1,)]
+        versions = await ledger.fetchall("SELECT version FROM schema_migrations")
+        assert versions == [(version,) for version in range(1, len(MIGRATIONS) + 1)]
         assert await ledger.fetchone("PRAGMA journal_mode") == ("wal",)
         await ledger.close()
 

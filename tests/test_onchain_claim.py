@@ -9,7 +9,7 @@ from conftest import ChannelFactory, Provider, paid_chat
 from eth_account import Account
 
 from drain_provider.chain import ContractReverted
-from drain_provider.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Domain, Voucher, recover_signer, sign_voucher, voucher_digest
 
 
@@ -20,7 +20,7 @@ async def test_accepted_voucher_is_claimed_on_chain(
     for _ in range(3):
         await paid_chat(provider.client(), consumer)
     record = await provider.ledger.get_channel(consumer.channel_id)
-    assert record is not None and record.best_amount == consumer.amount
+    assert record is not None and record.last_amount == consumer.amount
     amount, nonce, signature = (
         await provider.ledger.fetchone(
             "SELECT amount, nonce, signature FROM vouchers WHERE channel_id = ? ORDER BY id DESC LIMIT 1",

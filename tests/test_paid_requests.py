@@ -9,7 +9,7 @@ import pytest
 from conftest import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
 
 from drain_provider.api.state import COUNTER
-from drain_provider.demo_upstream import demo_reply
+from drain_provider.devtools.demo_upstream import demo_reply
 from drain_provider.pricing import cost
 
 
@@ -42,7 +42,7 @@ async def test_totals_equal_sum_of_costs_and_ledger(provider: Provider, open_cha
     assert record is not None
     assert record.charged == sum(costs)
     assert record.reserved == 0
-    assert record.best_nonce == consumer.nonce == 6
+    assert record.last_nonce == consumer.nonce == 6
     rows = await provider.ledger.fetchall(
         "SELECT cost, status, usage_source FROM usage WHERE channel_id = ? ORDER BY id", (consumer.channel_id,)
     )
@@ -125,7 +125,7 @@ async def test_upstream_failures_are_not_charged(
     row = await provider.ledger.fetchone("SELECT status, cost FROM usage")
     assert row == ("failed", 0)
     # The voucher itself was valid and stays accepted: the next one must use a higher nonce.
-    assert record.best_nonce == consumer.nonce
+    assert record.last_nonce == consumer.nonce
 
 
 async def test_upstream_unreachable_is_502_and_not_charged(
@@ -168,7 +168,7 @@ async def test_twenty_concurrent_calls_never_overcharge(provider: Provider, open
     record = await provider.ledger.get_channel(consumer.channel_id)
     assert record is not None
     assert record.charged == sum(ok)
-    assert record.charged <= record.best_amount
+    assert record.charged <= record.last_amount
     assert record.reserved == 0
     stored = await provider.ledger.fetchall("SELECT amount FROM vouchers WHERE channel_id = ?", (consumer.channel_id,))
-    assert record.best_amount == max(a for (a,) in stored)
+    assert record.last_amount == max(a for (a,) in stored)

@@ -6,8 +6,7 @@
   generic typed-data encoder, and `sign_voucher` produces eth-account's exact signature.
 - `recover_signer` follows the contract's ECDSA rules (65 bytes, v in {27, 28}, low s, r and s
   non-zero) and `sign_digest` only produces signatures the contract accepts.
-- `channel_id_for` matches `keccak256(abi.encodePacked(...))`, `format_usdc` is exact, and the
-  error-code table has the seed's codes with the seed's statuses.
+- `channel_id_for` matches `keccak256(abi.encodePacked(...))`, and `format_usdc` is exact.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from eth_keys.datatypes import Signature
 from drain_provider.protocol import (
     DEPLOYMENTS,
     EIP712_TYPES,
-    ERRORS,
     MAX_VOUCHER_HEADER_BYTES,
     SECP256K1_HALF_N,
     SECP256K1_N,
@@ -388,26 +386,3 @@ def test_channel_id_is_lowercase_bytes32() -> None:
 )
 def test_format_usdc(base_units: int, text: str) -> None:
     assert format_usdc(base_units) == text
-
-
-SEED_CODES = {
-    "voucher_required": 402,
-    "invalid_voucher_format": 402,
-    "insufficient_funds": 402,
-    "invalid_signature": 402,
-    "channel_not_found": 402,
-    "wrong_provider": 402,
-    "model_not_supported": 400,
-}
-
-
-def test_seed_error_codes_have_seed_statuses() -> None:
-    assert {code: ERRORS[code].status for code in SEED_CODES} == SEED_CODES
-
-
-@pytest.mark.parametrize("code", ERRORS)
-def test_every_error_code_is_a_client_or_server_error(code: str) -> None:
-    spec = ERRORS[code]
-    assert 400 <= spec.status <= 599
-    assert spec.type and spec.message
-    assert "\n" not in spec.message  # messages may be written into headers

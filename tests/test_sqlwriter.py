@@ -106,9 +106,9 @@ async def test_ran_hears_before_the_commit_and_the_future_after_it(tmp_path: Pat
     writer = Writer(connect_gated)
     await writer.start()
     GatedConnection.gate.clear()
-    ran: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    durable = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (5, 'x')").rowcount, ran=ran)
-    assert await ran == 1
+    before_commit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (5, 'x')").rowcount, before_commit=before_commit)
+    assert await before_commit == 1
     # Heard before the COMMIT: nothing is durable yet, and the future waits for it.
     assert committed(tmp_path) == []
     await asyncio.sleep(0.05)
@@ -119,7 +119,7 @@ async def test_ran_hears_before_the_commit_and_the_future_after_it(tmp_path: Pat
     await writer.stop()
 
 
-async def test_a_failed_commit_fails_the_future_after_ran_had_a_result(tmp_path: Path) -> None:
+async def test_a_failed_commit_fails_the_future_after_before_commit_had_a_result(tmp_path: Path) -> None:
     def connect_with_foreign_keys() -> sqlite3.Connection:
         conn = connect(tmp_path / "w.db")
         conn.execute("PRAGMA foreign_keys = ON")
@@ -136,9 +136,9 @@ async def test_a_failed_commit_fails_the_future_after_ran_had_a_result(tmp_path:
         conn.execute("INSERT INTO child VALUES (42)")
         return "ran"
 
-    ran: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    durable = writer.submit(dangling, ran=ran)
-    assert await ran == "ran"
+    before_commit: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(dangling, before_commit=before_commit)
+    assert await before_commit == "ran"
     with pytest.raises(sqlite3.IntegrityError):
         await durable
     with sqlite3.connect(tmp_path / "w.db") as conn:
@@ -148,13 +148,13 @@ async def test_a_failed_commit_fails_the_future_after_ran_had_a_result(tmp_path:
     await writer.stop()
 
 
-async def test_a_refused_job_tells_ran_and_the_future_alike(writer: Writer) -> None:
+async def test_a_refused_job_tells_before_commit_and_the_future_alike(writer: Writer) -> None:
     def refuse(conn: sqlite3.Connection) -> None:
         raise LookupError("no")
 
-    ran: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    durable = writer.submit(refuse, ran=ran)
+    before_commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    durable = writer.submit(refuse, before_commit=before_commit)
     with pytest.raises(LookupError):
-        await ran
+        await before_commit
     with pytest.raises(LookupError):
         await durable

@@ -17,7 +17,7 @@ from conftest import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upst
 
 from drain_provider.api.state import COUNTER
 from drain_provider.consumer import DrainConsumer
-from drain_provider.demo_upstream import demo_reply
+from drain_provider.devtools.demo_upstream import demo_reply
 from drain_provider.pricing import cost
 
 LONG_REPLY = " ".join(f"word{i}" for i in range(300))
@@ -214,7 +214,7 @@ async def test_upstream_dying_mid_stream_sends_an_error_event(
     body = {"model": "demo", "messages": [{"role": "user", "content": content}], "stream": True}
     status, _, text = await raw_stream(provider, consumer, body)
     assert status == 200
-    assert "event: error" in text and '"code": "upstream_error"' in text
+    assert "event: error" in text and '"code":"upstream_error"' in text
     assert "data: [DONE]" not in text
     delivered = [json.loads(line[6:]) for line in text.splitlines() if line.startswith('data: {"id"')]
     words = "".join(c["choices"][0]["delta"].get("content") or "" for c in delivered)

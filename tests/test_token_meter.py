@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from drain_provider.relay import TokenMeter
+from drain_provider.tokens import TokenMeter
 from drain_provider.tokens import TokenCounter
 
 FRAGMENTS = [" word", "Hello", ",", " 世界", "🙂", " ünïcödé", "\n", "<|endoftext|>", "", " a" * 7, "中文字符"]

@@ -6,7 +6,7 @@
 - `count_text` counts "<|endoftext|>" as ordinary text instead of raising; `count_prompt`
   handles every legacy prompt shape.
 - With no network and an empty tiktoken cache, counting still works (cl100k from the bundled
-  offline copy) and the fallback is logged exactly once per wanted encoding.
+  offline copy) and the fallback is logged exactly once per wanted encoding and process.
 """
 
 from __future__ import annotations
@@ -147,6 +147,8 @@ OFFLINE_SCRIPT = textwrap.dedent(
         "gpt-4o": first + [counter.count_text("gpt-4o", "hello world") for _ in range(3)],
         "gpt-4": [counter.count_text("gpt-4", "hello world") for _ in range(3)],
         "gpt-4o-mini": [counter.count_text("gpt-4o-mini", "hello world")],
+        # A new counter (every app, every test makes one) must not try the download again.
+        "again": [TokenCounter().count_text("gpt-4o", "hello world")],
     }
     print(json.dumps(counts))
     """

@@ -21,7 +21,8 @@ from ..payments import PaymentGate
 from ..protocol import Domain
 from ..tokens import TokenCounter
 from ..upstream import Upstream
-from . import admin, completions, info
+from . import completions, info
+from .admin import create_admin_app
 from .errors import error_middleware
 from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM
 
@@ -47,14 +48,9 @@ def create_app(
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _claimer_ctx, _tokenizer_ctx])
-    app.router.add_post("/v1/chat/completions", completions.chat_completions)
-    app.router.add_post("/v1/completions", completions.completions)
-    app.router.add_get("/v1/models", info.models)
-    app.router.add_get("/v1/pricing", info.pricing)
-    app.router.add_get("/v1/signing", info.signing)
-    app.router.add_get("/v1/docs", info.docs)
-    app.router.add_get("/health", info.health)
-    admin.add_routes(app)
+    app.add_routes(completions.routes)
+    app.add_routes(info.routes)
+    app.add_subapp("/v1/admin/", create_admin_app())
     return app
 
 
@@ -127,6 +123,7 @@ async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.provider_address,
         clock=app[CLOCK],
         min_channel_ttl=settings.min_channel_ttl,
+        stopping=app[STOPPING],
     )
     yield
 

@@ -1,25 +1,29 @@
-"""The admin API under /v1/admin/: claims, stats, vouchers, channels. Bearer ADMIN_TOKEN only.
+"""The admin API, a sub-application mounted at /v1/admin/: claims, stats, vouchers, channels.
 
-Without ADMIN_TOKEN the whole API answers 403 and says how to turn it on; a missing or wrong
-token is 401. The token is compared in constant time and never logged.
+Its own middleware lets through only `Authorization: Bearer <ADMIN_TOKEN>` (compared in constant
+time, never logged). Without ADMIN_TOKEN the whole API answers 403 and says how to turn it on;
+a missing or wrong token is 401. Handlers read the provider's state through
+`request.config_dict`, which looks through to the main application.
 """
 
 from __future__ import annotations
 
 import hmac
-from typing import Any
 
 from aiohttp import web
 
+from .. import reports
 from ..chain import ChainUnavailable
-from ..claimer import claim_json, status_report
-from ..ledger import ChannelRecord
-from .errors import ApiError
+from ..states import ClaimStatus
+from .errors import ApiError, Handler
 from .state import CHAIN, CLAIMER, LEDGER, SETTINGS
 
+routes = web.RouteTableDef()
 
-def require_admin(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+
+@web.middleware
+async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.config_dict[SETTINGS].admin_token
     if token is None:
         raise ApiError(
             "admin_disabled",
@@ -31,88 +35,48 @@ def require_admin(request: web.Request) -> None:
         raise ApiError(
             "unauthorized", "Send 'Authorization: Bearer <ADMIN_TOKEN>'.", headers={"WWW-Authenticate": "Bearer"}
         )
+    return await handler(request)
 
 
-def _channel(record: ChannelRecord) -> dict[str, Any]:
-    return {
-        "channelId": record.channel_id,
-        "consumer": record.consumer,
-        "status": record.status,
-        "deposit": str(record.deposit),
-        "expiry": record.expiry,
-        "charged": str(record.charged),
-        "reserved": str(record.reserved),
-        "claimed": str(record.claimed),
-        "unclaimed": str(max(record.charged - record.claimed, 0)),
-        "lastVoucher": {"amount": str(record.best_amount), "nonce": str(record.best_nonce)},
-    }
-
-
+@routes.post("/claim")
 async def claim(request: web.Request) -> web.Response:
-    require_admin(request)
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
-    claimer = request.app[CLAIMER]
+    claimer = request.config_dict[CLAIMER]
     try:
         outcomes = await claimer.cycle(force=force)
     except ChainUnavailable as exc:
         raise ApiError("chain_unavailable", f"The claim cycle could not read the chain: {exc}") from None
-    return web.json_response(
-        {
-            "force": force,
-            "claims": [
-                {
-                    "channelId": o.channel_id,
-                    "amount": str(o.amount),
-                    "status": o.status,
-                    "txHash": o.tx_hash,
-                    "error": o.error,
-                }
-                for o in outcomes
-            ],
-            "alert": claimer.alert,
-        }
-    )
+    return web.json_response(reports.cycle_report(outcomes, force=force, alert=claimer.alert))
 
 
+@routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    require_admin(request)
-    app = request.app
-    return web.json_response(await status_report(app[SETTINGS], app[LEDGER], app[CHAIN], app[CLAIMER]))
+    state = request.config_dict
+    return web.json_response(await reports.status_report(state[SETTINGS], state[LEDGER], state[CHAIN], state[CLAIMER]))
 
 
+@routes.get("/vouchers")
 async def vouchers(request: web.Request) -> web.Response:
-    require_admin(request)
-    best = await request.app[LEDGER].best_vouchers()
-    return web.json_response(
-        {
-            "vouchers": [
-                {
-                    **voucher.to_json(),
-                    "consumer": record.consumer,
-                    "charged": str(record.charged),
-                    "claimed": str(record.claimed),
-                    "status": record.status,
-                }
-                for record, voucher in best
-            ]
-        }
-    )
+    last = await request.config_dict[LEDGER].last_vouchers()
+    return web.json_response({"vouchers": [reports.last_voucher_json(record, voucher) for record, voucher in last]})
 
 
+@routes.get("/channels")
 async def channels(request: web.Request) -> web.Response:
-    require_admin(request)
-    return web.json_response({"channels": [_channel(r) for r in await request.app[LEDGER].channels()]})
+    records = await request.config_dict[LEDGER].channels()
+    return web.json_response({"channels": [reports.channel_json(record) for record in records]})
 
 
+@routes.get("/claims")
 async def claims(request: web.Request) -> web.Response:
-    require_admin(request)
-    status = request.query.get("status") or None
-    return web.json_response({"claims": [claim_json(r) for r in await request.app[LEDGER].claims(status=status)]})
+    raw = request.query.get("status") or None
+    if raw is not None and raw not in set(ClaimStatus):
+        raise ApiError("invalid_request", f"'status' must be one of {', '.join(ClaimStatus)}.")
+    records = await request.config_dict[LEDGER].claims(status=ClaimStatus(raw) if raw else None)
+    return web.json_response({"claims": [reports.claim_json(record) for record in records]})
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/admin/claim", claim)
-    app.router.add_get("/v1/admin/stats", stats)
-    app.router.add_get("/v1/admin/vouchers", vouchers)
-    app.router.add_get("/v1/admin/channels", channels)
-    app.router.add_get("/v1/admin/claims", claims)
+def create_admin_app() -> web.Application:
+    app = web.Application(middlewares=[require_admin_token])
+    app.add_routes(routes)
+    return app

@@ -1,51 +1,29 @@
 """The paid endpoints: POST /v1/chat/completions and POST /v1/completions, JSON or streamed.
 
-A request is validated completely before the voucher is looked at, so a bad body never touches
-the ledger. Then: reserve (PaymentGate.authorize), call the upstream with the output limit the
-reservation pays for, settle on the reported usage, answer with the X-DRAIN-* figures (headers
-for JSON, SSE comments before [DONE] for streams). Every path after the reservation ends in
-exactly one settle or release.
+A request is parsed and validated completely (openai_format) before its voucher is looked at,
+so a bad body never touches the ledger. Then its Charge (payments) takes the money: the handler
+only calls the upstream, relays, and reports the figures (headers for JSON, SSE comments before
+[DONE] for streams).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from dataclasses import dataclass
+import contextlib
 from typing import Any
 
 from aiohttp import web
 
-from .. import safejson
-from ..ledger import Reservation, Settlement
-from ..payments import Authorization
-from ..pricing import ModelPrice, ReservationPlan, cost
-from ..relay import StreamBudget, StreamRelay, Usage, requested_output_tokens, response_usage, upstream_body
-from ..upstream import UpstreamError
+from .. import openai_format, safejson
+from ..ledger import Settlement
+from ..openai_format import CompletionRequest
+from ..payments import Charge
+from ..protocol import VOUCHER_HEADER
+from ..relay import StreamRelay
+from ..states import StreamEnding
 from .errors import ApiError
-from .state import COUNTER, GATE, SETTINGS, STOPPING, UPSTREAM
+from .state import COUNTER, GATE, SETTINGS, UPSTREAM
 
-log = logging.getLogger(__name__)
-
-MAX_OUTPUT_TOKENS = 10_000_000
-MAX_CHOICES = 128
-# OpenAI's legacy completions endpoint produces 16 tokens when max_tokens is not given.
-LEGACY_DEFAULT_MAX_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class PaidRequest:
-    endpoint: str
-    body: dict[str, Any]
-    model: str
-    price: ModelPrice
-    input_tokens: int
-    choices: int  # outputs generated per request (n, or best_of)
-    per_choice_tokens: int
-
-    @property
-    def stream(self) -> bool:
-        return bool(self.body.get("stream"))
+routes = web.RouteTableDef()
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -63,241 +41,83 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _positive_int(body: dict[str, Any], field: str, maximum: int) -> int | None:
-    value = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
-        raise ApiError("invalid_request", f"'{field}' must be an integer from 1 to {maximum}.")
-    return value
-
-
-def _model_price(request: web.Request, body: dict[str, Any]) -> tuple[str, ModelPrice]:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError("invalid_request", "'model' is required and must be a string.")
-    price = request.app[SETTINGS].prices.get(model)
-    if price is None:
-        shown = model[:100]
-        raise ApiError("model_not_supported", f"Model '{shown}' is not available here; see GET /v1/models.")
-    return model, price
-
-
-def _common(body: dict[str, Any]) -> tuple[int, int | None]:
-    if body.get("stream") not in (None, False, True):
-        raise ApiError("invalid_request", "'stream' must be a boolean.")
-    options = body.get("stream_options")
-    if options is not None and (
-        not isinstance(options, dict) or options.get("include_usage") not in (None, False, True)
-    ):
-        raise ApiError("invalid_request", "'stream_options' must be an object; 'include_usage' a boolean.")
-    for field in ("max_tokens", "max_completion_tokens"):
-        _positive_int(body, field, MAX_OUTPUT_TOKENS)
-    n = _positive_int(body, "n", MAX_CHOICES) or 1
-    return n, requested_output_tokens(body)
-
-
-def parse_chat(request: web.Request, body: dict[str, Any]) -> PaidRequest:
-    model, price = _model_price(request, body)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError("invalid_request", "'messages' must be a non-empty array of message objects.")
-    n, wanted = _common(body)
-    tools = body.get("tools") or body.get("functions")
-    input_tokens = request.app[COUNTER].count_messages(model, messages, tools=tools)
-    per_choice = wanted or request.app[SETTINGS].default_max_tokens
-    return PaidRequest("/chat/completions", body, model, price, input_tokens, n, per_choice)
-
-
-def parse_legacy(request: web.Request, body: dict[str, Any]) -> PaidRequest:
-    model, price = _model_price(request, body)
-    prompt = body.get("prompt")
-    if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
-        raise ApiError("invalid_request", "'prompt' must be a string or a non-empty array.")
-    n, wanted = _common(body)
-    best_of = _positive_int(body, "best_of", MAX_CHOICES) or 1
-    input_tokens = request.app[COUNTER].count_prompt(model, prompt)
-    prompts = len(prompt) if isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt) else 1
-    return PaidRequest(
-        "/completions", body, model, price, input_tokens, max(n, best_of) * prompts, wanted or LEGACY_DEFAULT_MAX_TOKENS
-    )
-
-
+@routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, parse_chat(request, await read_json_object(request)))
-
-
-async def completions(request: web.Request) -> web.StreamResponse:
-    return await _serve(request, parse_legacy(request, await read_json_object(request)))
-
-
-async def _serve(request: web.Request, paid: PaidRequest) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    plan = ReservationPlan(
-        paid.price,
-        paid.input_tokens,
-        paid.per_choice_tokens * paid.choices,
-        min(settings.min_output_tokens, paid.per_choice_tokens) * paid.choices,
+    body = await read_json_object(request)
+    paid = openai_format.parse_chat(
+        body, settings.prices, request.app[COUNTER], default_max_tokens=settings.default_max_tokens
     )
-    authorized = await request.app[GATE].authorize(
-        request.headers.get("X-DRAIN-Voucher"), plan, endpoint=paid.endpoint, model=paid.model
+    return await _serve(request, paid)
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json_object(request)
+    return await _serve(request, openai_format.parse_legacy(body, request.app[SETTINGS].prices, request.app[COUNTER]))
+
+
+async def _serve(request: web.Request, paid: CompletionRequest) -> web.StreamResponse:
+    app = request.app
+    charge = app[GATE].charge(
+        request.headers.get(VOUCHER_HEADER),
+        paid.plan(app[SETTINGS].min_output_tokens),
+        encoding=app[COUNTER].encoding(paid.model),
+        endpoint=paid.endpoint,
+        model=paid.model,
     )
-    upstream = request.app[UPSTREAM]
-    body = upstream_body(paid.body, authorized.reservation.output_tokens // paid.choices, upstream.max_tokens_field)
     if paid.stream:
-        return await _serve_stream(request, paid, authorized, body)
-    return await _serve_json(request, paid, authorized, body)
+        return await _serve_stream(request, paid, charge)
+    return await _serve_json(request, paid, charge)
 
 
-async def _interrupted(request: web.Request, paid: PaidRequest, reservation: Reservation, output_tokens: int) -> None:
-    """The handler was cancelled: the client went away, or the server is stopping.
-
-    A client that leaves pays for what reached it: the input the upstream processed and the
-    output tokens written to it. A server that stops charges nothing: that is our doing."""
-    gate = request.app[GATE]
-    if request.app[STOPPING].is_set():
-        await gate.release(reservation, "interrupted by shutdown")
-        return
-    settlement = await gate.settle(
-        reservation,
-        price_cost=cost(paid.price, paid.input_tokens, output_tokens),
-        input_tokens=paid.input_tokens,
-        output_tokens=output_tokens,
-        status="partial",
-        usage_source="local",
-    )
-    log.info(
-        "client_left channel=%s model=%s out=%d cost=%d",
-        reservation.channel_id,
-        paid.model,
-        output_tokens,
-        settlement.cost,
-    )
-
-
-async def _upstream_failed(request: web.Request, reservation: Reservation, exc: UpstreamError) -> ApiError:
-    """The upstream failed before the client got anything: release, charge nothing."""
-    await request.app[GATE].release(reservation, exc.message)
-    return ApiError("upstream_error", exc.message, status=exc.status)
-
-
-def _log_paid(channel_id: str, paid: PaidRequest, usage: Usage, settlement: Settlement, ending: str = "") -> None:
-    log.info(
-        "paid channel=%s model=%s in=%d out=%d cost=%d total=%d source=%s%s",
-        channel_id,
-        paid.model,
-        usage.input_tokens,
-        usage.output_tokens,
-        settlement.cost,
-        settlement.total,
-        usage.source,
-        f" stream={ending}" if ending else "",
-    )
-
-
-async def _serve_json(
-    request: web.Request, paid: PaidRequest, authorized: Authorization, body: dict[str, Any]
-) -> web.StreamResponse:
-    gate = request.app[GATE]
-    voucher, reservation = authorized.voucher, authorized.reservation
-    try:
-        answer = await request.app[UPSTREAM].post_json(paid.endpoint, body)
-        await authorized.durable  # long done, unless the disk is slow: the answer waits for it
-        usage = response_usage(answer.data, request.app[COUNTER], paid.model, paid.input_tokens)
-        settlement = await gate.settle(
-            reservation,
-            price_cost=cost(paid.price, usage.input_tokens, usage.output_tokens),
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            usage_source=usage.source,
-        )
-    except UpstreamError as exc:
-        raise await _upstream_failed(request, reservation, exc) from None
-    except asyncio.CancelledError:
-        await _interrupted(request, paid, reservation, output_tokens=0)
-        raise
-    except BaseException:
-        await gate.release(reservation, "internal error")  # a no-op if the settle happened
-        raise
-    _log_paid(voucher.channel_id, paid, usage, settlement)
-    headers = {
+def _figures(settlement: Settlement | None) -> dict[str, str]:
+    assert settlement is not None
+    return {
         "X-DRAIN-Cost": str(settlement.cost),
         "X-DRAIN-Total": str(settlement.total),
         "X-DRAIN-Remaining": str(settlement.remaining),
-        "X-DRAIN-Channel": voucher.channel_id,
     }
+
+
+async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Charge) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    async with charge:
+        body = paid.upstream_body(charge.output_tokens, upstream.max_tokens_field)
+        answer = await upstream.post_json(paid.endpoint, body)
+        await charge.committed()  # long done, unless the disk is slow: the answer waits for it
+        charge.meter.add(openai_format.generated_text(answer.data, "message"))
+        charge.finish(StreamEnding.DONE, openai_format.reported_usage(answer.data))
+    headers = {**_figures(charge.settlement), "X-DRAIN-Channel": charge.channel_id}
     return web.Response(body=answer.body, content_type="application/json", headers=headers)
 
 
-async def _serve_stream(
-    request: web.Request, paid: PaidRequest, authorized: Authorization, body: dict[str, Any]
-) -> web.StreamResponse:
-    """Relay an SSE stream. The client's own stream_options decide whether it sees the usage
-    chunk; upstream we always ask for it, since it is what we bill on."""
-    gate = request.app[GATE]
-    voucher, reservation = authorized.voucher, authorized.reservation
-    options = paid.body.get("stream_options") or {}
-    client_wants_usage = bool(options.get("include_usage"))
-    body = {**body, "stream_options": {**options, "include_usage": True}}
-    try:
-        upstream_response = await request.app[UPSTREAM].open_stream(paid.endpoint, body)
-    except UpstreamError as exc:
-        raise await _upstream_failed(request, reservation, exc) from None
-    except BaseException:
-        await gate.release(reservation, "interrupted before the upstream answered")
-        raise
-    try:
-        await authorized.durable  # before the first byte reaches the client
-    except BaseException:
-        upstream_response.close()
-        await gate.release(reservation, "interrupted while the voucher was stored")
-        raise
-    relay = StreamRelay(
-        request,
-        upstream_response,
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
-            "X-DRAIN-Channel": voucher.channel_id,
-            "X-DRAIN-Reserved": str(reservation.amount),
-        },
-        encoding=request.app[COUNTER].encoding(paid.model),
-        budget=StreamBudget(paid.price, paid.input_tokens, reservation.amount),
-        client_wants_usage=client_wants_usage,
-        chat=paid.endpoint == "/chat/completions",
-    )
-    try:
-        ending = await relay.run()
-        if ending == "budget":
-            log.info("stream_budget_stop channel=%s delivered_tokens=%d", voucher.channel_id, relay.delivered_tokens)
-            upstream_response.close()  # the upstream sees the disconnect and stops generating
-            await relay.stop_for_budget(paid.input_tokens)
-        usage = relay.upstream_usage
-        if usage is None or ending != "done" or relay.malformed_events:
-            usage = Usage(paid.input_tokens, relay.delivered_tokens, "local")
-        settlement = await gate.settle(
-            reservation,
-            price_cost=cost(paid.price, usage.input_tokens, usage.output_tokens),
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            status=_STREAM_STATUS[relay.ending],
-            usage_source=usage.source,
-        )
-    except UpstreamError as exc:  # before the first event: the client still gets plain JSON
-        raise await _upstream_failed(request, reservation, exc) from None
-    except asyncio.CancelledError:
-        await _interrupted(request, paid, reservation, relay.delivered_tokens)
-        raise
-    except BaseException:
-        await gate.release(reservation, "internal error")
-        raise
-    finally:
-        upstream_response.close()
-    _log_paid(voucher.channel_id, paid, usage, settlement, relay.ending)
-    if relay.ending != "client_gone":
-        await relay.finish(cost=settlement.cost, total=settlement.total, remaining=settlement.remaining)
+async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: Charge) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    async with charge:
+        body = paid.upstream_body(charge.output_tokens, upstream.max_tokens_field)
+        response = await upstream.open_stream(paid.endpoint, body)
+        with contextlib.closing(response):  # closing drops the upstream: it stops generating
+            await charge.committed()  # before the first byte reaches the client
+            relay = StreamRelay(
+                request,
+                response,
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
+                    "X-DRAIN-Channel": charge.channel_id,
+                    "X-DRAIN-Reserved": str(charge.reserved),
+                },
+                meter=charge.meter,
+                client_wants_usage=paid.client_wants_usage,
+                chat=paid.chat,
+            )
+            ending = await relay.run()
+            if ending is StreamEnding.BUDGET:
+                response.close()
+                await relay.stop_for_budget(paid.input_tokens)
+            charge.finish(ending, relay.upstream_usage)
+    if ending is not StreamEnding.CLIENT_GONE:
+        await relay.finish([f"{name}: {value}" for name, value in _figures(charge.settlement).items()])
     return relay.response
-
-
-_STREAM_STATUS = {"done": "ok", "budget": "budget_stop", "client_gone": "partial", "upstream_failed": "partial"}

@@ -1,8 +1,11 @@
 """Error responses: an OpenAI-style JSON body, the `X-DRAIN-Error` code, the right status.
 
-The middleware is the last line of defence for "bad input never produces a 500 or a
-traceback": aiohttp's own HTTP errors (404, 405, 413) get our body, and anything unexpected is
-logged with its traceback and answered with a generic 500 that reveals nothing.
+`ERRORS` is every code a client can meet, with its HTTP status, OpenAI error type and default
+message (docs/PROTOCOL.md, "Errors"; tests/test_docs.py keeps the README and /v1/docs in step
+with it). The middleware is the last line of defence for "bad input never produces a 500 or a
+traceback": the modules' own errors become their codes, aiohttp's HTTP errors (404, 405, 413)
+get our body, and anything unexpected is logged with its traceback and answered with a generic
+500 that reveals nothing.
 """
 
 from __future__ import annotations
@@ -10,16 +13,55 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..openai_format import RequestError, error_body
 from ..payments import PaymentError
-from ..protocol import ERRORS
+from ..upstream import UpstreamError
+from .discovery import discovery_headers
 from .state import SETTINGS
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    status: int
+    type: str
+    message: str
+
+
+_PAYMENT = "payment_required"
+_REQUEST = "invalid_request_error"
+
+# The DRAIN reference provider's codes come first, with its statuses; then ours.
+ERRORS: dict[str, ErrorSpec] = {
+    "voucher_required": ErrorSpec(402, _PAYMENT, "This endpoint is paid: send a signed X-DRAIN-Voucher header."),
+    "invalid_voucher_format": ErrorSpec(402, _PAYMENT, "The X-DRAIN-Voucher header is malformed."),
+    "insufficient_funds": ErrorSpec(402, _PAYMENT, "The voucher does not cover this request."),
+    "invalid_signature": ErrorSpec(402, _PAYMENT, "The voucher signature is not the channel consumer's."),
+    "channel_not_found": ErrorSpec(402, _PAYMENT, "The channel does not exist on chain or is closed."),
+    "wrong_provider": ErrorSpec(402, _PAYMENT, "The channel belongs to another provider."),
+    "model_not_supported": ErrorSpec(400, _REQUEST, "The requested model is not available."),
+    "invalid_nonce": ErrorSpec(402, _PAYMENT, "The voucher nonce must be above the last accepted nonce."),
+    "invalid_amount": ErrorSpec(402, _PAYMENT, "The voucher amount must not be below the last accepted amount."),
+    "exceeds_deposit": ErrorSpec(402, _PAYMENT, "The voucher amount exceeds the channel deposit."),
+    "channel_expiring": ErrorSpec(402, _PAYMENT, "The channel expires too soon for this provider to claim in time."),
+    "invalid_request": ErrorSpec(400, _REQUEST, "The request body is not valid."),
+    "not_found": ErrorSpec(404, _REQUEST, "No such endpoint."),
+    "method_not_allowed": ErrorSpec(405, _REQUEST, "Method not allowed on this endpoint."),
+    "request_too_large": ErrorSpec(413, _REQUEST, "The request body is too large."),
+    # 502, or 504 when the upstream timed out: the status tells the two apart.
+    "upstream_error": ErrorSpec(502, "upstream_error", "The upstream model provider failed; you were not charged."),
+    "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
+    "admin_disabled": ErrorSpec(403, "permission_error", "The admin API is disabled."),
+    "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
+    "internal_error": ErrorSpec(500, "server_error", "Internal error; you were not charged."),
+}
 
 
 class ApiError(Exception):
@@ -36,55 +78,51 @@ class ApiError(Exception):
         super().__init__(self.message)
 
 
-def base_url(request: web.Request) -> str:
-    configured = request.app[SETTINGS].public_url
-    return configured or f"{request.scheme}://{request.host}"
-
-
-def discovery_headers(request: web.Request) -> dict[str, str]:
-    """What DRAIN clients read from a 402 to find out how to pay."""
-    settings = request.app[SETTINGS]
-    root = base_url(request)
-    return {
-        "X-Payment-Protocol": f"drain-{settings.contract_version}",
-        "X-Payment-Provider": settings.provider_address,
-        "X-Payment-Contract": settings.drain_contract,
-        "X-Payment-Chain": str(settings.chain_id),
-        "X-Payment-Signing": f"{root}/v1/signing",
-        "X-Payment-Docs": f"{root}/v1/docs",
-    }
-
-
 def error_response(request: web.Request, error: ApiError) -> web.Response:
-    spec = ERRORS[error.code]
     headers = {"X-DRAIN-Error": error.code, **error.headers}
     if error.status == 402:
         headers.update(discovery_headers(request))
-    body = {"error": {"message": error.message, "type": spec.type, "code": error.code}}
+    body = error_body(error.message, error.code, ERRORS[error.code].type)
     return web.json_response(body, status=error.status, headers=headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError:
+    code = _HTTP_CODES.get(exc.status, "invalid_request")
+    message = ERRORS[code].message
+    if exc.status == 413:
+        message = f"The request body is larger than {request.config_dict[SETTINGS].max_body_bytes} bytes."
+    return ApiError(code, message, status=exc.status if exc.status in _HTTP_CODES else 400)
+
+
+def _as_api_error(exc: Exception) -> ApiError | None:
+    """Our modules' client-visible errors, as the API answers them."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, PaymentError):
+        return ApiError(exc.code, exc.message, headers=exc.headers)
+    if isinstance(exc, RequestError):
+        return ApiError(exc.code, exc.message)
+    if isinstance(exc, UpstreamError):
+        return ApiError("upstream_error", exc.message, status=exc.status)
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ApiError as exc:
-        return error_response(request, exc)
-    except PaymentError as exc:
-        return error_response(request, ApiError(exc.code, exc.message, headers=exc.headers))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "invalid_request")
-        message = ERRORS[code].message
-        if exc.status == 413:
-            message = f"The request body is larger than {request.app[SETTINGS].max_body_bytes} bytes."
-        return error_response(request, ApiError(code, message, status=exc.status if exc.status in _HTTP_CODES else 400))
+        return error_response(request, _from_http(request, exc))
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled_error method=%s path=%s", request.method, request.path)
-        return error_response(request, ApiError("internal_error"))
+    except Exception as exc:
+        error = _as_api_error(exc)
+        if error is None:
+            log.exception("unhandled_error method=%s path=%s", request.method, request.path)
+            error = ApiError("internal_error")
+        return error_response(request, error)

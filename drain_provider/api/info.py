@@ -8,12 +8,14 @@ from aiohttp import web
 
 from .. import __version__
 from ..protocol import EIP712_TYPES, format_usdc
-from .errors import base_url
+from .discovery import base_url
 from .state import CLAIMER, GATE, LEDGER, SETTINGS
 
 STARTED_AT = int(time.time())
+routes = web.RouteTableDef()
 
 
+@routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     data = [
@@ -23,6 +25,7 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+@routes.get("/v1/pricing")
 async def pricing(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     return web.json_response(
@@ -42,6 +45,7 @@ async def pricing(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     """200 while requests can be served: "degraded" (still 200) when claims are blocked, so a
     load balancer keeps the server in while its operator gets told; 503 without a ledger."""
@@ -63,6 +67,7 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/v1/signing")
 async def signing(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     domain = request.app[GATE].domain
@@ -86,6 +91,7 @@ async def signing(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/v1/docs")
 async def docs(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     root = base_url(request)

@@ -18,8 +18,8 @@ from web3.providers import AsyncHTTPProvider
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 from web3.types import Wei
 
-from .chain import ChainClient
-from .contracts import load_artifact
+from ..chain import ChainClient
+from ..contracts import load_artifact
 
 log = logging.getLogger(__name__)
 

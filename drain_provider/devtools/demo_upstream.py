@@ -26,7 +26,7 @@ from typing import Any
 import tiktoken
 from aiohttp import web
 
-from .tokens import OFFLINE_ENCODING, TokenCounter
+from ..tokens import OFFLINE_ENCODING, TokenCounter
 
 DEMO_MODEL = "demo"
 DIRECTIVE = "!demo "
@@ -291,10 +291,10 @@ def create_demo_upstream() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve the demo model on its own: `python -m drain_provider.demo_upstream --port 8100`."""
+    """Serve the demo model on its own: `python -m drain_provider.devtools.demo_upstream --port 8100`."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m drain_provider.demo_upstream", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m drain_provider.devtools.demo_upstream", description=main.__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
     args = parser.parse_args(argv)

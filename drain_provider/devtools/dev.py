@@ -22,12 +22,13 @@ import aiohttp
 from aiohttp import web
 from eth_account import Account
 
-from .api import RUNNER_OPTIONS, create_app
-from .config import ConfigError, Settings, load_settings
-from .consumer import DrainConsumer
+from ..api import RUNNER_OPTIONS, create_app
+from ..config import ConfigError, Settings, load_settings
+from ..consumer import DrainConsumer
+from ..pricing import ModelPrice
+from ..protocol import Domain
 from .demo_upstream import DEMO_MODEL, create_demo_upstream
 from .devchain import DevChain, attach_dev_node, start_embedded_chain
-from .pricing import ModelPrice
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,9 @@ CHANNEL_DURATION = 7 * 86_400
 async def _serve_demo_upstream() -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(create_demo_upstream(), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}/v1"
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    return runner, f"http://{host}:{port}/v1"
 
 
 def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upstream_url: str | None) -> Settings:
@@ -96,6 +96,27 @@ def write_dev_file(path: Path, api: str, chain: DevChain, provider: str, consume
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(facts, indent=2) + "\n")
+
+
+def load_dev_consumer(path: str | Path = DEV_FILE) -> DrainConsumer:
+    """The demo consumer of a running `python -m drain_provider dev`, where it left off."""
+    facts = json.loads(Path(path).read_text())
+    return DrainConsumer(
+        account=Account.from_key(facts["consumer"]["privateKey"]),
+        domain=Domain(int(facts["chainId"]), facts["contract"]),
+        channel_id=facts["channelId"],
+        deposit=int(facts["deposit"]),
+        nonce=int(facts["lastNonce"]),
+        amount=int(facts["lastAmount"]),
+        api=facts["api"],
+    )
+
+
+def save_dev_consumer(consumer: DrainConsumer, path: str | Path = DEV_FILE) -> None:
+    """Record the last signed nonce and amount, so the next call continues the channel."""
+    facts = json.loads(Path(path).read_text())
+    facts["lastNonce"], facts["lastAmount"] = str(consumer.nonce), str(consumer.amount)
+    Path(path).write_text(json.dumps(facts, indent=2) + "\n")
 
 
 async def run_dev(
@@ -190,14 +211,14 @@ Call it yourself (facts in {DEV_FILE}):
   pip install openai   # once: the snippet uses the official SDK
   python - <<'EOF'
   from openai import OpenAI
-  from drain_provider.consumer import DrainConsumer
-  consumer = DrainConsumer.from_dev_file("{DEV_FILE}")
+  from drain_provider.devtools.dev import load_dev_consumer, save_dev_consumer
+  consumer = load_dev_consumer("{DEV_FILE}")
   client = OpenAI(base_url=consumer.api, api_key="unused")
   voucher = consumer.next_voucher(budget=100_000)
   raw = client.chat.completions.with_raw_response.create(
       model="{model}", messages=[{{"role": "user", "content": "Hi!"}}],
       extra_headers={{"X-DRAIN-Voucher": voucher.header_value()}})
-  consumer.record(raw.headers); consumer.save_dev_file("{DEV_FILE}")
+  consumer.record(raw.headers); save_dev_consumer(consumer, "{DEV_FILE}")
   print(raw.parse().choices[0].message.content, "| cost", raw.headers["X-DRAIN-Cost"])
   EOF
 

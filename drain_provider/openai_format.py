@@ -1,0 +1,248 @@
+"""The OpenAI wire format: what a paid request asks for, what goes upstream, what comes back.
+
+Pure functions and records over parsed JSON, no I/O: request parsing for chat and legacy
+completions (validated completely before a voucher is looked at, so a bad body never reaches the
+ledger), the body sent upstream, the usage an upstream reports, the text a completion or a
+stream chunk carries, and the few chunks the provider writes itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .pricing import ModelPrice, ReservationPlan
+from .states import UsageSource
+from .tokens import TokenCounter
+
+CHAT = "/chat/completions"
+LEGACY = "/completions"
+MAX_OUTPUT_TOKENS = 10_000_000
+MAX_CHOICES = 128
+# OpenAI's legacy completions endpoint produces 16 tokens when max_tokens is not given.
+LEGACY_DEFAULT_MAX_TOKENS = 16
+MAX_TOKEN_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+class RequestError(ValueError):
+    """The request body is not one this endpoint serves. `code` is `invalid_request` or
+    `model_not_supported`; the message is safe to show to the client."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    source: UsageSource
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated chat or legacy completion request, with what it may cost."""
+
+    endpoint: str  # CHAT or LEGACY, the path under the upstream's base URL
+    body: dict[str, Any]
+    model: str
+    price: ModelPrice
+    input_tokens: int
+    choices: int  # outputs generated per request (n, or best_of, times the prompts)
+    per_choice_tokens: int  # output tokens asked for per choice (or the default)
+
+    @property
+    def chat(self) -> bool:
+        return self.endpoint == CHAT
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+    @property
+    def client_wants_usage(self) -> bool:
+        """Whether the client asked for the usage chunk of a stream (we always ask upstream)."""
+        return bool((self.body.get("stream_options") or {}).get("include_usage"))
+
+    def plan(self, min_output_tokens: int) -> ReservationPlan:
+        """The worst case to reserve, and the least a voucher must leave room for."""
+        return ReservationPlan(
+            self.price,
+            self.input_tokens,
+            self.per_choice_tokens * self.choices,
+            min(min_output_tokens, self.per_choice_tokens) * self.choices,
+        )
+
+    def upstream_body(self, output_tokens: int, default_field: str) -> dict[str, Any]:
+        """The request as sent upstream: the client's body with its output limit lowered to the
+        `output_tokens` the reservation pays for (shared by the choices). The client's own limit
+        field is kept; if it gave none, `default_field`. A stream always asks for the usage chunk:
+        it is what we bill on."""
+        per_choice = output_tokens // self.choices
+        body = dict(self.body)
+        fields = [field for field in MAX_TOKEN_FIELDS if self.body.get(field) is not None] or [default_field]
+        for field in fields:
+            body[field] = min(self.body.get(field) or per_choice, per_choice)
+        if self.stream:
+            body["stream_options"] = {**(self.body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+
+# --- parsing requests -------------------------------------------------------------------------
+
+
+def _positive_int(body: dict[str, Any], field: str, maximum: int) -> int | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise RequestError(f"'{field}' must be an integer from 1 to {maximum}.")
+    return value
+
+
+def _model_price(body: dict[str, Any], prices: Mapping[str, ModelPrice]) -> tuple[str, ModelPrice]:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise RequestError("'model' is required and must be a string.")
+    price = prices.get(model)
+    if price is None:
+        raise RequestError(f"Model '{model[:100]}' is not available here; see GET /v1/models.", "model_not_supported")
+    return model, price
+
+
+def requested_output_tokens(body: dict[str, Any]) -> int | None:
+    """The client's own output limit per choice: the lower of the fields it set."""
+    limits = [body[field] for field in MAX_TOKEN_FIELDS if body.get(field) is not None]
+    return min(limits) if limits else None
+
+
+def _common(body: dict[str, Any]) -> tuple[int, int | None]:
+    """The fields both endpoints share: (n, the requested output limit)."""
+    if body.get("stream") not in (None, False, True):
+        raise RequestError("'stream' must be a boolean.")
+    options = body.get("stream_options")
+    if options is not None and (
+        not isinstance(options, dict) or options.get("include_usage") not in (None, False, True)
+    ):
+        raise RequestError("'stream_options' must be an object; 'include_usage' a boolean.")
+    for field in MAX_TOKEN_FIELDS:
+        _positive_int(body, field, MAX_OUTPUT_TOKENS)
+    n = _positive_int(body, "n", MAX_CHOICES) or 1
+    return n, requested_output_tokens(body)
+
+
+def parse_chat(
+    body: dict[str, Any], prices: Mapping[str, ModelPrice], counter: TokenCounter, *, default_max_tokens: int
+) -> CompletionRequest:
+    model, price = _model_price(body, prices)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RequestError("'messages' must be a non-empty array of message objects.")
+    n, wanted = _common(body)
+    tools = body.get("tools") or body.get("functions")
+    input_tokens = counter.count_messages(model, messages, tools=tools)
+    return CompletionRequest(CHAT, body, model, price, input_tokens, n, wanted or default_max_tokens)
+
+
+def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice], counter: TokenCounter) -> CompletionRequest:
+    model, price = _model_price(body, prices)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
+        raise RequestError("'prompt' must be a string or a non-empty array.")
+    n, wanted = _common(body)
+    best_of = _positive_int(body, "best_of", MAX_CHOICES) or 1
+    input_tokens = counter.count_prompt(model, prompt)
+    # A list of strings (or of token arrays) is that many prompts; a list of ints is one prompt.
+    prompts = len(prompt) if isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt) else 1
+    choices = max(n, best_of) * prompts
+    return CompletionRequest(LEGACY, body, model, price, input_tokens, choices, wanted or LEGACY_DEFAULT_MAX_TOKENS)
+
+
+# --- reading answers --------------------------------------------------------------------------
+
+
+def _message_text(body: dict[str, Any]) -> list[str]:
+    """Content, reasoning, refusals, tool names and arguments of a message or a delta."""
+    parts = [body[key] for key in ("content", "reasoning_content", "refusal") if isinstance(body.get(key), str)]
+    for call in body.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+    return parts
+
+
+def generated_text(data: dict[str, Any], part: str) -> str:
+    """The text the choices of a completion (part "message") or of a stream chunk (part "delta")
+    carry; "text" for legacy completions. What is metered when the upstream reports no usage."""
+    parts: list[str] = []
+    choices = data.get("choices")
+    for choice in choices if isinstance(choices, list) else []:
+        if not isinstance(choice, dict):
+            continue
+        if isinstance(choice.get("text"), str):  # legacy completions
+            parts.append(choice["text"])
+        body = choice.get(part)
+        if isinstance(body, dict):
+            parts += _message_text(body)
+    return "".join(parts)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def reported_usage(data: dict[str, Any]) -> Usage | None:
+    """The `usage` object of a completion or a stream chunk, if it has valid token counts."""
+    usage = data.get("usage")
+    if isinstance(usage, dict):
+        prompt = _count(usage.get("prompt_tokens"))
+        completion = _count(usage.get("completion_tokens"))
+        if prompt is not None and completion is not None:
+            return Usage(prompt, completion, UsageSource.UPSTREAM)
+    return None
+
+
+def stream_identity(chunk: dict[str, Any]) -> dict[str, Any]:
+    """The fields every chunk of a stream repeats, for chunks we write into it ourselves."""
+    return {k: chunk[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in chunk}
+
+
+def chunk_indexes(chunk: dict[str, Any]) -> list[int]:
+    """The choice indexes a stream chunk carries."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return []
+    return [c["index"] for c in choices if isinstance(c, dict) and isinstance(c.get("index"), int)]
+
+
+# --- chunks the provider writes ---------------------------------------------------------------
+
+
+def length_chunk(identity: dict[str, Any], index: int, *, chat: bool) -> dict[str, Any]:
+    """The last chunk of a choice cut at the budget, as a model ends one at max_tokens."""
+    if chat:
+        choice: dict[str, Any] = {"index": index, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    else:
+        choice = {"text": "", "index": index, "logprobs": None, "finish_reason": "length"}
+    return _chunk(identity, chat=chat, choices=[choice])
+
+
+def usage_chunk(identity: dict[str, Any], usage: Usage, *, chat: bool) -> dict[str, Any]:
+    counts = {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+    }
+    return _chunk(identity, chat=chat, choices=[], usage=counts)
+
+
+def _chunk(identity: dict[str, Any], *, chat: bool, **fields: Any) -> dict[str, Any]:
+    default_object = "chat.completion.chunk" if chat else "text_completion"
+    return {"id": "", "object": default_object, "created": 0, "model": "", **identity, **fields}
+
+
+def error_body(message: str, code: str, type_: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}

@@ -1,0 +1,59 @@
+"""The states a request, a claim and the ledger can be in, as enums.
+
+They live together, importing nothing, so that every module that stores, reports or decides on
+a state names it the same way, and mypy checks that every stream ending maps to a usage status
+(see `payments.usage_status`). The values are what the ledger stores and the APIs show.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class UsageStatus(StrEnum):
+    """A paid request's row in the `usage` table."""
+
+    RESERVED = "reserved"  # in flight: its worst case is held against the voucher
+    OK = "ok"  # finished normally, charged on the reported (or counted) usage
+    BUDGET_STOP = "budget_stop"  # a stream cut where the reservation ran out
+    PARTIAL = "partial"  # the client left, or the upstream broke off: charged what was delivered
+    FAILED = "failed"  # nothing billable happened: released, charged nothing
+    ABANDONED = "abandoned"  # in flight when the process died: released at the next start
+
+
+class UsageSource(StrEnum):
+    """Where a request's token counts came from."""
+
+    UPSTREAM = "upstream"  # the upstream's `usage` object
+    LOCAL = "local"  # counted here with tiktoken
+
+
+class StreamEnding(StrEnum):
+    """How a relayed stream ended."""
+
+    DONE = "done"  # the upstream finished ([DONE])
+    BUDGET = "budget"  # the next event would pass what the reservation pays for
+    CLIENT_GONE = "client_gone"  # a write to the client failed
+    UPSTREAM_FAILED = "upstream_failed"  # the upstream broke off or sent an error event
+
+
+class ClaimStatus(StrEnum):
+    """A claim's row in the `claims` table, and a claim attempt's outcome."""
+
+    PENDING = "pending"  # in flight: at most one per channel
+    CONFIRMED = "confirmed"  # mined and successful
+    REVERTED = "reverted"  # the contract refused it
+    FAILED = "failed"  # never reached the chain, or its nonce went to another transaction
+    SKIPPED = "skipped"  # an outcome only: another claim of the channel was in flight
+
+
+class ChannelStatus(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class SyncMode(StrEnum):
+    """SQLite's `synchronous` for the ledger (LEDGER_SYNC)."""
+
+    FULL = "FULL"  # a committed voucher survives a power cut
+    NORMAL = "NORMAL"  # it survives a process crash; the last commits may not survive a power cut
