@@ -1,6 +1,11 @@
 """Settings from the environment and `.env`.
 
-One function, `load_settings`, turns a mapping of strings into a typed, validated `Settings`.
+`SETTINGS` is the one table of environment variables: each entry names the `Settings` field it
+fills, the parser that checks it, its default, and the help text that `env.example` and the
+README's settings table are generated from, so that the code, the example file and the docs
+cannot drift apart. `load_settings` reads the table, then applies the few rules that tie one
+setting to another.
+
 Every problem is a `ConfigError` whose message names the variable and what is wrong, so the CLI
 can print one line and exit 2. Secret values are never part of a message or a repr.
 """
@@ -8,17 +13,22 @@ can print one line and exit 2. Secret values are never part of a message or a re
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import textwrap
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_hex_address, to_checksum_address
 
-from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, load_pricing_file
+from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
 from .protocol import DEPLOYMENTS, SECP256K1_N
+from .states import SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -41,7 +51,7 @@ class Settings:
     openai_api_key: str | None = field(default=None, repr=False)
     upstream_timeout: float = 300.0
     database_path: Path = Path("data/drain.db")
-    ledger_sync: str = "FULL"
+    ledger_sync: SyncMode = SyncMode.FULL
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
     claim_interval: float = 60.0
@@ -71,44 +81,67 @@ def read_environment(env_file: str | os.PathLike[str] | None = ".env") -> dict[s
     return merged
 
 
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None or not value.strip():
-        return None
-    return value.strip()
+# --- parsers ----------------------------------------------------------------------------------
+# A parser takes the variable's name (the one actually set, which may be an alias) and its
+# stripped, non-empty value, and returns the typed value or raises a ConfigError naming the
+# variable. A parser that may see a secret or a URL never puts the value in its message.
+
+T = TypeVar("T")
+S = TypeVar("S", bound=str)
+Parser: TypeAlias = Callable[[str, str], T]
+
+_MAX_INT = 2**63 - 1
+_YEAR = 365 * 86400
 
 
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise ConfigError(f"{name}: must be a whole number, got {raw[:40]!r}")
-    if len(raw) > 19:
-        raise ConfigError(f"{name}: must be between {minimum} and {maximum}")
-    value = int(raw)
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: must be between {minimum} and {maximum}, got {value}")
-    return value
+def _whole(minimum: int = 0, maximum: int = _MAX_INT) -> Parser[int]:
+    def parse(name: str, raw: str) -> int:
+        if not (raw.isascii() and raw.isdigit()):
+            raise ConfigError(f"{name}: must be a whole number, got {raw[:40]!r}")
+        if len(raw) > 19:  # before int(), which refuses more than 4300 digits with its own error
+            raise ConfigError(f"{name}: must be between {minimum} and {maximum}")
+        value = int(raw)
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{name}: must be between {minimum} and {maximum}, got {value}")
+        return value
+
+    return parse
 
 
-def _float(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: must be a number of seconds, got {raw[:40]!r}") from None
-    if not (0 < value < 86400 or (allow_zero and value == 0)):
-        raise ConfigError(f"{name}: must be between 0 and 86400 seconds, got {raw[:40]!r}")
-    return value
+def _gwei(name: str, raw: str) -> int:
+    """Operators think of gas prices in gwei; the chain client wants wei."""
+    return _whole(1, 10**9)(name, raw) * 10**9
 
 
-def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
-    raw = _get(env, name)
-    if raw is None:
-        return default
+def _seconds(*, allow_zero: bool = False) -> Parser[float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: must be a number of seconds, got {raw[:40]!r}") from None
+        if not (0 < value < 86400 or (allow_zero and value == 0)):  # NaN fails both
+            raise ConfigError(f"{name}: must be between 0 and 86400 seconds, got {raw[:40]!r}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: S) -> Parser[S]:
+    """Case-insensitive, and the value is returned spelled as in `choices` (an enum's member when
+    they are one), so that the rest of the code compares against one spelling."""
+    by_key = {choice.lower(): choice for choice in choices}
+    expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+
+    def parse(name: str, raw: str) -> S:
+        try:
+            return by_key[raw.lower()]
+        except KeyError:
+            raise ConfigError(f"{name}: must be {expected}, got {raw[:20]!r}") from None
+
+    return parse
+
+
+def _url(name: str, raw: str) -> str:
     try:
         parsed = urlparse(raw)
         valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
@@ -136,81 +169,451 @@ def _address(name: str, raw: str) -> str:
     return str(to_checksum_address(raw))
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Validate everything up front: a provider that starts is a provider whose settings work."""
-    key_raw = _get(env, "PROVIDER_PRIVATE_KEY")
-    if key_raw is None:
-        raise ConfigError("PROVIDER_PRIVATE_KEY: not set (the key of the address channels are opened to)")
-    private_key = parse_private_key("PROVIDER_PRIVATE_KEY", key_raw)
+def _admin_token(name: str, raw: str) -> str:
+    if len(raw) < 16:
+        raise ConfigError(f"{name}: must be at least 16 characters (try: openssl rand -hex 32)")
+    return raw
 
-    chain_id = _int(env, "CHAIN_ID", 137, minimum=1)
-    version = (_get(env, "DRAIN_CONTRACT_VERSION") or "v2").lower()
-    if version not in ("v1", "v2"):
-        raise ConfigError(f"DRAIN_CONTRACT_VERSION: must be v1 or v2, got {version!r}")
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def _path(name: str, raw: str) -> Path:
+    return Path(raw)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+class Section(StrEnum):
+    """The groups of env.example and of the README's table, in their order."""
+
+    REQUIRED = "required"
+    CHAIN = "chain"
+    SERVER = "server"
+    UPSTREAM = "upstream"
+    PRICING = "pricing"
+    LEDGER = "ledger"
+    CLAIMS = "claims and admin"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable.
+
+    `default` is written as an operator would write the value and goes through `parse` like one,
+    so the documented default and the one the server uses are the same by construction. Where
+    a rule derives the default from other settings, `default` is None and `default_doc` says
+    what the rule does, for the README.
+    """
+
+    name: str
+    field: str  # the Settings field it fills
+    parse: Parser[Any]
+    section: Section
+    help: str
+    default: str | None = None
+    default_doc: str = ""
+    example: str | None = None  # shown uncommented in env.example; otherwise the default, commented out
+    required: bool = False
+    secret: bool = False
+    aliases: tuple[str, ...] = ()  # other names read when `name` is unset, in this order
+
+
+_KNOWN_CHAINS = ", ".join(f"{chain_id} = {d.chain_name}" for chain_id, d in DEPLOYMENTS.items())
+_KNOWN_RPCS = ", ".join(f"{d.default_rpc_url} for {chain_id}" for chain_id, d in DEPLOYMENTS.items())
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "PROVIDER_PRIVATE_KEY",
+        "provider_private_key",
+        parse_private_key,
+        Section.REQUIRED,
+        "The provider's private key, 64 hex digits: channels are opened to its address, and it signs "
+        "the claims that collect their earnings.",
+        example="0x...",
+        required=True,
+        secret=True,
+    ),
+    Setting(
+        "OPENAI_API_KEY",
+        "openai_api_key",
+        _text,
+        Section.REQUIRED,
+        "The upstream's API key, sent as a bearer token. Required when the upstream is api.openai.com "
+        "(the default); other upstreams may need none.",
+        default_doc="required for api.openai.com",
+        example="sk-...",
+        secret=True,
+    ),
+    Setting(
+        "CHAIN_ID",
+        "chain_id",
+        _whole(1),
+        Section.CHAIN,
+        f"The chain of the DrainChannel contract. Known deployments: {_KNOWN_CHAINS}; any other chain "
+        "needs RPC_URL and DRAIN_CONTRACT.",
+        default="137",
+        example="137",
+    ),
+    Setting(
+        "RPC_URL",
+        "rpc_url",
+        _url,
+        Section.CHAIN,
+        f"The chain's JSON-RPC endpoint. Default: {_KNOWN_RPCS}; any other chain must set it. It may "
+        "carry an API key: no message ever shows more of a URL than its scheme.",
+        default_doc="the chain's public RPC",
+    ),
+    Setting(
+        "DRAIN_CONTRACT",
+        "drain_contract",
+        _address,
+        Section.CHAIN,
+        "The DrainChannel contract's address. Default: the deployment of DRAIN_CONTRACT_VERSION on "
+        "CHAIN_ID (see docs/PROTOCOL.md); any other chain must set it.",
+        default_doc="the chain's deployment",
+    ),
+    Setting(
+        "DRAIN_CONTRACT_VERSION",
+        "contract_version",
+        _choice("v1", "v2"),
+        Section.CHAIN,
+        "v2 (what current clients use) or v1: which known deployment DRAIN_CONTRACT defaults to, and "
+        "the protocol announced in the 402 discovery headers.",
+        default="v2",
+    ),
+    Setting(
+        "HOST",
+        "host",
+        _text,
+        Section.SERVER,
+        "The address to listen on: 0.0.0.0 is every interface, 127.0.0.1 this machine only.",
+        default="0.0.0.0",
+        example="0.0.0.0",
+    ),
+    Setting(
+        "PORT",
+        "port",
+        _whole(1, 65535),
+        Section.SERVER,
+        "The TCP port to listen on.",
+        default="3000",
+        example="3000",
+    ),
+    Setting(
+        "PUBLIC_URL",
+        "public_url",
+        _url,
+        Section.SERVER,
+        "The base URL clients reach this server at, such as https://llm.example.com, used in the 402 "
+        "discovery headers and `/v1/docs`. Default: the scheme and Host header of each request, which "
+        "is wrong behind a proxy that rewrites them.",
+        default_doc="each request's Host",
+    ),
+    Setting(
+        "MAX_BODY_BYTES",
+        "max_body_bytes",
+        _whole(1024),
+        Section.SERVER,
+        "The largest request body accepted, in bytes (1048576 = 1 MiB; at least 1024); a larger one gets 413.",
+        default="1048576",
+    ),
+    Setting(
+        "LOG_LEVEL",
+        "log_level",
+        _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+        Section.SERVER,
+        "DEBUG, INFO, WARNING or ERROR.",
+        default="INFO",
+    ),
+    Setting(
+        "UPSTREAM_BASE_URL",
+        "upstream_base_url",
+        _url,
+        Section.UPSTREAM,
+        "The base URL of any OpenAI-compatible API (OpenAI, OpenRouter, vLLM, Ollama's /v1, ...).",
+        default=OPENAI_BASE_URL,
+    ),
+    Setting(
+        "UPSTREAM_TIMEOUT",
+        "upstream_timeout",
+        _seconds(),
+        Section.UPSTREAM,
+        "Seconds before an upstream call is abandoned: the client gets 504 and is not charged.",
+        default="300",
+    ),
+    Setting(
+        "PRICING_FILE",
+        "prices",
+        _path,
+        Section.PRICING,
+        'A JSON file adding or replacing models, such as `{"llama-3.1-70b": {"input": 900, "output": 900}}`. '
+        "The `PRICE_<MODEL>_*` variables apply on top of it.",
+        default_doc="none",
+    ),
+    Setting(
+        "DEFAULT_MAX_TOKENS",
+        "default_max_tokens",
+        _whole(1, 10_000_000),
+        Section.PRICING,
+        "Output tokens reserved for a request that sets no max_tokens: the upstream call is capped to "
+        "this, or to what the voucher pays for, whichever is less.",
+        default="4096",
+    ),
+    Setting(
+        "MIN_OUTPUT_TOKENS",
+        "min_output_tokens",
+        _whole(1, 10_000_000),
+        Section.PRICING,
+        "A voucher must leave room for the input plus at least this many output tokens; otherwise the "
+        "request gets 402 insufficient_funds.",
+        default="16",
+    ),
+    Setting(
+        "DATABASE_PATH",
+        "database_path",
+        _path,
+        Section.LEDGER,
+        "The SQLite ledger of channels, vouchers, usage and claims; its directory is created if missing.",
+        default="data/drain.db",
+        aliases=("STORAGE_PATH",),
+    ),
+    Setting(
+        "LEDGER_SYNC",
+        "ledger_sync",
+        _choice(*SyncMode),
+        Section.LEDGER,
+        "FULL: every accepted voucher is fsync'd before the upstream is called, so it survives a power "
+        "cut. NORMAL: it survives a crash of the process, but the last commits may not survive a power "
+        "cut; saves an fsync per commit (commits are grouped under load either way).",
+        default="FULL",
+    ),
+    Setting(
+        "CLAIM_THRESHOLD",
+        "claim_threshold",
+        _whole(),
+        Section.CLAIMS,
+        "The claimer runs inside the server and claims a channel once its unclaimed earnings reach this "
+        "amount (10000000 = 10 USDC).",
+        default="10000000",
+        example="10000000",
+    ),
+    Setting(
+        "CLAIM_EXPIRY_MARGIN",
+        "claim_expiry_margin",
+        _whole(0, _YEAR),
+        Section.CLAIMS,
+        "A channel that expires within this many seconds is claimed whatever its earnings: after expiry "
+        "the consumer may close it and take back anything unclaimed.",
+        default="3600",
+    ),
+    Setting(
+        "CLAIM_INTERVAL",
+        "claim_interval",
+        _seconds(allow_zero=True),
+        Section.CLAIMS,
+        "Seconds between claim cycles. 0 turns automatic claims off: claim with "
+        "`python -m drain_provider claim` or `POST /v1/admin/claim` instead.",
+        default="60",
+    ),
+    Setting(
+        "CLAIM_RETRY_SECONDS",
+        "claim_retry_seconds",
+        _seconds(),
+        Section.CLAIMS,
+        "Seconds before the first retry of a failed claim; the delay doubles after each failure, up to an hour.",
+        default="30",
+    ),
+    Setting(
+        "MAX_FEE_GWEI",
+        "max_fee_per_gas",
+        _gwei,
+        Section.CLAIMS,
+        "The fee ceiling, in gwei per gas: a claim waits rather than pay more.",
+        default="1000",
+    ),
+    Setting(
+        "MIN_CHANNEL_TTL",
+        "min_channel_ttl",
+        _whole(0, _YEAR),
+        Section.CLAIMS,
+        "Vouchers for a channel that expires (in chain time) within this many seconds are refused with "
+        "402 channel_expiring, so that there is always time to claim what they pay for.",
+        default="600",
+    ),
+    Setting(
+        "ADMIN_TOKEN",
+        "admin_token",
+        _admin_token,
+        Section.CLAIMS,
+        "The bearer token for `/v1/admin/*`, at least 16 characters (try `openssl rand -hex 32`). "
+        "Without it the admin API answers 403.",
+        default_doc="none: the admin API is off",
+        secret=True,
+    ),
+)
+
+# Not a table entry: the names depend on the models priced.
+PRICE_PATTERN = ("PRICE_<MODEL>_INPUT", "PRICE_<MODEL>_OUTPUT")
+_EXAMPLE_MODEL = "gpt-4o"
+PRICE_PATTERN_HELP = (
+    "Prices are USDC base units per 1,000 tokens. Defaults: "
+    + ", ".join(f"{model} {p.input_per_1k}/{p.output_per_1k}" for model, p in DEFAULT_PRICES.items())
+    + ". `PRICE_<MODEL>_INPUT` and `PRICE_<MODEL>_OUTPUT` override one side of a model's price, the "
+    'model name upper-cased with every non-alphanumeric as "_" (PRICE_GPT_4O_INPUT); the spelling '
+    "without them (PRICE_GPT4O_INPUT) works too."
+)
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _read(setting: Setting, env: Mapping[str, str]) -> Any:
+    """An empty or blank value counts as unset, so that `PORT=` in .env means the default."""
+    for name in (setting.name, *setting.aliases):
+        raw = env.get(name, "").strip()
+        if raw:
+            return setting.parse(name, raw)
+    if setting.required:
+        raise ConfigError(f"{setting.name}: not set, and it is required (see env.example)")
+    return None if setting.default is None else setting.parse(setting.name, setting.default)
+
+
+def _contract(explicit: str | None, chain_id: int, version: str) -> str:
+    """The contract clients of `version` use on `chain_id`, unless the operator named one."""
+    if explicit is not None:
+        return explicit
     deployment = DEPLOYMENTS.get(chain_id)
+    if deployment is None:
+        known = ", ".join(map(str, DEPLOYMENTS))
+        raise ConfigError(f"DRAIN_CONTRACT: not set, and chain {chain_id} has no known deployment ({known})")
+    return deployment.v2 if version == "v2" else deployment.v1
 
-    contract_raw = _get(env, "DRAIN_CONTRACT")
-    if contract_raw is not None:
-        contract = _address("DRAIN_CONTRACT", contract_raw)
-    elif deployment is not None:
-        contract = deployment.v2 if version == "v2" else deployment.v1
-    else:
-        raise ConfigError(f"DRAIN_CONTRACT: not set, and chain {chain_id} has no known deployment (137, 80002)")
 
-    rpc_url = _url(env, "RPC_URL", deployment.default_rpc_url if deployment else None)
-    if rpc_url is None:
+def _rpc_url(explicit: str | None, chain_id: int) -> str:
+    if explicit is not None:
+        return explicit
+    deployment = DEPLOYMENTS.get(chain_id)
+    if deployment is None:
         raise ConfigError(f"RPC_URL: not set, and chain {chain_id} has no default public RPC")
+    return deployment.default_rpc_url
 
-    upstream = _url(env, "UPSTREAM_BASE_URL", OPENAI_BASE_URL)
-    assert upstream is not None
-    api_key = _get(env, "OPENAI_API_KEY")
+
+def _require_openai_key(api_key: str | None, upstream: str) -> None:
+    """Other upstreams (a local vLLM, Ollama) may take no key; OpenAI always wants one, and
+    failing here beats a 401 on every paid request."""
     if api_key is None and urlparse(upstream).hostname == "api.openai.com":
-        raise ConfigError("OPENAI_API_KEY: not set (needed for the default upstream api.openai.com)")
+        raise ConfigError("OPENAI_API_KEY: not set (needed for the upstream api.openai.com)")
 
-    prices: dict[str, ModelPrice] = dict(DEFAULT_PRICES)
+
+def _prices(pricing_file: Path | None, env: Mapping[str, str]) -> dict[str, ModelPrice]:
+    """The defaults, then the file, then the PRICE_ variables: each layer overrides the last."""
+    prices = dict(DEFAULT_PRICES)
     try:
-        pricing_file = _get(env, "PRICING_FILE")
         if pricing_file is not None:
-            prices.update(load_pricing_file(Path(pricing_file)))
-        prices = apply_env_overrides(prices, env)
+            prices.update(load_pricing_file(pricing_file))
+        return apply_env_overrides(prices, env)
     except PricingError as exc:
         raise ConfigError(str(exc)) from None
 
-    database = _get(env, "DATABASE_PATH") or _get(env, "STORAGE_PATH") or "data/drain.db"
-    ledger_sync = (_get(env, "LEDGER_SYNC") or "FULL").upper()
-    if ledger_sync not in ("FULL", "NORMAL"):
-        raise ConfigError(f"LEDGER_SYNC: must be FULL or NORMAL, got {ledger_sync[:20]!r}")
-    log_level = (_get(env, "LOG_LEVEL") or "INFO").upper()
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    admin_token = _get(env, "ADMIN_TOKEN")
-    if admin_token is not None and len(admin_token) < 16:
-        raise ConfigError("ADMIN_TOKEN: must be at least 16 characters (try: openssl rand -hex 32)")
 
-    return Settings(
-        provider_private_key=private_key,
-        chain_id=chain_id,
-        drain_contract=contract,
-        contract_version=version,
-        rpc_url=rpc_url,
-        host=_get(env, "HOST") or "0.0.0.0",
-        port=_int(env, "PORT", 3000, minimum=1, maximum=65535),
-        public_url=_url(env, "PUBLIC_URL", None),
-        upstream_base_url=upstream,
-        openai_api_key=api_key,
-        upstream_timeout=_float(env, "UPSTREAM_TIMEOUT", 300.0),
-        database_path=Path(database),
-        ledger_sync=ledger_sync,
-        prices=prices,
-        claim_threshold=_int(env, "CLAIM_THRESHOLD", 10_000_000),
-        claim_interval=_float(env, "CLAIM_INTERVAL", 60.0, allow_zero=True),
-        claim_expiry_margin=_int(env, "CLAIM_EXPIRY_MARGIN", 3600, maximum=365 * 86400),
-        claim_retry_seconds=_float(env, "CLAIM_RETRY_SECONDS", 30.0),
-        max_fee_per_gas=_int(env, "MAX_FEE_GWEI", 1000, minimum=1, maximum=10**9) * 10**9,
-        min_channel_ttl=_int(env, "MIN_CHANNEL_TTL", 600, maximum=365 * 86400),
-        admin_token=admin_token,
-        max_body_bytes=_int(env, "MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
-        default_max_tokens=_int(env, "DEFAULT_MAX_TOKENS", 4096, minimum=1, maximum=10_000_000),
-        min_output_tokens=_int(env, "MIN_OUTPUT_TOKENS", 16, minimum=1, maximum=10_000_000),
-        log_level=log_level,
-    )
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Validate everything up front: a provider that starts is a provider whose settings work."""
+    # Any: each entry's parser gives its field's type; the table tests pin that they match.
+    values: dict[str, Any] = {setting.field: _read(setting, env) for setting in SETTINGS}
+    values["drain_contract"] = _contract(values["drain_contract"], values["chain_id"], values["contract_version"])
+    values["rpc_url"] = _rpc_url(values["rpc_url"], values["chain_id"])
+    _require_openai_key(values["openai_api_key"], values["upstream_base_url"])
+    values["prices"] = _prices(values["prices"], env)
+    return Settings(**values)
+
+
+# --- documentation ----------------------------------------------------------------------------
+
+_ENV_HEADER = """\
+# drain-provider settings. Copy to .env and edit: `cp env.example .env`.
+# Real environment variables win over .env, and an empty value counts as unset. Every value is
+# checked at start-up; a bad one stops the server with one line naming it (exit code 2).
+# Amounts are USDC base units: 1 USDC = 1000000.
+# Generated from drain_provider/config.py by: python -m drain_provider.devtools.settings_docs
+"""
+_WIDTH = 95
+_RULE_WIDTH = 91
+_NBSP = "\u00a0"  # textwrap breaks at ASCII whitespace only
+
+
+def _describe(setting: Setting) -> str:
+    """The help plus what the flags imply, worded once for both env.example and the README."""
+    text = setting.help
+    if setting.aliases:
+        text += f" When it is unset, {' then '.join(setting.aliases)} is read instead."
+    if setting.secret:
+        text += " Keep it secret: it is never logged or shown."
+    return text
+
+
+def _comment(text: str) -> list[str]:
+    """Wrapped as comment lines, never inside a `code span`: a command cut in two is hard to copy."""
+    glued = re.sub(r"`[^`]*`", lambda span: span[0].replace(" ", _NBSP), text)
+    wrapped = textwrap.wrap(glued, _WIDTH, initial_indent="# ", subsequent_indent="# ", break_on_hyphens=False)
+    return [line.replace(_NBSP, " ") for line in wrapped]
+
+
+def _price_example_lines() -> list[str]:
+    """The reference provider's spelling (PRICE_GPT4O_INPUT) of the defaults, so the file shows the pattern."""
+    price = DEFAULT_PRICES[_EXAMPLE_MODEL]
+    stem = env_names(_EXAMPLE_MODEL)[-1]
+    return [f"PRICE_{stem}_INPUT={price.input_per_1k}", f"PRICE_{stem}_OUTPUT={price.output_per_1k}"]
+
+
+def _env_lines(setting: Setting) -> list[str]:
+    """Commented out unless there is an example, so that copying the file changes nothing but
+    what the operator must (or is most likely to) set."""
+    if setting.example is not None:
+        assignment = f"{setting.name}={setting.example}"
+    else:
+        assignment = f"# {setting.name}={setting.default or ''}"
+    return [*_comment(_describe(setting)), assignment]
+
+
+def render_env_example() -> str:
+    """The text of env.example; a test keeps the committed file equal to it."""
+    lines = [_ENV_HEADER.rstrip("\n")]
+    for section in Section:
+        lines += ["", f"# --- {section} ".ljust(_RULE_WIDTH, "-")]
+        if section is Section.PRICING:
+            lines += _comment(PRICE_PATTERN_HELP) + _price_example_lines()
+        for setting in SETTINGS:
+            if setting.section is section:
+                lines += _env_lines(setting)
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_default(setting: Setting) -> str:
+    if setting.required:
+        return "required"
+    if setting.default is not None:
+        return f"`{setting.default}`"
+    return setting.default_doc
+
+
+def _markdown_row(variables: str, default: str, text: str) -> str:
+    """A `|` would end the cell, even inside a code span; GitHub's tables take it escaped."""
+    cell = text.replace("|", "\\|")
+    return f"| {variables} | {default} | {cell} |"
+
+
+def render_settings_markdown() -> str:
+    """The README's settings table: every variable, its default and what it does."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for section in Section:
+        if section is Section.PRICING:
+            names = ", ".join(f"`{name}`" for name in PRICE_PATTERN)
+            rows.append(_markdown_row(names, "the model's default price", PRICE_PATTERN_HELP))
+        for setting in SETTINGS:
+            if setting.section is section:
+                names = ", ".join(f"`{name}`" for name in (setting.name, *setting.aliases))
+                rows.append(_markdown_row(names, _markdown_default(setting), _describe(setting)))
+    return "\n".join(rows) + "\n"

@@ -4,6 +4,8 @@
   by `CHAIN_ID` / `DRAIN_CONTRACT_VERSION`.
 - Every bad value is a `ConfigError` whose message names the variable; secrets (private key,
   OpenAI key, admin token) are in no message and not in `repr(settings)`.
+- The table (`SETTINGS`): its defaults are the `Settings` defaults, an alias is read when the
+  name is unset, LEDGER_SYNC gives a `SyncMode`, and no secret or URL entry echoes its value.
 - `python -m drain_provider` with a bad configuration exits 2 with exactly one stderr line, no
   traceback and no secret; it reads `.env` from the working directory, and the real environment
   wins over `.env`.
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,8 +23,9 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from drain_provider.config import ConfigError, Settings, load_settings, read_environment
+from drain_provider.config import SETTINGS, ConfigError, Settings, load_settings, read_environment
 from drain_provider.protocol import DEPLOYMENTS, SECP256K1_N
+from drain_provider.states import SyncMode
 
 KEY_HEX = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
 OPENAI_KEY = "sk-test-Zq9VfXw3secretOpenAIkey"
@@ -101,6 +105,52 @@ def test_price_override_reaches_settings() -> None:
     assert settings(PRICE_GPT4O_INPUT="100").prices["gpt-4o"].input_per_1k == 100
 
 
+def test_table_defaults_are_the_settings_defaults() -> None:
+    """What the server runs with when nothing is set is what code building `Settings` directly
+    (the tests, `dev`) gets: the table's defaults and the dataclass's cannot drift apart."""
+    d = DEPLOYMENTS[137]
+    expected = Settings(
+        provider_private_key=bytes.fromhex(KEY_HEX),
+        chain_id=137,
+        drain_contract=d.v2,
+        contract_version="v2",
+        rpc_url=d.default_rpc_url,
+        openai_api_key=OPENAI_KEY,
+    )
+    assert settings() == expected
+
+
+def test_values_are_stripped() -> None:
+    s = settings(HOST=" 127.0.0.1 ", PORT=" 8080\n", LOG_LEVEL=" debug ")
+    assert (s.host, s.port, s.log_level) == ("127.0.0.1", 8080, "DEBUG")
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"), [("FULL", SyncMode.FULL), ("normal", SyncMode.NORMAL), ("Normal", SyncMode.NORMAL)]
+)
+def test_ledger_sync_is_case_insensitive(raw: str, mode: SyncMode) -> None:
+    value = settings(LEDGER_SYNC=raw).ledger_sync
+    assert value == mode and type(value) is SyncMode
+
+
+def test_ledger_sync_default() -> None:
+    assert settings().ledger_sync is SyncMode.FULL
+
+
+def test_max_fee_is_read_in_gwei_and_kept_in_wei() -> None:
+    assert settings(MAX_FEE_GWEI="30").max_fee_per_gas == 30 * 10**9
+
+
+def test_claim_interval_zero_turns_claims_off() -> None:
+    assert settings(CLAIM_INTERVAL="0").claim_interval == 0
+
+
+def test_storage_path_is_an_alias_of_database_path() -> None:
+    assert settings(STORAGE_PATH="/srv/ledger.db").database_path == Path("/srv/ledger.db")
+    assert settings(STORAGE_PATH="/srv/b.db", DATABASE_PATH="/srv/a.db").database_path == Path("/srv/a.db")
+    assert settings(STORAGE_PATH="/srv/b.db", DATABASE_PATH="  ").database_path == Path("/srv/b.db")
+
+
 # --- bad values ------------------------------------------------------------------------------
 
 BAD_VALUES = [
@@ -127,6 +177,16 @@ BAD_VALUES = [
     ("UPSTREAM_TIMEOUT", "nan"),
     ("MAX_BODY_BYTES", "10"),
     ("PRICE_GPT_4O_OUTPUT", "1.5"),
+    ("LEDGER_SYNC", "OFF"),
+    ("MAX_FEE_GWEI", "0"),
+    ("MAX_FEE_GWEI", "1000000001"),
+    ("CLAIM_RETRY_SECONDS", "0"),
+    ("CLAIM_INTERVAL", "-1"),
+    ("CLAIM_INTERVAL", "86400"),
+    ("CLAIM_EXPIRY_MARGIN", str(365 * 86400 + 1)),
+    ("MIN_CHANNEL_TTL", "1e3"),
+    ("DEFAULT_MAX_TOKENS", "0"),
+    ("MIN_OUTPUT_TOKENS", "10000001"),
 ]
 
 
@@ -207,6 +267,43 @@ def test_short_admin_token_is_not_echoed() -> None:
 def test_url_credentials_are_not_echoed() -> None:
     message = config_error({**BASE, "RPC_URL": "ftp://user:rpc-api-key-123@example.com/"})
     assert "RPC_URL" in message and "rpc-api-key-123" not in message
+
+
+# Every entry whose value may be a secret: the table's secrets, and the URLs (an RPC or upstream
+# URL often carries an API key in its path or query).
+URL_SETTINGS = {"RPC_URL", "UPSTREAM_BASE_URL", "PUBLIC_URL"}
+NEVER_ECHOED = sorted({s.name for s in SETTINGS if s.secret} | URL_SETTINGS)
+MARK = "Zq7xWv"
+HOSTILE_VALUES = [
+    MARK,
+    f"0x{MARK}" + "ab" * 29,
+    f"{MARK}-0123456789abcdef",
+    f"ftp://user:{MARK}@example.com/",
+    f"http://[{MARK}",
+    f"https://example.com/{MARK}?key={MARK}:",
+    f"{MARK} " * 1000,
+]
+
+
+def test_the_secrets_are_the_ones_we_know() -> None:
+    assert {s.name for s in SETTINGS if s.secret} == {"PROVIDER_PRIVATE_KEY", "OPENAI_API_KEY", "ADMIN_TOKEN"}
+    assert URL_SETTINGS.issubset(s.name for s in SETTINGS)
+
+
+@pytest.mark.parametrize("name", NEVER_ECHOED)
+def test_no_message_echoes_a_secret_or_url(name: str) -> None:
+    for value in HOSTILE_VALUES:
+        try:
+            load_settings({**BASE, name: value})
+        except ConfigError as exc:
+            assert name in str(exc)
+            assert MARK.lower() not in str(exc).lower(), value
+
+
+def test_secret_entries_are_hidden_from_repr() -> None:
+    """`secret` in the table and `repr=False` on the field say the same thing."""
+    hidden = {f.name for f in dataclasses.fields(Settings) if not f.repr}
+    assert hidden == {s.field for s in SETTINGS if s.secret}
 
 
 def test_repr_hides_secrets() -> None:
