@@ -6,7 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
+from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 
 from drain_provider.devtools.devchain import DevChain
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ChannelFactory, ProviderFactory, RpcProxy, _free_port, paid_chat
 from eth_account import Account
+from helpers import ChannelFactory, ProviderFactory, RpcProxy, free_port, paid_chat
 
 from drain_provider.chain import ChainClient
 from drain_provider.devtools.devchain import DevChain
@@ -19,7 +19,7 @@ from drain_provider.protocol import Voucher
 
 
 def test_dev_mode_on_an_external_node(anvil_url: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     run = subprocess.run(
         [sys.executable, "-m", "drain_provider", "dev", "--rpc-url", anvil_url, "--port", str(port), "--no-serve"],
         cwd=tmp_path,

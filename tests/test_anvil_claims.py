@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import ChannelFactory, ProviderFactory, RpcProxy, Upstream, _free_port, paid_chat
+from helpers import ChannelFactory, ProviderFactory, RpcProxy, Upstream, free_port, paid_chat
 
 from drain_provider.chain import ChainClient, ChainUnavailable
 from drain_provider.devtools.devchain import DevChain
@@ -120,7 +120,7 @@ async def test_a_claim_killed_between_submit_and_receipt_is_reconciled_without_r
     pricing = tmp_path / "pricing.json"
     pricing.write_text(json.dumps({"demo": {"input": 1000, "output": 2000}}))
     database = tmp_path / "provider.db"
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PROVIDER_PRIVATE_KEY": "0x" + key.hex(),

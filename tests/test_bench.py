@@ -1,4 +1,7 @@
-"""The benchmark still runs end to end (a smoke run: its figures are not judged here)."""
+"""The benchmark still runs end to end (a smoke run: its figures are not judged here).
+
+Marked `bench`: it takes over a minute of both cores, so a local `python -m pytest` leaves it
+out and CI runs it once on its own (`python -m pytest -m bench`, see .ci/run)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.bench
 def test_quick_bench_runs_and_writes_every_figure(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     run = subprocess.run(

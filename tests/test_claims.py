@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import openai
 import pytest
-from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
+from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain

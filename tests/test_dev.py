@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import _free_port
+from helpers import free_port
 
 DEV_KEYS = {
     "api",
@@ -37,7 +37,7 @@ def clean_env() -> dict[str, str]:
 
 
 def test_dev_mode_serves_paid_calls_from_the_printed_snippet(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "drain_provider", "dev", "--port", str(port)],
         cwd=tmp_path,

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from conftest import ChannelFactory, Provider, ProviderFactory, paid_chat
 from eth_account import Account
+from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 
 from drain_provider.api.errors import ERRORS
 from drain_provider.chain import ChainClient

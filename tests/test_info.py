@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import aiohttp
-from conftest import ChannelFactory, Provider
 from eth_account import Account
 from eth_account.messages import encode_typed_data
+from helpers import ChannelFactory, Provider
 
 from drain_provider.protocol import Voucher
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
+from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
 
 from drain_provider.ledger import MIGRATIONS, Ledger
 from drain_provider.pricing import ModelPrice, ReservationPlan
@@ -29,13 +29,6 @@ async def open_ledger(path: Path) -> Ledger:
     ledger = Ledger(path)
     await ledger.open()
     return ledger
-
-
-async def wait_for(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_voucher_is_committed_before_the_client_gets_a_byte(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import ChannelFactory, Provider, paid_chat
 from eth_account import Account
+from helpers import ChannelFactory, Provider, paid_chat
 
 from drain_provider.chain import ContractReverted
 from drain_provider.devtools.devchain import DevChain
@@ -30,13 +30,14 @@ async def test_accepted_voucher_is_claimed_on_chain(
     )
     stored = Voucher(consumer.channel_id, amount, int(nonce), bytes.fromhex(signature[2:]))
     before = await chain.usdc_balance(provider.address)
+    held = await chain.usdc_balance(chain.contract)  # every channel of the session's chain
     client = chain.client()
     result = await client.claim(Account.from_key(provider.settings.provider_private_key), stored)
     assert result.succeeded
     assert await chain.usdc_balance(provider.address) == before + amount
     on_chain = await client.get_channel(consumer.channel_id)
     assert on_chain.claimed == amount
-    assert await chain.usdc_balance(chain.contract) == consumer.deposit - amount
+    assert await chain.usdc_balance(chain.contract) == held - amount
 
 
 @pytest.mark.parametrize("wrong", ["chain id", "contract"])

@@ -6,7 +6,7 @@ import asyncio
 
 import openai
 import pytest
-from conftest import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
+from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
 
 from drain_provider.api.state import COUNTER
 from drain_provider.devtools.demo_upstream import demo_reply

@@ -6,7 +6,7 @@ import logging
 
 import openai
 import pytest
-from conftest import ChannelFactory, ProviderFactory, paid_chat
+from helpers import ChannelFactory, ProviderFactory, paid_chat
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
 

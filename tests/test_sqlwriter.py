@@ -107,7 +107,9 @@ async def test_ran_hears_before_the_commit_and_the_future_after_it(tmp_path: Pat
     await writer.start()
     GatedConnection.gate.clear()
     before_commit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    durable = writer.submit(lambda conn: conn.execute("INSERT INTO t VALUES (5, 'x')").rowcount, before_commit=before_commit)
+    durable = writer.submit(
+        lambda conn: conn.execute("INSERT INTO t VALUES (5, 'x')").rowcount, before_commit=before_commit
+    )
     assert await before_commit == 1
     # Heard before the COMMIT: nothing is durable yet, and the future waits for it.
     assert committed(tmp_path) == []

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from conftest import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream
+from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream
 
 from drain_provider.api.state import COUNTER
 from drain_provider.consumer import DrainConsumer
@@ -119,10 +119,14 @@ async def test_raw_stream_reports_costs_before_done(provider: Provider, open_cha
     assert figures[1]["X-DRAIN-Total"] == figures[0]["X-DRAIN-Cost"] + figures[1]["X-DRAIN-Cost"]
 
 
-@pytest.mark.parametrize("mode", ["split", "merge", "crlf", "comments"])
-async def test_awkward_framing_is_relayed_intact(provider: Provider, open_channel: ChannelFactory, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "value"), [("split", 17), ("merge", True), ("crlf", True), ("comments", True)])
+async def test_awkward_framing_is_relayed_intact(
+    provider: Provider, open_channel: ChannelFactory, mode: str, value: object
+) -> None:
+    """split: every 17-byte write its own read (a prime: the cuts fall at every offset of an
+    event; byte-level cuts, inside characters too, are tests/test_sse.py's)."""
     consumer = await open_channel(provider)
-    content = directive(**{mode: True})
+    content = directive(**{mode: value})
     text, chunks = await stream_chat(provider, consumer, content, stream_options={"include_usage": True})
     assert text == demo_reply(content)
     usage = chunks[-1].usage

@@ -7,8 +7,7 @@ import random
 
 import pytest
 
-from drain_provider.tokens import TokenMeter
-from drain_provider.tokens import TokenCounter
+from drain_provider.tokens import TokenCounter, TokenMeter
 
 FRAGMENTS = [" word", "Hello", ",", " 世界", "🙂", " ünïcödé", "\n", "<|endoftext|>", "", " a" * 7, "中文字符"]
 

@@ -229,7 +229,7 @@ def _stream_events(
 async def _stream(request: web.Request, options: dict[str, Any], events: list[tuple[str, bytes]]) -> web.StreamResponse:
     """Stream the answer, misbehaving as the directive asks: `token_delay`, `die_after` K
     content events (the connection is cut), `error_after` K (an error event), `malformed_after`
-    K (an event that is not JSON), `split` (events cut into 3-byte writes), `merge` (the whole
+    K (an event that is not JSON), `split` (events cut into writes of that many bytes, 3 if true), `merge` (the whole
     stream in one write), `crlf` line endings, `comments` (keep-alive comments between events)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -264,8 +264,9 @@ async def _stream(request: web.Request, options: dict[str, Any], events: list[tu
                 out.clear()
                 if not options.get("split"):
                     await response.write(payload)
-                for start in range(0, len(payload), 3) if options.get("split") else ():
-                    await response.write(payload[start : start + 3])
+                piece = 3 if options.get("split") is True else int(options.get("split") or 0)
+                for start in range(0, len(payload), piece) if piece else ():
+                    await response.write(payload[start : start + piece])
                     await asyncio.sleep(0.001)
         await response.write(b"".join(out))
         await response.write_eof()

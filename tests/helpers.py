@@ -1,0 +1,172 @@
+"""What the tests share besides fixtures (those are in conftest.py): the records the fixtures
+return, the factories' types, a paid call through the openai SDK, and a JSON-RPC proxy that
+counts and breaks calls. Imported as `from helpers import ...` (pytest puts tests/ on the path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from eth_account import Account
+from openai import AsyncOpenAI
+
+from drain_provider.api.state import CLAIMER, LEDGER
+from drain_provider.claimer import Claimer
+from drain_provider.config import Settings
+from drain_provider.consumer import DrainConsumer
+from drain_provider.devtools.demo_upstream import DEMO_MODEL, DemoStats
+from drain_provider.devtools.devchain import DevChain
+from drain_provider.ledger import Ledger
+from drain_provider.pricing import ModelPrice
+from drain_provider.protocol import Domain
+
+DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
+USDC = 1_000_000
+REPO = Path(__file__).resolve().parent.parent
+ANVIL = REPO / "node_modules" / ".bin" / "anvil"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Upstream:
+    server: TestServer
+    stats: DemoStats
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+
+@dataclass
+class Provider:
+    settings: Settings
+    server: TestServer
+    app: web.Application
+    clients: list[AsyncOpenAI] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/v1"))
+
+    @property
+    def address(self) -> str:
+        return self.settings.provider_address
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.settings.chain_id, self.settings.drain_contract)
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.app[LEDGER]
+
+    @property
+    def claimer(self) -> Claimer:
+        return self.app[CLAIMER]
+
+    def client(self) -> AsyncOpenAI:
+        """An openai SDK client for this provider (closed when the test ends)."""
+        client = AsyncOpenAI(base_url=self.url, api_key="unused", max_retries=0)
+        self.clients.append(client)
+        return client
+
+
+ProviderFactory = Callable[..., Awaitable[Provider]]
+ChannelFactory = Callable[..., Awaitable[DrainConsumer]]
+
+
+def make_settings(chain: DevChain, upstream_url: str, database: Path, **overrides: Any) -> Settings:
+    settings = Settings(
+        provider_private_key=bytes(Account.create().key),
+        chain_id=chain.chain_id,
+        drain_contract=chain.contract,
+        contract_version="v2",
+        rpc_url=None,
+        host="127.0.0.1",
+        upstream_base_url=upstream_url,
+        upstream_timeout=5.0,
+        database_path=database,
+        prices={DEMO_MODEL: DEMO_PRICE, "gpt-4o": ModelPrice(7500, 22500)},
+        claim_interval=0,  # tests run claim cycles themselves
+    )
+    return replace(settings, **overrides)
+
+
+async def paid_chat(
+    client: AsyncOpenAI,
+    consumer: DrainConsumer,
+    *,
+    budget: int = 100_000,
+    content: str = "Hello, provider!",
+    model: str = DEMO_MODEL,
+    **kwargs: Any,
+) -> Any:
+    """One paid chat completion through the openai SDK; returns the raw response."""
+    voucher = consumer.next_voucher(budget)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=[{"role": "user", "content": content}],
+        extra_headers={"X-DRAIN-Voucher": voucher.header_value()},
+        **kwargs,
+    )
+    consumer.record(raw.headers)
+    return raw
+
+
+@dataclass
+class RpcProxy:
+    """A JSON-RPC proxy in front of a node: counts the calls by method, and can fail some."""
+
+    target: str
+    calls: list[str] = field(default_factory=list)
+    fail_next: int = 0  # answer 502 without forwarding
+    lose_next: int = 0  # forward, then answer 502: the node acted, the caller cannot know
+    hold: set[str] = field(default_factory=set)  # methods that get no answer until released
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    server: TestServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("/"))
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        payload = json.loads(body)
+        methods = [p["method"] for p in payload] if isinstance(payload, list) else [payload["method"]]
+        self.calls.extend(methods)
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return web.Response(status=502, text="proxy: injected failure")
+        if self.hold.intersection(methods):
+            await self.released.wait()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(self.target, data=body, headers={"Content-Type": "application/json"}) as resp,
+        ):
+            answer = await resp.read()
+        if self.lose_next > 0:
+            self.lose_next -= 1
+            return web.Response(status=502, text="proxy: answer lost")
+        return web.Response(body=answer, status=resp.status, content_type="application/json")
