@@ -289,7 +289,14 @@ class ChainClient:
             receipt=receipt,
         )
 
-    async def wait_receipt(self, tx_hash: str, *, timeout: float = 120.0, poll: float = 1.0) -> TxResult | None:
+    # The deadline gives an answer (None), not a cancellation: hence a parameter, not asyncio.timeout.
+    async def wait_receipt(
+        self,
+        tx_hash: str,
+        *,
+        timeout: float = 120.0,  # noqa: ASYNC109
+        poll: float = 1.0,
+    ) -> TxResult | None:
         """Poll for the receipt; None if the transaction is not mined within `timeout`."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

@@ -6,6 +6,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from eth_utils.address import to_checksum_address
 from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 
 from drain_provider.devtools.devchain import DevChain
@@ -61,7 +62,7 @@ async def test_reports_match_the_ledger_and_the_chain(
     assert int(stats["earned"]) == sum(charged.values()) == int(stats["unclaimed"])
     assert stats["claimed"] == "0" and stats["channels"] == {"open": 2, "closed": 0}
     assert stats["claimThreshold"] == "10000000" and stats["lastClaim"] is None
-    assert int(stats["gasBalanceWei"]) == await chain.w3.eth.get_balance(provider.address)
+    assert int(stats["gasBalanceWei"]) == await chain.w3.eth.get_balance(to_checksum_address(provider.address))
 
     _, _, vouchers = await call(provider, "GET", "/vouchers", TOKEN)
     best = {v["channelId"]: v for v in vouchers["vouchers"]}

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from eth_utils.address import to_checksum_address
 from helpers import ChannelFactory, ProviderFactory, RpcProxy, Upstream, free_port, paid_chat
 
 from drain_provider.chain import ChainClient, ChainUnavailable
@@ -24,7 +25,7 @@ TOKEN = "admin-token-for-anvil-tests-0123"
 
 
 async def tx_count(chain: DevChain, address: str) -> int:
-    return int(await chain.w3.eth.get_transaction_count(address))
+    return int(await chain.w3.eth.get_transaction_count(to_checksum_address(address)))
 
 
 async def test_pay_and_claim_end_to_end(

@@ -11,6 +11,7 @@ import openai
 import pytest
 from eth_account import Account
 from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
+from openai.types.chat import ChatCompletionMessageParam
 
 from drain_provider.api.errors import ERRORS
 from drain_provider.chain import ChainClient
@@ -18,7 +19,7 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import SECP256K1_N, Domain, Voucher, sign_voucher
 
-MESSAGES = [{"role": "user", "content": "hi"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 # The DRAIN reference provider's codes and statuses: clients written against it must see the same.
 REFERENCE_CODES = {
@@ -56,7 +57,7 @@ async def sdk_error(provider: Provider, header: str | None, **kwargs: Any) -> op
 def assert_error(error: openai.APIStatusError, status: int, code: str) -> dict[str, Any]:
     assert error.status_code == status, error.body
     assert error.response.headers["X-DRAIN-Error"] == code
-    body = error.response.json()
+    body: dict[str, Any] = error.response.json()
     assert body["error"]["code"] == code
     assert body["error"]["message"] and body["error"]["type"]
     return body

@@ -15,6 +15,7 @@ from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_ch
 from drain_provider.ledger import MIGRATIONS, Ledger
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
+from drain_provider.states import UsageStatus
 
 CHANNEL = "0x" + "cd" * 32
 STATE = ChannelState(consumer="0x" + "11" * 20, provider="0x" + "22" * 20, deposit=1_000_000, claimed=0, expiry=2**40)
@@ -102,7 +103,7 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
     ledger = await open_ledger(path)
     await ledger.upsert_channel(CHANNEL, STATE)
     first = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
-    await ledger.settle(first, price_cost=900, input_tokens=100, output_tokens=400, status="ok")
+    await ledger.settle(first, price_cost=900, input_tokens=100, output_tokens=400, status=UsageStatus.OK)
     await ledger.authorize(voucher(100_000, 2), PLAN, endpoint="/chat/completions", model="demo")
     await ledger.close()  # the process dies here, one request in flight
 
@@ -120,8 +121,8 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
     await ledger.upsert_channel(CHANNEL, STATE)
     reservation = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
-    first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status="ok")
-    again = await ledger.settle(reservation, price_cost=5000, input_tokens=1, output_tokens=1, status="ok")
+    first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status=UsageStatus.OK)
+    again = await ledger.settle(reservation, price_cost=5000, input_tokens=1, output_tokens=1, status=UsageStatus.OK)
     await ledger.release(reservation, error="late")
     assert again.cost == first.cost == 700
     record = await ledger.get_channel(CHANNEL)
@@ -135,7 +136,7 @@ async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: 
     small = await ledger.authorize(voucher(2_000, 1), PLAN, endpoint="/chat/completions", model="demo")
     assert small.amount <= 2_000
     # The upstream reported more than we estimated: charge it, up to what the voucher allows.
-    settled = await ledger.settle(small, price_cost=5_000, input_tokens=100, output_tokens=2_400, status="ok")
+    settled = await ledger.settle(small, price_cost=5_000, input_tokens=100, output_tokens=2_400, status=UsageStatus.OK)
     assert settled.cost == 2_000 and settled.price_cost == 5_000 and settled.total == 2_000
     await ledger.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import openai
 import pytest
@@ -11,6 +12,7 @@ from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstr
 from drain_provider.api.state import COUNTER
 from drain_provider.devtools.demo_upstream import demo_reply
 from drain_provider.pricing import cost
+from drain_provider.protocol import Voucher
 
 
 async def test_paid_call_returns_completion_and_cost_headers(provider: Provider, open_channel: ChannelFactory) -> None:
@@ -57,6 +59,7 @@ async def test_legacy_completions_are_paid_too(provider: Provider, open_channel:
         model="demo", prompt="Once upon a time", max_tokens=5, extra_headers={"X-DRAIN-Voucher": voucher.header_value()}
     )
     completion = raw.parse()
+    assert completion.usage is not None
     assert completion.usage.completion_tokens == 5
     assert completion.choices[0].finish_reason == "length"
     assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, completion.usage.prompt_tokens, 5)
@@ -118,8 +121,9 @@ async def test_upstream_failures_are_not_charged(
         await paid_chat(provider.client(), consumer, content=directive)
     assert info.value.status_code == status
     assert info.value.response.headers["X-DRAIN-Error"] == "upstream_error"
-    assert info.value.body["code"] == "upstream_error"
-    assert "not charged" in info.value.body["message"]
+    body = cast(dict[str, Any], info.value.body)
+    assert body["code"] == "upstream_error"
+    assert "not charged" in body["message"]
     record = await provider.ledger.get_channel(consumer.channel_id)
     assert record is not None and record.charged == 0 and record.reserved == 0
     row = await provider.ledger.fetchone("SELECT status, cost FROM usage")
@@ -148,7 +152,7 @@ async def test_twenty_concurrent_calls_never_overcharge(provider: Provider, open
     # order and are refused; whatever is accepted, charged never passes the best voucher.
     vouchers = [consumer.sign(amount=400 * (i + 1)) for i in range(20)]
 
-    async def call(voucher) -> tuple[int, str]:
+    async def call(voucher: Voucher) -> tuple[int, str]:
         try:
             raw = await client.chat.completions.with_raw_response.create(
                 model="demo",

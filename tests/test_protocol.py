@@ -116,7 +116,7 @@ def test_the_compact_header_and_the_spaced_one_parse_alike(amount: str, nonce: s
     }
     compact = json.dumps(fields, separators=(",", ":"))
     spaced = json.dumps(fields)
-    outcomes = []
+    outcomes: list[Voucher | str] = []
     for text in (compact, spaced):
         try:
             outcomes.append(parse_voucher(text))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 @pytest.fixture
-async def writer(tmp_path: Path) -> Writer:
+async def writer(tmp_path: Path) -> AsyncIterator[Writer]:
     w = Writer(lambda: connect(tmp_path / "w.db"))
     await w.start()
-    yield w  # type: ignore[misc]
+    yield w
     await w.stop()
 
 

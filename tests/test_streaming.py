@@ -8,12 +8,14 @@ import json
 import logging
 import re
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream
+from openai.types.chat import ChatCompletionMessageParam
 
 from drain_provider.api.state import COUNTER
 from drain_provider.consumer import DrainConsumer
@@ -44,7 +46,9 @@ async def stream_chat(
     return text, chunks
 
 
-async def raw_stream(provider: Provider, consumer: DrainConsumer, body: dict[str, Any], budget: int = 200_000):
+async def raw_stream(
+    provider: Provider, consumer: DrainConsumer, body: dict[str, Any], budget: int = 200_000
+) -> tuple[int, Mapping[str, str], str]:
     """POST a streaming request with plain aiohttp; (status, headers, body text)."""
     headers = {"X-DRAIN-Voucher": consumer.next_voucher(budget).header_value()}
     async with (
@@ -252,8 +256,8 @@ async def test_no_unpaid_tokens_when_the_upstream_ignores_max_tokens(
 ) -> None:
     consumer = await open_channel(provider)
     content = directive(reply=LONG_REPLY, ignore_max_tokens=True)
-    messages = [{"role": "user", "content": content}]
-    input_tokens = provider.app[COUNTER].count_messages("demo", messages)
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": content}]
+    input_tokens = provider.app[COUNTER].count_messages("demo", list(messages))
     paid_tokens = 40
     voucher = consumer.sign(cost(DEMO_PRICE, input_tokens, paid_tokens))  # exactly 40 output tokens
     stream = await provider.client().chat.completions.create(

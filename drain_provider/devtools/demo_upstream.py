@@ -229,8 +229,9 @@ def _stream_events(
 async def _stream(request: web.Request, options: dict[str, Any], events: list[tuple[str, bytes]]) -> web.StreamResponse:
     """Stream the answer, misbehaving as the directive asks: `token_delay`, `die_after` K
     content events (the connection is cut), `error_after` K (an error event), `malformed_after`
-    K (an event that is not JSON), `split` (events cut into writes of that many bytes, 3 if true), `merge` (the whole
-    stream in one write), `crlf` line endings, `comments` (keep-alive comments between events)."""
+    K (an event that is not JSON), `split` (events cut into writes of that many bytes, 3 if true),
+    `merge` (the whole stream in one write), `crlf` line endings, `comments` (keep-alive comments
+    between events)."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     stats = request.app[DEMO_STATS]
@@ -254,26 +255,35 @@ async def _stream(request: web.Request, options: dict[str, Any], events: list[tu
                 content_sent += 1
                 if delay:
                     await asyncio.sleep(delay)
-            if options.get("crlf"):
-                data = data.replace(b"\n", b"\r\n")
-            if options.get("comments"):
-                data = b": keep-alive\n\n" + data
-            out.append(data)
+            out.append(_framed(data, options))
             if not options.get("merge"):
-                payload = b"".join(out)
+                await _write(response, b"".join(out), options)
                 out.clear()
-                if not options.get("split"):
-                    await response.write(payload)
-                piece = 3 if options.get("split") is True else int(options.get("split") or 0)
-                for start in range(0, len(payload), piece) if piece else ():
-                    await response.write(payload[start : start + piece])
-                    await asyncio.sleep(0.001)
         await response.write(b"".join(out))
         await response.write_eof()
     except (asyncio.CancelledError, ConnectionResetError):
         stats.streams_cancelled.append((content_sent, time.monotonic()))
         raise
     return response
+
+
+def _framed(event: bytes, options: dict[str, Any]) -> bytes:
+    if options.get("crlf"):
+        event = event.replace(b"\n", b"\r\n")
+    if options.get("comments"):
+        event = b": keep-alive\n\n" + event
+    return event
+
+
+async def _write(response: web.StreamResponse, payload: bytes, options: dict[str, Any]) -> None:
+    """In one write, or in pieces of `split` bytes, each given time to be read on its own."""
+    piece = 3 if options.get("split") is True else int(options.get("split") or 0)
+    if not piece:
+        await response.write(payload)
+        return
+    for start in range(0, len(payload), piece):
+        await response.write(payload[start : start + piece])
+        await asyncio.sleep(0.001)
 
 
 async def _models(request: web.Request) -> web.Response:

@@ -119,6 +119,13 @@ def save_dev_consumer(consumer: DrainConsumer, path: str | Path = DEV_FILE) -> N
     Path(path).write_text(json.dumps(facts, indent=2) + "\n")
 
 
+def _forget_last_dev_ledger() -> None:
+    """A new chain: the ledger of the last dev run means nothing (a few small unlinks, before
+    anything is served)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(DEV_DATABASE + suffix).unlink(missing_ok=True)
+
+
 async def run_dev(
     env: dict[str, str], *, rpc_url: str | None, port: int | None, serve: bool, started: float | None
 ) -> int:
@@ -131,8 +138,7 @@ async def run_dev(
     demo_runner, demo_url = await _serve_demo_upstream() if use_demo else (None, None)
 
     if not env.get("DATABASE_PATH"):
-        for suffix in ("", "-wal", "-shm"):  # a new chain: the ledger of the last dev run means nothing
-            Path(DEV_DATABASE + suffix).unlink(missing_ok=True)
+        _forget_last_dev_ledger()
     settings = dev_settings(env, chain, provider_key, demo_url)
     if port is not None:
         settings = replace(settings, port=port)
