@@ -79,7 +79,7 @@ class Deployment:
     default_rpc_url: str
 
 
-# PROTOCOL.md, "Contract": the public deployments clients know about.
+# docs/PROTOCOL.md, "The contract": the public deployments clients know about.
 DEPLOYMENTS: dict[int, Deployment] = {
     137: Deployment(
         chain_name="Polygon",

@@ -48,6 +48,7 @@ async def test_without_admin_token_configured_the_api_is_off(provider: Provider,
     assert "ADMIN_TOKEN" in body["error"]["message"]
 
 
+@pytest.mark.rule(9)
 async def test_reports_match_the_ledger_and_the_chain(
     provider_factory: ProviderFactory, open_channel: ChannelFactory, chain: DevChain
 ) -> None:

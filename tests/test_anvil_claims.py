@@ -56,6 +56,7 @@ async def test_pay_and_claim_end_to_end(
 @pytest.mark.parametrize(
     ("mode", "failures"), [("fail", 1), ("fail", 3), ("fail", 7), ("lose", 1), ("lose", 3), ("lose", 6)]
 )
+@pytest.mark.rule(6)
 async def test_claim_lands_once_through_a_flaky_rpc(
     anvil_chain: DevChain,
     rpc_proxy: RpcProxy,
@@ -110,6 +111,7 @@ def _claims(database: Path) -> list[tuple[Any, ...]]:
         return conn.execute("SELECT status, tx_hash FROM claims ORDER BY id").fetchall()
 
 
+@pytest.mark.rule(6)
 async def test_a_claim_killed_between_submit_and_receipt_is_reconciled_without_resubmitting(
     anvil_chain: DevChain, rpc_proxy: RpcProxy, upstream: Upstream, open_channel: ChannelFactory, tmp_path: Path
 ) -> None:

@@ -31,6 +31,8 @@ def set_threshold(provider: Provider, threshold: int) -> None:
     provider.claimer.settings = replace(provider.claimer.settings, claim_threshold=threshold)
 
 
+@pytest.mark.rule(6)
+@pytest.mark.rule(7)
 async def test_claims_at_the_threshold_by_the_exact_amount(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
 ) -> None:
@@ -55,7 +57,7 @@ async def test_claims_at_the_threshold_by_the_exact_amount(
     by_channel = {o.channel_id: o for o in outcomes}
     for consumer in (at, above):
         outcome = by_channel[consumer.channel_id]
-        # DESIGN rule 7: the smallest voucher covering what was charged, not the highest signed.
+        # docs/DESIGN.md rule 7: the smallest voucher covering what was charged, not the highest signed.
         total = await charged(provider, consumer)
         expected = min(a for a in await voucher_amounts(provider, consumer) if a >= total)
         assert outcome.amount == expected < consumer.amount
@@ -73,6 +75,7 @@ async def test_claims_at_the_threshold_by_the_exact_amount(
     assert len(rows) == 2 and all(status == "confirmed" and tx for status, tx in rows)
 
 
+@pytest.mark.rule(7)
 async def test_credit_above_the_claim_stays_the_consumers(provider: Provider, open_channel: ChannelFactory) -> None:
     consumer = await open_channel(provider)
     client = provider.client()
@@ -88,6 +91,8 @@ async def test_credit_above_the_claim_stays_the_consumers(provider: Provider, op
     assert await provider.claimer.cycle() == []  # charged is still below what the chain holds
 
 
+@pytest.mark.rule(6)
+@pytest.mark.rule(8)
 async def test_expiring_channel_is_claimed_below_the_threshold(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
 ) -> None:
@@ -100,6 +105,7 @@ async def test_expiring_channel_is_claimed_below_the_threshold(
     assert (await chain.client().get_channel(consumer.channel_id)).claimed == outcome.amount
 
 
+@pytest.mark.rule(8)
 async def test_vouchers_near_expiry_are_refused(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
 ) -> None:
@@ -112,6 +118,7 @@ async def test_vouchers_near_expiry_are_refused(
     assert info.value.response.headers["X-DRAIN-Error"] == "channel_expiring"
 
 
+@pytest.mark.rule(9)
 async def test_closed_channel_is_marked_and_refused(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -135,6 +142,7 @@ async def test_closed_channel_is_marked_and_refused(
     assert info.value.response.headers["X-DRAIN-Error"] == "channel_not_found"
 
 
+@pytest.mark.rule(9)
 async def test_already_claimed_revert_is_reconciled_not_retried(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
 ) -> None:

@@ -133,6 +133,7 @@ MALFORMED: list[tuple[str, Any]] = [
 
 
 @pytest.mark.parametrize(("case", "make"), MALFORMED, ids=[c for c, _ in MALFORMED])
+@pytest.mark.rule(1)
 async def test_invalid_voucher_format(provider: Provider, paying: DrainConsumer, case: str, make: Any) -> None:
     before = await ledger_state(provider)
     error = await sdk_error(provider, make(_good(paying)))
@@ -153,6 +154,7 @@ def _with_signature(voucher: Voucher, signature: bytes) -> str:
     return Voucher(voucher.channel_id, voucher.amount, voucher.nonce, signature).header_value()
 
 
+@pytest.mark.rule(1)
 async def test_invalid_signatures(provider: Provider, paying: DrainConsumer, chain: DevChain) -> None:
     before = await ledger_state(provider)
     nonce = paying.nonce + 1
@@ -179,12 +181,14 @@ async def test_invalid_signatures(provider: Provider, paying: DrainConsumer, cha
     assert await ledger_state(provider) == before
 
 
+@pytest.mark.rule(1)
 async def test_channel_not_found(provider: Provider) -> None:
     voucher = sign_voucher(bytes(Account.create().key), provider.domain, "0x" + "ab" * 32, 1000, 1)
     assert_error(await sdk_error(provider, voucher.header_value()), 402, "channel_not_found")
     assert await provider.ledger.fetchone("SELECT COUNT(*) FROM channels") == (0,)
 
 
+@pytest.mark.rule(1)
 async def test_wrong_provider(provider: Provider, open_channel: ChannelFactory) -> None:
     elsewhere = await open_channel(Account.create().address)
     voucher = elsewhere.next_voucher(100_000)
@@ -192,6 +196,7 @@ async def test_wrong_provider(provider: Provider, open_channel: ChannelFactory) 
     assert provider.address in body["error"]["message"]
 
 
+@pytest.mark.rule(1)
 async def test_replayed_and_lower_nonce(provider: Provider, paying: DrainConsumer) -> None:
     replay = paying.sign(paying.amount, nonce=paying.nonce)  # the nonce already used
     before = await ledger_state(provider)
@@ -201,16 +206,19 @@ async def test_replayed_and_lower_nonce(provider: Provider, paying: DrainConsume
     assert await ledger_state(provider) == before
 
 
+@pytest.mark.rule(1)
 async def test_amount_below_last(provider: Provider, paying: DrainConsumer) -> None:
     lower = sign_voucher(paying.account.key, paying.domain, paying.channel_id, paying.amount - 1, paying.nonce + 1)
     assert_error(await sdk_error(provider, lower.header_value()), 402, "invalid_amount")
 
 
+@pytest.mark.rule(1)
 async def test_amount_over_deposit(provider: Provider, paying: DrainConsumer) -> None:
     over = sign_voucher(paying.account.key, paying.domain, paying.channel_id, paying.deposit + 1, paying.nonce + 1)
     assert_error(await sdk_error(provider, over.header_value()), 402, "exceeds_deposit")
 
 
+@pytest.mark.rule(2)
 async def test_insufficient_funds_reports_required_and_provided(
     provider: Provider, open_channel: ChannelFactory
 ) -> None:

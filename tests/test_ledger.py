@@ -32,10 +32,11 @@ async def open_ledger(path: Path) -> Ledger:
     return ledger
 
 
+@pytest.mark.rule(4)
 async def test_voucher_is_committed_before_the_client_gets_a_byte(
     provider: Provider, open_channel: ChannelFactory
 ) -> None:
-    """DESIGN rule 4. The upstream may be called while the voucher's transaction commits; the
+    """docs/DESIGN.md rule 4. The upstream may be called while the voucher's transaction commits; the
     client is sent nothing before the commit."""
     consumer = await open_channel(provider)
     voucher = consumer.next_voucher(100_000)
@@ -60,6 +61,7 @@ async def test_voucher_is_committed_before_the_client_gets_a_byte(
     assert record is not None and record.reserved == 0 and record.charged > 0
 
 
+@pytest.mark.rule(4)
 async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
     provider: Provider, open_channel: ChannelFactory, upstream: Upstream
 ) -> None:
@@ -96,6 +98,7 @@ async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
     await paid_chat(provider.client(), consumer)
 
 
+@pytest.mark.rule(4)
 async def test_a_restart_releases_reservations_left_by_a_crash(
     tmp_path: Path, provider_factory: ProviderFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -130,6 +133,7 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
     await ledger.close()
 
 
+@pytest.mark.rule(3)
 async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
     await ledger.upsert_channel(CHANNEL, STATE)
@@ -141,6 +145,7 @@ async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: 
     await ledger.close()
 
 
+@pytest.mark.rule(2)
 async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
     await ledger.upsert_channel(CHANNEL, STATE)
@@ -163,6 +168,7 @@ async def test_migrations_run_once(tmp_path: Path) -> None:
         await ledger.close()
 
 
+@pytest.mark.rule(5)
 async def test_shutdown_mid_request_releases_the_reservation(
     provider: Provider, open_channel: ChannelFactory, upstream: Upstream
 ) -> None:

@@ -41,6 +41,7 @@ async def test_accepted_voucher_is_claimed_on_chain(
 
 
 @pytest.mark.parametrize("wrong", ["chain id", "contract"])
+@pytest.mark.rule(1)
 async def test_wrong_domain_is_refused_by_us_and_by_the_chain(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain, wrong: str
 ) -> None:

@@ -65,6 +65,7 @@ async def test_legacy_completions_are_paid_too(provider: Provider, open_channel:
     assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, completion.usage.prompt_tokens, 5)
 
 
+@pytest.mark.rule(5)
 async def test_usage_missing_upstream_is_counted_locally(provider: Provider, open_channel: ChannelFactory) -> None:
     consumer = await open_channel(provider)
     directive = '!demo {"usage": false}'
@@ -78,6 +79,7 @@ async def test_usage_missing_upstream_is_counted_locally(provider: Provider, ope
     assert row == ("local", out_tokens)
 
 
+@pytest.mark.rule(2)
 async def test_max_tokens_is_capped_to_what_the_voucher_pays_for(
     provider: Provider, open_channel: ChannelFactory, upstream: Upstream
 ) -> None:
@@ -112,6 +114,7 @@ async def test_client_max_tokens_is_kept_when_paid_for(
         ('!demo {"delay": 3}', 504),
     ],
 )
+@pytest.mark.rule(5)
 async def test_upstream_failures_are_not_charged(
     provider_factory: ProviderFactory, open_channel: ChannelFactory, directive: str, status: int
 ) -> None:
@@ -145,6 +148,8 @@ async def test_upstream_unreachable_is_502_and_not_charged(
     assert record is not None and record.charged == 0 and record.reserved == 0
 
 
+@pytest.mark.rule(2)
+@pytest.mark.rule(3)
 async def test_twenty_concurrent_calls_never_overcharge(provider: Provider, open_channel: ChannelFactory) -> None:
     consumer = await open_channel(provider)
     client = provider.client()

@@ -88,6 +88,7 @@ async def test_sdk_stream_without_usage(provider: Provider, open_channel: Channe
     assert await charged(provider, consumer) == row_cost > 0
 
 
+@pytest.mark.rule(5)
 async def test_sdk_stream_with_usage(provider: Provider, open_channel: ChannelFactory) -> None:
     consumer = await open_channel(provider)
     text, chunks = await stream_chat(provider, consumer, "Count me", stream_options={"include_usage": True})
@@ -153,6 +154,7 @@ async def test_legacy_completions_stream(provider: Provider, open_channel: Chann
     assert (await last_usage_row(provider))[0] == "ok"
 
 
+@pytest.mark.rule(5)
 async def test_client_disconnect_cancels_upstream_and_pays_what_was_delivered(
     provider: Provider, open_channel: ChannelFactory, upstream: Upstream
 ) -> None:
@@ -188,6 +190,7 @@ async def test_client_disconnect_cancels_upstream_and_pays_what_was_delivered(
 
 
 @pytest.mark.parametrize(("options", "status"), [({"status": 500}, 502), ({"status": 429}, 502), ({"delay": 3}, 504)])
+@pytest.mark.rule(5)
 async def test_upstream_failure_before_first_token_is_json_and_free(
     provider_factory: ProviderFactory, open_channel: ChannelFactory, options: dict[str, Any], status: int
 ) -> None:
@@ -214,6 +217,7 @@ async def test_upstream_refused_is_502_and_free(
 
 
 @pytest.mark.parametrize("how", ["die_after", "error_after"])
+@pytest.mark.rule(5)
 async def test_upstream_dying_mid_stream_sends_an_error_event(
     provider: Provider, open_channel: ChannelFactory, how: str
 ) -> None:
@@ -236,6 +240,7 @@ async def test_upstream_dying_mid_stream_sends_an_error_event(
         await stream_chat(provider, consumer, content)
 
 
+@pytest.mark.rule(5)
 async def test_malformed_events_are_skipped_and_logged(
     provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -251,6 +256,7 @@ async def test_malformed_events_are_skipped_and_logged(
 
 
 @pytest.mark.parametrize("include_usage", [False, True])
+@pytest.mark.rule(3)
 async def test_no_unpaid_tokens_when_the_upstream_ignores_max_tokens(
     provider: Provider, open_channel: ChannelFactory, include_usage: bool
 ) -> None:

@@ -86,15 +86,16 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
     return web.json_response(body, status=error.status, headers=headers)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+# The codes aiohttp's own HTTP errors are answered with.
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError:
-    code = _HTTP_CODES.get(exc.status, "invalid_request")
+    code = HTTP_CODES.get(exc.status, "invalid_request")
     message = ERRORS[code].message
     if exc.status == 413:
         message = f"The request body is larger than {request.config_dict[SETTINGS].max_body_bytes} bytes."
-    return ApiError(code, message, status=exc.status if exc.status in _HTTP_CODES else 400)
+    return ApiError(code, message, status=exc.status if exc.status in HTTP_CODES else 400)
 
 
 def _as_api_error(exc: Exception) -> ApiError | None:

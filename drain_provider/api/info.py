@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 
 from aiohttp import web
@@ -9,6 +10,7 @@ from aiohttp import web
 from .. import __version__
 from ..protocol import EIP712_TYPES, format_usdc
 from .discovery import base_url
+from .errors import ERRORS
 from .state import CLAIMER, GATE, LEDGER, SETTINGS
 
 STARTED_AT = int(time.time())
@@ -100,6 +102,7 @@ async def docs(request: web.Request) -> web.Response:
         for name, p in sorted(settings.prices.items())
     )
     text = DOCS_TEMPLATE.format(
+        errors=_codes_by_status(),
         root=root,
         provider=settings.provider_address,
         chain=settings.chain_id,
@@ -107,6 +110,15 @@ async def docs(request: web.Request) -> web.Response:
         prices=prices,
     )
     return web.Response(text=text, content_type="text/plain")
+
+
+def _codes_by_status() -> str:
+    by_status: dict[int, list[str]] = {}
+    for code, spec in ERRORS.items():
+        by_status.setdefault(spec.status, []).append(code)
+    by_status.setdefault(504, []).append("upstream_error (timed out)")
+    lines = [f"{status}: {', '.join(codes)}" for status, codes in sorted(by_status.items())]
+    return "\n".join(textwrap.fill(line, 95, initial_indent="  ", subsequent_indent="       ") for line in lines)
 
 
 DOCS_TEMPLATE = """\
@@ -140,12 +152,10 @@ above (cost = in*inPrice//1000 + out*outPrice//1000). A request reserves its wor
 (input + max_tokens) before it runs; if your voucher leaves room for less, max_tokens is lowered
 to what it pays for. Failed upstream calls are not charged.
 
-Errors: JSON {{"error": {{"message", "type", "code"}}}} plus header X-DRAIN-Error. 402 codes:
-voucher_required, invalid_voucher_format, invalid_signature, channel_not_found, wrong_provider,
-invalid_nonce, invalid_amount, exceeds_deposit, channel_expiring (the channel expires too soon:
-open a new one), insufficient_funds (with X-DRAIN-Required = the cumulative amount needed and
-X-DRAIN-Provided). 400 model_not_supported / invalid_request,
-413 request_too_large, 502/504 upstream_error, 503 chain_unavailable.
+Errors: JSON {{"error": {{"message", "type", "code"}}}} plus header X-DRAIN-Error.
+insufficient_funds comes with X-DRAIN-Required (the cumulative amount needed) and
+X-DRAIN-Provided; channel_expiring means: open a new channel. Codes by status:
+{errors}
 
 Other endpoints: GET {root}/v1/models, GET {root}/v1/pricing, GET {root}/v1/signing, GET {root}/health.
 Python: the drain_provider package's DrainConsumer opens channels and signs vouchers for you.

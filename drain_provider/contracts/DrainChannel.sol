@@ -15,7 +15,7 @@ interface IERC20Minimal {
 /// off-chain EIP-712 vouchers carrying a cumulative amount. The provider claims the
 /// highest voucher; the consumer reclaims the rest after expiry, or at any time with
 /// a provider-signed CloseAuthorization.
-/// @dev Written from drain-provider's PROTOCOL.md. Self-contained: no imports.
+/// @dev Written from drain-provider's docs/PROTOCOL.md. Self-contained: no imports.
 contract DrainChannel {
     struct Channel {
         address consumer;
