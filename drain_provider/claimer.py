@@ -149,9 +149,7 @@ class Claimer:
             return ClaimOutcome(
                 target.channel_id, target.voucher.amount, ClaimStatus.SKIPPED, error="a claim is in flight"
             )
-        record = ClaimRecord(
-            claim_id, target.channel_id, target.voucher.amount, ClaimStatus.PENDING, *(None,) * 4, 0, 0
-        )
+        record = ClaimRecord.pending(claim_id, target.channel_id, target.voucher.amount)
         self._in_flight.add(claim_id)
         try:
             return await self._submit_claim(target, record)
@@ -280,7 +278,7 @@ class Claimer:
 
     async def reconcile(self) -> list[ClaimOutcome]:
         """Pending claims nobody here is working on (left by a crash, or by an RPC failure in an
-        earlier cycle): settled from their receipts, re-sent as the same bytes, or, if they never
+        earlier cycle): closed from their receipts, re-sent as the same bytes, or, if they never
         got a transaction, closed as failed (nothing was sent)."""
         outcomes = []
         for record in await self.ledger.claims(status=ClaimStatus.PENDING, limit=10_000):

@@ -231,6 +231,12 @@ class ClaimRecord:
     updated_at: float
 
     @classmethod
+    def pending(cls, claim_id: int, channel_id: str, amount: int) -> ClaimRecord:
+        """A claim just begun: nothing signed or sent yet."""
+        now = time.time()
+        return cls(claim_id, channel_id, amount, ClaimStatus.PENDING, None, None, None, None, now, now)
+
+    @classmethod
     def from_row(cls, row: sqlite3.Row) -> ClaimRecord:
         return cls(**{**_as_dict(row), "status": ClaimStatus(row["status"])})
 

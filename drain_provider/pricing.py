@@ -19,7 +19,7 @@ class ModelPrice:
     output_per_1k: int
 
 
-# The seed's defaults: OpenAI's launch list prices with a 50% markup (gpt-4o: $0.005 -> 7500).
+# The reference provider's defaults: OpenAI's launch list prices with a 50% markup (gpt-4o: $0.005 -> 7500).
 DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4o": ModelPrice(7500, 22500),
     "gpt-4o-mini": ModelPrice(225, 900),
@@ -29,7 +29,7 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
 
 
 def cost(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
-    """The seed formula: floor division per part, so 500 in / 200 out on gpt-4o is 8250."""
+    """The reference provider's formula: floor division per part, so 500 in / 200 out on gpt-4o is 8250."""
     return input_tokens * price.input_per_1k // 1000 + output_tokens * price.output_per_1k // 1000
 
 
@@ -49,7 +49,7 @@ def env_names(model: str) -> tuple[str, ...]:
     """Environment variable stems that may price `model`.
 
     The canonical stem upper-cases the name and turns every non-alphanumeric run into `_`
-    (gpt-4o -> GPT_4O). The seed's README writes PRICE_GPT4O_INPUT, so the stem with those
+    (gpt-4o -> GPT_4O). The reference provider's README writes PRICE_GPT4O_INPUT, so the stem with those
     characters dropped is accepted too.
     """
     upper = model.upper()

@@ -66,9 +66,9 @@ async def test_reports_match_the_ledger_and_the_chain(
     assert int(stats["gasBalanceWei"]) == await chain.w3.eth.get_balance(to_checksum_address(provider.address))
 
     _, _, vouchers = await call(provider, "GET", "/vouchers", TOKEN)
-    best = {v["channelId"]: v for v in vouchers["vouchers"]}
-    assert best[first.channel_id]["nonce"] == "2" and best[first.channel_id]["amount"] == str(first.amount)
-    assert best[second.channel_id]["consumer"] == second.address
+    last = {v["channelId"]: v for v in vouchers["vouchers"]}
+    assert last[first.channel_id]["nonce"] == "2" and last[first.channel_id]["amount"] == str(first.amount)
+    assert last[second.channel_id]["consumer"] == second.address
 
     # Below the threshold: a plain claim does nothing; force claims both.
     _, _, result = await call(provider, "POST", "/claim", TOKEN)

@@ -22,7 +22,7 @@ async def test_models_list_in_openai_format(provider: Provider) -> None:
     assert all(m.object == "model" for m in models.data)
 
 
-async def test_pricing_in_seed_format(provider: Provider) -> None:
+async def test_pricing_in_the_reference_format(provider: Provider) -> None:
     async with aiohttp.ClientSession() as session, session.get(f"{provider.url}/pricing") as resp:
         pricing = await resp.json()
     assert pricing == {

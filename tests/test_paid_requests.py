@@ -154,7 +154,7 @@ async def test_twenty_concurrent_calls_never_overcharge(provider: Provider, open
     consumer = await open_channel(provider)
     client = provider.client()
     # Twenty racing vouchers, signed in nonce order but sent all at once: some arrive out of
-    # order and are refused; whatever is accepted, charged never passes the best voucher.
+    # order and are refused; whatever is accepted, charged never passes the last voucher.
     vouchers = [consumer.sign(amount=400 * (i + 1)) for i in range(20)]
 
     async def call(voucher: Voucher) -> tuple[int, str]:

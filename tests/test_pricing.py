@@ -1,9 +1,9 @@
 """Pins `drain_provider.pricing`: the integer money arithmetic and how prices are configured.
 
-- `cost` is the seed formula (floor division per part, 500 in / 200 out on gpt-4o = 8250).
+- `cost` is the reference provider's formula (floor division per part, 500 in / 200 out on gpt-4o = 8250).
 - `affordable_output_tokens` returns the exact maximum a budget pays for (checked over many
   random cases), and `ReservationPlan.fit` never reserves above the headroom.
-- `PRICE_<MODEL>_<SIDE>` overrides accept both the canonical and the seed's compact spelling,
+- `PRICE_<MODEL>_<SIDE>` overrides accept both the canonical and the reference provider's compact spelling,
   and every bad value or pricing file is a `PricingError` naming where it came from.
 """
 
@@ -38,7 +38,7 @@ def random_price(rng: random.Random) -> ModelPrice:
 # --- cost ------------------------------------------------------------------------------------
 
 
-def test_cost_seed_example() -> None:
+def test_cost_reference_example() -> None:
     assert cost(GPT4O, 500, 200) == 3750 + 4500 == 8250
 
 
@@ -52,7 +52,7 @@ def test_cost_is_zero_for_nothing() -> None:
     assert cost(GPT4O, 0, 0) == 0
 
 
-def test_default_prices_include_seed_gpt4o() -> None:
+def test_default_prices_include_the_reference_gpt4o() -> None:
     assert DEFAULT_PRICES["gpt-4o"] == GPT4O
 
 
