@@ -104,13 +104,12 @@ class Charge:
         self.plan = plan
         self.endpoint = endpoint
         self.model = model
-        self._encoding = encoding
         self._durable: asyncio.Future[Reservation] | None = None
         self._ending: StreamEnding | None = None
         self._reported: Usage | None = None
         self.voucher: Voucher | None = None
         self.reservation: Reservation | None = None
-        self.meter = TokenMeter(encoding, 0)
+        self.meter = TokenMeter(encoding, 0)  # its limit is set once the reservation is known
         self.settlement: Settlement | None = None
 
     @property
@@ -152,8 +151,7 @@ class Charge:
             if isinstance(exc, InsufficientFunds):
                 headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
             raise PaymentError(exc.code, exc.message, headers) from None
-        limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
-        self.meter = TokenMeter(self._encoding, limit)
+        self.meter.limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
         return self
 
     def _release_orphan(self, durable: asyncio.Future[Reservation]) -> None:

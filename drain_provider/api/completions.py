@@ -86,8 +86,10 @@ async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Cha
         body = paid.upstream_body(charge.output_tokens, upstream.max_tokens_field)
         answer = await upstream.post_json(paid.endpoint, body)
         await charge.committed()  # long done, unless the disk is slow: the answer waits for it
-        charge.meter.add(openai_format.generated_text(answer.data, "message"))
-        charge.finish(StreamEnding.DONE, openai_format.reported_usage(answer.data))
+        reported = openai_format.reported_usage(answer.data)
+        if reported is None:  # the answer's text is counted only when the upstream did not count it
+            charge.meter.add(openai_format.generated_text(answer.data, "message"))
+        charge.finish(StreamEnding.DONE, reported)
     headers = {**_figures(charge.settlement), "X-DRAIN-Channel": charge.channel_id}
     return web.Response(body=answer.body, content_type="application/json", headers=headers)
 
