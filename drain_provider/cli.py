@@ -101,12 +101,12 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     await ledger.open()
     chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
     try:
-        claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, ChainClock())
         if not claim:
             report = await status_report(settings, ledger, chain, None)
             report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]
             print(json.dumps(report, indent=2))
             return 0
+        claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, ChainClock())
         try:
             outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
         except ChainUnavailable as exc:

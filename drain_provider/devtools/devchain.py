@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
-from eth.abc import SignedTransactionAPI, StateAPI
+from eth.abc import ComputationAPI, SignedTransactionAPI, StateAPI
 from eth.vm.spoof import SpoofTransaction
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
@@ -28,12 +28,17 @@ log = logging.getLogger(__name__)
 GAS_ALLOWANCE_WEI = 10**18  # 1 ETH: enough gas for thousands of claims on a dev chain
 
 
-def _fits(state: StateAPI, transaction: SignedTransactionAPI, gas: int) -> bool:
+def _try(state: StateAPI, transaction: SignedTransactionAPI, **overrides: int) -> ComputationAPI:
+    """Run `transaction` (with `overrides` of its fields) and undo it."""
     snapshot = state.snapshot()
     try:
-        return not state.apply_transaction(cast(SignedTransactionAPI, SpoofTransaction(transaction, gas=gas))).is_error
+        return state.apply_transaction(cast(SignedTransactionAPI, SpoofTransaction(transaction, **overrides)))
     finally:
         state.revert(snapshot)
+
+
+def _fits(state: StateAPI, transaction: SignedTransactionAPI, gas: int) -> bool:
+    return not _try(state, transaction, gas=gas).is_error
 
 
 def quick_gas_estimate(state: StateAPI, transaction: SignedTransactionAPI) -> int:
@@ -48,12 +53,7 @@ def quick_gas_estimate(state: StateAPI, transaction: SignedTransactionAPI) -> in
     doubling. The result is at most about 2% above the exact minimum (tests/test_devchain.py).
     Like py-evm's estimators, a transaction that fails even at the block limit raises its error.
     """
-    unlimited = cast(SignedTransactionAPI, SpoofTransaction(transaction, gas=state.gas_limit, gas_price=0))
-    snapshot = state.snapshot()
-    try:
-        computation = state.apply_transaction(unlimited)
-    finally:
-        state.revert(snapshot)
+    computation = _try(state, transaction, gas=state.gas_limit, gas_price=0)
     if computation.is_error:
         raise computation.error
     gas = state.gas_limit - computation.get_gas_remaining()
