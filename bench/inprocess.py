@@ -27,9 +27,9 @@ from aiohttp.test_utils import TestServer
 from eth_account import Account
 
 from drain_provider.api import create_app
-from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
-from drain_provider.devtools.demo_upstream import create_demo_upstream
+from drain_provider.devtools.demo_upstream import DEMO_MODEL, create_demo_upstream
+from drain_provider.devtools.dev import dev_settings
 from drain_provider.devtools.devchain import start_embedded_chain
 from drain_provider.ledger import Ledger
 from drain_provider.pricing import ModelPrice, ReservationPlan
@@ -44,17 +44,12 @@ async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
     chain = await start_embedded_chain()
     upstream = TestServer(create_demo_upstream())
     await upstream.start_server()
-    settings = Settings(
-        provider_private_key=bytes(Account.create().key),
-        chain_id=chain.chain_id,
-        drain_contract=chain.contract,
-        contract_version="v2",
-        rpc_url=None,
-        host="127.0.0.1",
-        upstream_base_url=str(upstream.make_url("/v1")),
-        database_path=Path(tempfile.mkdtemp()) / "ledger.db",
-        prices={"demo": PRICE},
-        claim_interval=0,
+    ledger_path = str(Path(tempfile.mkdtemp()) / "ledger.db")
+    settings = dev_settings(
+        {"DATABASE_PATH": ledger_path, "CLAIM_INTERVAL": "0"},
+        chain,
+        bytes(Account.create().key),
+        str(upstream.make_url("/v1")),
     )
     provider = TestServer(create_app(settings, chain=chain.client()))
     await provider.start_server()
@@ -64,7 +59,11 @@ async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
         chain.client(), chain.token, consumer_key, settings.provider_address, deposit=10**12, duration=30 * 86_400
     )
     url = str(provider.make_url("/v1/chat/completions"))
-    body = {"model": "demo", "messages": [{"role": "user", "content": "Hello there, how are you?"}], "max_tokens": 60}
+    body = {
+        "model": DEMO_MODEL,
+        "messages": [{"role": "user", "content": "Hello there, how are you?"}],
+        "max_tokens": 60,
+    }
     body["stream"] = stream
     headers = [consumer.sign(1000 * (i + 1)).header_value() for i in range(count + WARM_UP)]
     async with aiohttp.ClientSession() as session:

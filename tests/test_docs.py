@@ -46,16 +46,28 @@ def _name(node: ast.expr) -> str:
     return ""
 
 
+def _error_subclass_bodies(tree: ast.Module) -> set[int]:
+    """The nodes inside classes derived from our error classes (their super().__init__ calls
+    carry a code too, as InsufficientFunds does)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(_name(base) in ERROR_CLASSES for base in node.bases):
+            inside |= {id(child) for child in ast.walk(node)}
+    return inside
+
+
 def raised_codes() -> dict[str, Path]:
     """Error codes passed to our error classes anywhere in the package, and where."""
     found: dict[str, Path] = {}
     for path in python_files(PACKAGE):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        in_subclass = _error_subclass_bodies(tree)
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
             name = _name(node.func)
             candidates: list[ast.expr] = []
-            if name in ERROR_CLASSES or (name == "__init__" and path.name == "ledger.py"):
+            if name in ERROR_CLASSES or (name == "__init__" and id(node) in in_subclass):
                 candidates = node.args[:1]
             elif name == "RequestError":
                 candidates = node.args[1:2] + [k.value for k in node.keywords if k.arg == "code"]
