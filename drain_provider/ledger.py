@@ -188,7 +188,6 @@ class Reservation:
     channel_id: str
     amount: int
     output_tokens: int  # the most output tokens the reservation pays for
-    voucher_amount: int
 
 
 @dataclass(frozen=True)
@@ -426,7 +425,7 @@ class Ledger:
                 (voucher.channel_id, voucher_id, endpoint, model, UsageStatus.RESERVED, amount, plan.input_tokens, now),
             ).lastrowid
             assert usage_id is not None
-            return Reservation(usage_id, voucher.channel_id, amount, output_tokens, voucher.amount)
+            return Reservation(usage_id, voucher.channel_id, amount, output_tokens)
 
         return self.write(authorize, before_commit=before_commit)
 
