@@ -31,7 +31,7 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL, create_demo_upstream
 from drain_provider.devtools.dev import dev_settings
 from drain_provider.devtools.devchain import start_embedded_chain
-from drain_provider.ledger import Ledger
+from drain_provider.ledger import Ledger, Reservation
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 from drain_provider.states import UsageSource, UsageStatus
@@ -86,12 +86,13 @@ async def ledger_pairs(count: int) -> dict[str, float]:
     await ledger.open()
     channels = [f"0x{i + 1:064x}" for i in range(32)]
     for channel in channels:
-        await ledger.upsert_channel(channel, ChannelState("0x" + "11" * 20, "0x" + "22" * 20, 10**12, 0, 2**40))
+        await ledger.add_channel(channel, ChannelState("0x" + "11" * 20, "0x" + "22" * 20, 10**12, 0, 2**40))
 
     async def lane(channel: str) -> None:
         for i in range(count // len(channels)):
             voucher = Voucher(channel, 2000 * (i + 1), i + 1, bytes(65))
             reservation = await ledger.authorize(voucher, plan, endpoint="/chat/completions", model="demo")
+            assert isinstance(reservation, Reservation)
             await ledger.settle(
                 reservation,
                 price_cost=900,

@@ -19,11 +19,12 @@ from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3 import AsyncWeb3
 from web3.exceptions import ContractLogicError, TransactionNotFound
+from web3.logs import DISCARD
 from web3.providers import AsyncHTTPProvider
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from .contracts import load_artifact
-from .protocol import ChannelState, Voucher, keccak
+from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher, keccak
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class PreparedTx:
     raw: bytes = field(repr=False)
     tx_hash: str
     nonce: int
-    max_cost: int  # wei: gas limit x max fee per gas
+    max_cost: int  # wei: gas limit x max fee per gas, what the account must hold
+    expected_cost: int  # wei: estimated gas x the fee per gas paid at today's base fee
 
 
 @dataclass(frozen=True)
@@ -118,19 +120,27 @@ class ChainClock:
     """The chain's time, without an RPC call: wall time plus the offset last seen.
 
     Expiry is chain time. On a live chain the two agree within seconds; on a dev chain whose
-    clock was moved forward they do not, so whoever reads the chain (the claimer, each cycle)
-    calls `sync`. The offset is never negative: an idle dev chain's last block may be old, and
-    reading "now" too early would let a channel run closer to its expiry than allowed.
+    clock was moved forward they do not, so the chain watcher calls `sync` every few seconds.
+    The offset never shrinks and is never negative, so the clock runs behind neither wall time
+    nor the latest block read: reading "now" too early would let a channel run closer to its
+    expiry than allowed; too late only refuses a little early. `block` is the
+    latest block number seen (None before the first sync).
     """
 
     def __init__(self) -> None:
         self.offset = 0.0
+        self.block: int | None = None
 
     def now(self) -> float:
         return time.time() + self.offset
 
+    def observe(self, block: int, timestamp: int) -> None:
+        self.block = max(block, self.block or 0)
+        # Never backwards: between blocks, an idle chain's latest timestamp falls behind.
+        self.offset = max(self.offset, timestamp - time.time())
+
     async def sync(self, chain: ChainClient) -> None:
-        self.offset = max(0.0, await chain.latest_timestamp() - time.time())
+        self.observe(*await chain.head())
 
 
 class ChainClient:
@@ -139,6 +149,9 @@ class ChainClient:
         abi = load_artifact("DrainChannel")["abi"]
         self.contract = w3.eth.contract(address=to_checksum_address(contract_address), abi=abi)
         self._errors = _error_selectors(abi)
+        self._closed_topic = "0x" + keccak(b"ChannelClosed(bytes32,address,uint256)").hex()
+        self._close_selector = keccak(b"close(bytes32)")[:4]
+        self._cooperative_selector = keccak(b"cooperativeClose(bytes32,uint256,bytes)")[:4]
 
     @classmethod
     def over_http(cls, rpc_url: str, contract_address: str, *, timeout: float = 10.0) -> ChainClient:
@@ -195,9 +208,61 @@ class ChainClient:
             expiry=int(expiry),
         )
 
-    async def latest_timestamp(self) -> int:
+    async def head(self) -> tuple[int, int]:
+        """The latest block's number and timestamp."""
         block = await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
-        return int(block["timestamp"])
+        return int(block["number"]), int(block["timestamp"])
+
+    async def fee_bps(self) -> int:
+        """The protocol fee in basis points (V2); 0 for a contract without one (V1)."""
+        try:
+            return int(await self._rpc("feeBps", self.contract.functions.feeBps().call()))
+        except ContractReverted:
+            return 0
+
+    def claim_paid(self, receipt: Any) -> ClaimPaid:
+        """What a mined claim paid, from its receipt's ChannelClaimed and FeePaid events."""
+        events = self.contract.events
+        payout = sum(e["args"]["amount"] for e in events.ChannelClaimed().process_receipt(receipt, errors=DISCARD))
+        fee = sum(e["args"]["amount"] for e in events.FeePaid().process_receipt(receipt, errors=DISCARD))
+        return ClaimPaid(payout=int(payout), fee=int(fee))
+
+    async def closes(self, from_block: int, to_block: int, channel_id: str | None = None) -> list[ChannelClose]:
+        """The ChannelClosed events in a block range (of one channel, or all), each with what
+        its transaction paid the provider. A few RPC calls per close: closes are rare."""
+        topics: list[Any] = [self._closed_topic]
+        if channel_id is not None:
+            topics.append(channel_id)
+        logs = await self._rpc(
+            "eth_getLogs",
+            self.w3.eth.get_logs(
+                {"address": self.contract.address, "fromBlock": from_block, "toBlock": to_block, "topics": topics}
+            ),
+        )
+        return [await self._close_of(log) for log in logs]
+
+    async def _close_of(self, log_entry: Any) -> ChannelClose:
+        event = self.contract.events.ChannelClosed().process_log(log_entry)
+        channel = "0x" + bytes(event["args"]["channelId"]).hex()
+        tx_hash = "0x" + bytes(log_entry["transactionHash"]).hex()
+        receipt = await self._rpc("eth_getTransactionReceipt", self.w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
+        tx = await self._rpc("eth_getTransactionByHash", self.w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
+        ours = [e for e in self.contract.events.ChannelClaimed().process_receipt(receipt, errors=DISCARD)]
+        fees = [e for e in self.contract.events.FeePaid().process_receipt(receipt, errors=DISCARD)]
+        payout = sum(int(e["args"]["amount"]) for e in ours if bytes(e["args"]["channelId"]).hex() == channel[2:])
+        fee = sum(int(e["args"]["amount"]) for e in fees if bytes(e["args"]["channelId"]).hex() == channel[2:])
+        selector = bytes(tx["input"])[:4]
+        # A close sent through a contract wallet has another selector: a payout shows cooperation.
+        cooperative = selector == self._cooperative_selector or (selector != self._close_selector and payout > 0)
+        return ChannelClose(
+            channel_id=channel,
+            refund=int(event["args"]["refund"]),
+            payout=payout,
+            fee=fee,
+            cooperative=cooperative,
+            tx_hash=tx_hash,
+            block_number=int(log_entry["blockNumber"]),
+        )
 
     async def balance(self, address: str) -> int:
         return int(await self._rpc("eth_getBalance", self.w3.eth.get_balance(to_checksum_address(address))))
@@ -236,6 +301,8 @@ class ChainClient:
         gas = int(await self._rpc("eth_estimateGas", call.estimate_gas({"from": sender})))
         fees = await self.fees()
         fee_per_gas = fees.get("maxFeePerGas", fees.get("gasPrice", 0))
+        # maxFeePerGas is twice the base fee plus the tip: what is paid today is the base fee plus the tip.
+        paid_per_gas = fees.get("gasPrice", (fees.get("maxFeePerGas", 0) + fees.get("maxPriorityFeePerGas", 0)) // 2)
         if max_fee_per_gas is not None and fee_per_gas > max_fee_per_gas:
             raise FeeAboveCeiling(fee_per_gas, max_fee_per_gas)
         gas_limit = gas * (100 + gas_margin_percent) // 100
@@ -248,6 +315,7 @@ class ChainClient:
             tx_hash="0x" + bytes(signed.hash).hex(),
             nonce=nonce,
             max_cost=gas_limit * fee_per_gas,
+            expected_cost=gas * paid_per_gas,
         )
 
     async def broadcast(self, raw: bytes) -> None:

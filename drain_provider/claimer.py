@@ -1,8 +1,8 @@
 """The background claimer: turn earned vouchers into USDC on chain, on time, exactly once.
 
-Every CLAIM_INTERVAL it (1) re-reads the chain's clock and the channels holding unclaimed
-vouchers (a consumer may have closed one), (2) claims channels whose unclaimed earnings reach
-CLAIM_THRESHOLD, and any channel with earnings that expires within CLAIM_EXPIRY_MARGIN.
+Every CLAIM_INTERVAL it (1) re-reads the channels holding vouchers the chain has not paid (the
+chain watcher books closes within seconds; this is its safety net), (2) claims the channels
+claim_policy says are due: at the threshold if the claim is worth its gas, and once at the end.
 
 A claim goes through the ledger's `claims` table step by step, so that no crash can make it
 happen twice or be forgotten:
@@ -22,33 +22,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from eth_account.signers.local import LocalAccount
 
 from .chain import (
     ChainClient,
-    ChainClock,
     ChainUnavailable,
     ContractReverted,
     FeeAboveCeiling,
     InsufficientGasFunds,
     NonceTooLow,
 )
+from .chainwatch import ChainWatcher
+from .claim_policy import ClaimReason, claim_reason, gas_in_usdc, worth_its_gas
 from .config import Settings
 from .ledger import ClaimRecord, ClaimTarget, Ledger
+from .protocol import ClaimPaid
 from .states import ClaimStatus
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 3600.0
-REFRESH_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
 class ClaimOutcome:
-    """What one claim attempt came to (PENDING: sent, not mined yet; SKIPPED: another was in flight)."""
+    """What one claim attempt came to (PENDING: sent, not mined yet; SKIPPED: another was in
+    flight; HELD: not worth its gas yet)."""
 
     channel_id: str
     amount: int
@@ -64,21 +65,19 @@ class Claimer:
         chain: ChainClient,
         account: LocalAccount,
         settings: Settings,
-        clock: ChainClock,
-        *,
-        on_closed: Callable[[str], None] | None = None,
+        watcher: ChainWatcher,
     ) -> None:
         self.ledger = ledger
         self.chain = chain
         self.account = account
         self.settings = settings
-        self.clock = clock
+        self.watcher = watcher
+        self.clock = watcher.clock
         self.alert: str | None = None  # why claims cannot go through, until one does
         self.last_cycle_at: float | None = None
         self._submit = asyncio.Lock()  # one transaction signed and sent at a time: nonces in order
         self._next_nonce: int | None = None
         self._in_flight: set[int] = set()  # claim ids this process is working on
-        self._on_closed = on_closed  # told of each channel found closed (the gate drops its cache)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -104,46 +103,36 @@ class Claimer:
 
     async def cycle(self, *, force: bool = False) -> list[ClaimOutcome]:
         await self.clock.sync(self.chain)
-        await self.refresh_channels()
+        await self.watcher.refresh_stale(synced_before=time.time() - self.settings.claim_interval)
         outcomes = await self.reconcile()
         outcomes += await self.claim_due(force=force)
         self.last_cycle_at = time.time()
         return outcomes
 
-    async def refresh_channels(self) -> None:
-        """Re-read the channels holding vouchers the chain has not paid, once per interval."""
-        stale = await self.ledger.channels_to_refresh(synced_before=time.time() - self.settings.claim_interval)
-        limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
-
-        async def refresh(channel_id: str) -> None:
-            async with limit:
-                await self.refresh(channel_id)
-
-        await asyncio.gather(*(refresh(channel_id) for channel_id in stale))
-
-    async def refresh(self, channel_id: str) -> None:
-        state = await self.chain.get_channel(channel_id)
-        record = await self.ledger.upsert_channel(channel_id, state)
-        if not state.exists:
-            if self._on_closed is not None:
-                self._on_closed(channel_id)
-            lost = max(record.charged - record.claimed, 0)
-            level = logging.ERROR if lost else logging.INFO
-            log.log(level, "channel_closed channel=%s unclaimed_lost=%d", channel_id, lost)
-
     # --- claiming ----------------------------------------------------------------------------
 
     async def claim_due(self, *, force: bool = False) -> list[ClaimOutcome]:
         now = self.clock.now()
+        ttl = self.settings.min_channel_ttl
         targets = await self.ledger.claim_targets(
+            provider=self.account.address,
             threshold=self.settings.claim_threshold,
-            expiring_before=now + self.settings.claim_expiry_margin,
+            final_after=now + ttl,
             now=time.time(),
             force=force,
         )
-        return list(await asyncio.gather(*(self.claim(target) for target in targets)))
+        due = []
+        for target in targets:
+            reason = (
+                ClaimReason.FORCED
+                if force
+                else claim_reason(target, now=now, threshold=self.settings.claim_threshold, min_channel_ttl=ttl)
+            )
+            if reason is not None:
+                due.append(self.claim(target, reason))
+        return list(await asyncio.gather(*due))
 
-    async def claim(self, target: ClaimTarget) -> ClaimOutcome:
+    async def claim(self, target: ClaimTarget, reason: ClaimReason = ClaimReason.FORCED) -> ClaimOutcome:
         claim_id = await self.ledger.begin_claim(target)
         if claim_id is None:
             return ClaimOutcome(
@@ -152,11 +141,11 @@ class Claimer:
         record = ClaimRecord.pending(claim_id, target.channel_id, target.voucher.amount)
         self._in_flight.add(claim_id)
         try:
-            return await self._submit_claim(target, record)
+            return await self._submit_claim(target, record, reason)
         finally:
             self._in_flight.discard(claim_id)
 
-    async def _submit_claim(self, target: ClaimTarget, record: ClaimRecord) -> ClaimOutcome:
+    async def _submit_claim(self, target: ClaimTarget, record: ClaimRecord, reason: ClaimReason) -> ClaimOutcome:
         claim_id = record.id
         try:
             async with self._submit:
@@ -171,6 +160,15 @@ class Claimer:
                 )
                 if balance < prepared.max_cost:
                     raise InsufficientGasFunds(f"balance {balance} wei, the claim may cost {prepared.max_cost} wei")
+                payout = target.voucher.amount - target.claimed
+                if reason is ClaimReason.THRESHOLD and not worth_its_gas(
+                    payout=payout,
+                    fee_bps=self.watcher.fee_bps or 0,
+                    gas_wei=prepared.expected_cost,
+                    gas_token_price=self.settings.gas_token_price,
+                ):
+                    gas = gas_in_usdc(prepared.expected_cost, self.settings.gas_token_price)
+                    return await self._close(record, ClaimStatus.HELD, f"gas {gas} above payout {payout}")
                 await self.ledger.record_claim_tx(
                     claim_id, tx_hash=prepared.tx_hash, tx_nonce=prepared.nonce, raw_tx=prepared.raw
                 )
@@ -181,7 +179,7 @@ class Claimer:
             # Found at gas estimation, nothing sent. InvalidAmount usually means the chain already
             # holds this amount (claimed elsewhere, or by a transaction we lost track of): the
             # refresh brings the ledger up to date and the channel is no longer due.
-            await self.refresh(target.channel_id)
+            await self.watcher.refresh(target.channel_id)
             return await self._close(record, ClaimStatus.REVERTED, exc.error, retry_after=MAX_BACKOFF)
         except InsufficientGasFunds as exc:
             self._next_nonce = None
@@ -201,8 +199,9 @@ class Claimer:
                 return await self._follow_receipt(record)
             return await self._close(record, ClaimStatus.FAILED, f"rpc: {exc}")
         log.info(
-            "claim_sent channel=%s amount=%d unclaimed=%d tx=%s",
+            "claim_sent channel=%s reason=%s amount=%d unclaimed=%d tx=%s",
             target.channel_id,
+            reason,
             target.voucher.amount,
             target.unclaimed,
             prepared.tx_hash,
@@ -224,11 +223,11 @@ class Claimer:
             return self._outcome(record, ClaimStatus.PENDING, f"rpc: {exc}")
         if result is None:
             return await self._unmined(record)
-        await self.refresh(record.channel_id)
+        await self.watcher.refresh(record.channel_id)
         if not result.succeeded:
             return await self._close(record, ClaimStatus.REVERTED, "reverted on chain", retry_after=MAX_BACKOFF)
         self.alert = None
-        return await self._close(record, ClaimStatus.CONFIRMED)
+        return await self._close(record, ClaimStatus.CONFIRMED, paid=self.chain.claim_paid(result.receipt))
 
     async def _unmined(self, record: ClaimRecord) -> ClaimOutcome:
         """No receipt: send the very same signed bytes again (a no-op if the node has them), or
@@ -237,8 +236,7 @@ class Claimer:
         try:
             await self.chain.broadcast(bytes.fromhex(record.raw_tx[2:]))
         except NonceTooLow:
-            await self.refresh(record.channel_id)
-            channel = await self.ledger.get_channel(record.channel_id)
+            channel = await self.watcher.refresh(record.channel_id)
             if channel is not None and channel.claimed >= record.amount:
                 return await self._close(record, ClaimStatus.CONFIRMED)
             return await self._close(record, ClaimStatus.FAILED, "its nonce was used by another transaction")
@@ -248,20 +246,27 @@ class Claimer:
         return self._outcome(record, ClaimStatus.PENDING)
 
     async def _close(
-        self, record: ClaimRecord, status: ClaimStatus, error: str | None = None, *, retry_after: float | None = None
+        self,
+        record: ClaimRecord,
+        status: ClaimStatus,
+        error: str | None = None,
+        *,
+        retry_after: float | None = None,
+        paid: ClaimPaid | None = None,
     ) -> ClaimOutcome:
-        if status is ClaimStatus.FAILED and retry_after is None:
+        if status in (ClaimStatus.FAILED, ClaimStatus.HELD) and retry_after is None:
             attempts = await self.ledger.claim_attempts(record.channel_id)
             retry_after = min(self.settings.claim_retry_seconds * 2**attempts, MAX_BACKOFF)
-        await self.ledger.finish_claim(record.id, status=status, error=error, retry_after=retry_after)
-        level = logging.INFO if status is ClaimStatus.CONFIRMED else logging.WARNING
+        await self.ledger.finish_claim(record.id, status=status, error=error, retry_after=retry_after, paid=paid)
+        level = logging.INFO if status in (ClaimStatus.CONFIRMED, ClaimStatus.HELD) else logging.WARNING
         log.log(
             level,
-            "claim_%s channel=%s amount=%d tx=%s%s",
+            "claim_%s channel=%s amount=%d tx=%s%s%s",
             status,
             record.channel_id,
             record.amount,
             record.tx_hash,
+            f" payout={paid.payout} fee={paid.fee}" if paid else "",
             f" error={error} retry_in_s={retry_after:.0f}" if error else "",
         )
         return self._outcome(record, status, error)

@@ -91,8 +91,9 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     from eth_account import Account
 
     from .chain import ChainClient, ChainClock, ChainUnavailable
+    from .chainwatch import ChainWatcher
     from .claimer import Claimer
-    from .ledger import Ledger
+    from .ledger import Ledger, LedgerMismatch
     from .reports import claim_json, cycle_report, status_report
     from .states import ClaimStatus
 
@@ -100,13 +101,15 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
     await ledger.open()
     chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
+    watcher = ChainWatcher(ledger, chain, ChainClock(), poll_interval=settings.chain_poll_interval)
     try:
+        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
         if not claim:
-            report = await status_report(settings, ledger, chain, None)
+            report = await status_report(settings, ledger, chain, None, watcher)
             report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]
             print(json.dumps(report, indent=2))
             return 0
-        claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, ChainClock())
+        claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, watcher)
         try:
             outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
         except ChainUnavailable as exc:
@@ -114,6 +117,8 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
             return 1
         print(json.dumps(cycle_report(outcomes, force=force, alert=claimer.alert), indent=2))
         return 1 if any(o.status is ClaimStatus.FAILED for o in outcomes) else 0
+    except LedgerMismatch as exc:
+        raise ConfigError(f"DATABASE_PATH: {exc}") from None
     finally:
         await chain.close()
         await ledger.close()

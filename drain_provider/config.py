@@ -55,7 +55,8 @@ class Settings:
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
     claim_interval: float = 60.0
-    claim_expiry_margin: int = 3600
+    chain_poll_interval: float = 5.0
+    gas_token_price: int = 1_000_000  # USDC base units per whole gas token (POL)
     claim_retry_seconds: float = 30.0  # first backoff after a failed claim; doubles up to an hour
     claim_receipt_timeout: float = 180.0
     max_fee_per_gas: int = 1000 * 10**9  # wei; a claim waits rather than pay more
@@ -167,6 +168,15 @@ def _address(name: str, raw: str) -> str:
     if not is_hex_address(raw):
         raise ConfigError(f"{name}: must be a 0x-prefixed 20-byte address, got {raw[:60]!r}")
     return str(to_checksum_address(raw))
+
+
+def _usdc(name: str, raw: str) -> int:
+    """A decimal USDC amount (0.25) as base units, without floats."""
+    match = re.fullmatch(r"(\d{1,12})(?:\.(\d{1,6}))?", raw)
+    if match is None:
+        raise ConfigError(f"{name}: must be a decimal USDC amount with at most 6 decimals, like 0.25")
+    whole, fraction = match.groups()
+    return int(whole) * 1_000_000 + int((fraction or "").ljust(6, "0"))
 
 
 def _admin_token(name: str, raw: str) -> str:
@@ -285,6 +295,15 @@ SETTINGS: tuple[Setting, ...] = (
         default="v2",
     ),
     Setting(
+        "CHAIN_POLL_INTERVAL",
+        "chain_poll_interval",
+        _seconds(),
+        Section.CHAIN,
+        "Seconds between reads of the chain's latest block and the contract's ChannelClosed events: a "
+        "channel closed on chain is refused within this time, whatever `CLAIM_INTERVAL` is.",
+        default="5",
+    ),
+    Setting(
         "HOST",
         "host",
         _text,
@@ -396,18 +415,10 @@ SETTINGS: tuple[Setting, ...] = (
         _whole(),
         Section.CLAIMS,
         "The claimer runs inside the server and claims a channel once its unclaimed earnings reach this "
-        "amount (10000000 = 10 USDC).",
+        "amount (10000000 = 10 USDC), and once more at the end, after the `MIN_CHANNEL_TTL` cut-off, for "
+        "whatever is left.",
         default="10000000",
         example="10000000",
-    ),
-    Setting(
-        "CLAIM_EXPIRY_MARGIN",
-        "claim_expiry_margin",
-        _whole(0, _YEAR),
-        Section.CLAIMS,
-        "A channel that expires within this many seconds is claimed whatever its earnings: after expiry "
-        "the consumer may close it and take back anything unclaimed.",
-        default="3600",
     ),
     Setting(
         "CLAIM_INTERVAL",
@@ -440,8 +451,19 @@ SETTINGS: tuple[Setting, ...] = (
         _whole(0, _YEAR),
         Section.CLAIMS,
         "Vouchers for a channel that expires (in chain time) within this many seconds are refused with "
-        "402 channel_expiring, so that there is always time to claim what they pay for.",
+        "402 channel_expiring, so that there is always time to claim what they pay for: the channel's final "
+        "claim is made in this window. Channels must be opened for longer than this.",
         default="600",
+    ),
+    Setting(
+        "GAS_TOKEN_PRICE",
+        "gas_token_price",
+        _usdc,
+        Section.CLAIMS,
+        "The price of one gas token (POL) in USDC, as a decimal. Used only to hold back a threshold claim "
+        "whose gas would cost more than it brings (a channel's final claim is always made). The default "
+        "overestimates POL, so it holds back only claims that are surely not worth it.",
+        default="1",
     ),
     Setting(
         "ADMIN_TOKEN",
@@ -527,7 +549,18 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     values["rpc_url"] = _rpc_url(values["rpc_url"], values["chain_id"])
     _require_openai_key(values["openai_api_key"], values["upstream_base_url"])
     values["prices"] = _prices(values["prices"], env)
+    _require_final_claim_window(values["claim_interval"], values["min_channel_ttl"])
     return Settings(**values)
+
+
+def _require_final_claim_window(claim_interval: float, min_channel_ttl: int) -> None:
+    """A channel's final claim is made between its MIN_CHANNEL_TTL cut-off and its expiry: the
+    claimer must look at least twice in that window."""
+    if claim_interval > 0 and claim_interval * 2 > min_channel_ttl:
+        raise ConfigError(
+            f"CLAIM_INTERVAL: must be at most half of MIN_CHANNEL_TTL ({min_channel_ttl} s), so that each "
+            "channel's final claim falls between the voucher cut-off and expiry"
+        )
 
 
 # --- documentation ----------------------------------------------------------------------------

@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from .pricing import ReservationPlan
-from .protocol import ChannelState, Voucher
+from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
 from .sqlwriter import Writer
-from .states import ChannelStatus, ClaimStatus, SyncMode, UsageSource, UsageStatus
+from .states import ChannelStatus, ClaimStatus, CloseKind, SyncMode, UsageSource, UsageStatus
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +112,44 @@ MIGRATIONS: list[str] = [
     ALTER TABLE channels RENAME COLUMN best_nonce TO last_nonce;
     ALTER TABLE channels RENAME COLUMN best_voucher_id TO last_voucher_id;
     """,
+    # 3: the ledger's chain and contract; what closes and claims really paid (V2's fee included).
+    """
+    CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    ALTER TABLE channels ADD COLUMN seen_block INTEGER;
+    ALTER TABLE channels ADD COLUMN fee INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE channels ADD COLUMN close_kind TEXT;
+    ALTER TABLE channels ADD COLUMN refund INTEGER;
+    ALTER TABLE channels ADD COLUMN close_tx TEXT;
+    ALTER TABLE channels ADD COLUMN closed_at REAL;
+    ALTER TABLE claims ADD COLUMN payout INTEGER;
+    ALTER TABLE claims ADD COLUMN fee INTEGER;
+    CREATE INDEX usage_over_reservation ON usage(id) WHERE price_cost > cost;
+    """,
 ]
 
 
-class Rejected(Exception):
-    """The ledger refused a voucher; `code` is a protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class LedgerMismatch(Exception):
+    """The ledger was made for another chain or contract: its vouchers are worthless here."""
 
 
-class InsufficientFunds(Rejected):
-    def __init__(self, required: int, provided: int) -> None:
-        super().__init__(
+@dataclass(frozen=True)
+class Refusal:
+    """The ledger refused a voucher; `code` is a protocol error code. A value, not an exception:
+    a refusal inside a group commit must not make the writer run the whole batch again."""
+
+    code: str
+    message: str
+    required: int | None = None  # insufficient_funds: the cumulative amount needed
+    provided: int | None = None
+
+    @classmethod
+    def insufficient(cls, required: int, provided: int) -> Refusal:
+        return Refusal(
             "insufficient_funds",
             f"This request needs a voucher for {required} base units (cumulative); the voucher gives {provided}.",
+            required,
+            provided,
         )
-        self.required = required
-        self.provided = provided
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,23 @@ class ChannelRecord:
     last_amount: int  # of the last accepted voucher
     last_nonce: int
     synced_at: float  # when the on-chain fields were read
+    fee: int = 0  # the protocol fee taken from what the chain paid us (V2)
+    close_kind: CloseKind | None = None
+
+    @property
+    def unclaimed(self) -> int:
+        """Earned and still claimable (0 once closed: then it is lost)."""
+        return max(self.charged - self.claimed, 0) if self.status is ChannelStatus.OPEN else 0
+
+    @property
+    def lost(self) -> int:
+        """Earned, never paid, and no longer claimable: the channel closed first."""
+        return max(self.charged - self.claimed, 0) if self.status is ChannelStatus.CLOSED else 0
+
+    @property
+    def credit_taken(self) -> int:
+        """Claimed beyond what was charged: a claim had to use a voucher above the charge."""
+        return max(self.claimed - self.charged, 0)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> ChannelRecord:
@@ -164,12 +199,14 @@ class ChannelRecord:
             last_amount=row["last_amount"],
             last_nonce=int(row["last_nonce"]),
             synced_at=row["synced_at"],
+            fee=row["fee"],
+            close_kind=CloseKind(row["close_kind"]) if row["close_kind"] else None,
         )
 
 
 _CHANNEL_COLUMNS = (
     "channel_id, consumer, provider, deposit, claimed, expiry, status, charged, reserved, last_amount, last_nonce, "
-    "synced_at"
+    "synced_at, fee, close_kind"
 )
 
 
@@ -196,6 +233,13 @@ class Settlement:
     total: int  # channel's charged total after it
     remaining: int  # deposit - total
     price_cost: int  # what the usage costs at list price (cost is lower only if the voucher ran out)
+    last_amount: int = 0  # the channel's last accepted voucher, after it
+    in_flight: int = 0  # the channel's other reservations, after it
+
+    def next_min(self, minimal_cost: int) -> int:
+        """X-DRAIN-Next-Min: the least cumulative amount the next voucher may carry for a request
+        that costs at most `minimal_cost` (amounts never go down; the headroom must cover it)."""
+        return max(self.last_amount, self.total + self.in_flight + minimal_cost)
 
 
 @dataclass(frozen=True)
@@ -208,6 +252,7 @@ class ClaimTarget:
     expiry: int
     charged: int
     claimed: int  # on chain, at the last sync
+    reserved: int  # held by requests in flight
     voucher_id: int
     voucher: Voucher
 
@@ -228,6 +273,8 @@ class ClaimRecord:
     error: str | None
     created_at: float
     updated_at: float
+    payout: int | None = None  # what the chain paid, from the receipt, once confirmed
+    fee: int | None = None
 
     @classmethod
     def pending(cls, claim_id: int, channel_id: str, amount: int) -> ClaimRecord:
@@ -242,17 +289,41 @@ class ClaimRecord:
 
 @dataclass(frozen=True)
 class Totals:
-    """The ledger's sums over all channels, in base units."""
+    """The ledger's sums over all channels, in base units (the words: ChannelRecord)."""
 
-    earned: int
-    claimed: int
-    unclaimed: int
-    reserved: int
+    earned: int  # charged to consumers
+    claimed: int  # paid out by the chain, before the protocol fee
+    fee: int  # the protocol fee taken from those payouts
+    credit_taken: int  # claimed beyond what was charged
+    unclaimed: int  # earned, still claimable
+    lost: int  # earned, unclaimable: the channel closed first
+    reserved: int  # held by requests in flight
     open_channels: int
     closed_channels: int
+    over_reservation_requests: int  # requests whose upstream usage cost more than they had reserved
+    over_reservation_amount: int  # what those requests were not charged beyond their reservation
+
+    @property
+    def received(self) -> int:
+        """What reached the provider's account."""
+        return self.claimed - self.fee
 
 
-_CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at"
+def _sync_open(
+    conn: sqlite3.Connection, channel_id: str, state: ChannelState, block: int | None, now: float
+) -> ChannelRecord:
+    """Take an open channel's claimed total from chain (it only grows: a stale read never
+    lowers it) and note when and at which block it was seen open."""
+    conn.execute(
+        """UPDATE channels SET claimed = MAX(claimed, ?), synced_at = ?, seen_block = COALESCE(?, seen_block)
+           WHERE channel_id = ? AND status = 'open'""",
+        (min(state.claimed, INT64_MAX), now, block, channel_id),
+    )
+    row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
+    return ChannelRecord.from_row(row)
+
+
+_CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at, payout, fee"
 
 
 class Ledger:
@@ -275,6 +346,24 @@ class Ledger:
         await self._reader.execute("PRAGMA busy_timeout = 5000")
         await self._reader.execute("PRAGMA query_only = 1")
         log.info("ledger_open path=%s schema_version=%d", self.path, version)
+
+    async def bind(self, *, chain_id: int, contract: str) -> None:
+        """Tie the ledger to one chain and contract, at its first start; refuse another later.
+        Its vouchers are signed for that EIP-712 domain: on any other they are worthless, and
+        its channel ids mean nothing."""
+        wanted = {"chain_id": str(chain_id), "contract": contract.lower()}
+
+        def bind(conn: sqlite3.Connection) -> dict[str, str]:
+            for key, value in wanted.items():
+                conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value))
+            return {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM ledger_meta")}
+
+        found = await self.write(bind)
+        if any(found.get(key) != value for key, value in wanted.items()):
+            raise LedgerMismatch(
+                f"the ledger {self.path} belongs to chain {found.get('chain_id')} contract {found.get('contract')}, "
+                f"not chain {chain_id} contract {contract.lower()}: set DATABASE_PATH to another file"
+            )
 
     async def close(self) -> None:
         if self._reader is not None:
@@ -337,19 +426,17 @@ class Ledger:
         rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
         return ChannelRecord.from_row(rows[0]) if rows else None
 
-    async def upsert_channel(self, channel_id: str, state: ChannelState) -> ChannelRecord:
-        """Store what the chain says of a channel, keeping our own accounting columns."""
+    async def add_channel(self, channel_id: str, state: ChannelState, *, block: int | None = None) -> ChannelRecord:
+        """Store an open channel the chain has just shown us (a second call refreshes it)."""
+        assert state.exists
         now = time.time()
-        status = ChannelStatus.OPEN if state.exists else ChannelStatus.CLOSED
 
-        def upsert(conn: sqlite3.Connection) -> ChannelRecord:
+        def add(conn: sqlite3.Connection) -> ChannelRecord:
             conn.execute(
                 """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status,
-                                         synced_at, created_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(channel_id) DO UPDATE SET
-                       claimed = excluded.claimed, synced_at = excluded.synced_at,
-                       status = CASE WHEN excluded.status = 'closed' THEN 'closed' ELSE channels.status END""",
+                                         synced_at, created_at, seen_block)
+                   VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)
+                   ON CONFLICT(channel_id) DO NOTHING""",
                 (
                     channel_id,
                     state.consumer,
@@ -357,15 +444,58 @@ class Ledger:
                     min(state.deposit, INT64_MAX),
                     min(state.claimed, INT64_MAX),
                     min(state.expiry, INT64_MAX),
-                    status,
                     now,
                     now,
+                    block,
                 ),
             )
-            row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
-            return ChannelRecord.from_row(row.fetchone())
+            return _sync_open(conn, channel_id, state, block, now)
 
-        return await self.write(upsert)
+        return await self.write(add)
+
+    async def record_open(self, channel_id: str, state: ChannelState, *, block: int | None = None) -> ChannelRecord:
+        """The chain still shows the channel open: take its claimed total."""
+        assert state.exists
+        return await self.write(lambda conn: _sync_open(conn, channel_id, state, block, time.time()))
+
+    async def book_close(self, channel_id: str, close: ChannelClose | None) -> ChannelRecord | None:
+        """The channel is gone from chain: mark it closed, refused from now on, and book what was
+        really paid. From its ChannelClosed event: deposit - refund in total (claims plus the
+        closing payout), and the closing payout's fee. Without the event (`close` None) the last
+        claimed total read while it was open stands: never the zero a deleted channel reads as.
+        None if the channel is not in the ledger; a second booking changes nothing."""
+        now = time.time()
+
+        def book(conn: sqlite3.Connection) -> ChannelRecord | None:
+            row = conn.execute("SELECT status, deposit FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
+            if row is None:
+                return None
+            if row["status"] == ChannelStatus.OPEN:
+                if close is None:
+                    conn.execute(
+                        "UPDATE channels SET status = 'closed', close_kind = ?, closed_at = ? WHERE channel_id = ?",
+                        (CloseKind.UNKNOWN, now, channel_id),
+                    )
+                else:
+                    kind = CloseKind.COOPERATIVE if close.cooperative else CloseKind.EXPIRED
+                    conn.execute(
+                        """UPDATE channels SET status = 'closed', claimed = MAX(claimed, ?), fee = fee + ?,
+                                               close_kind = ?, refund = ?, close_tx = ?, closed_at = ?
+                           WHERE channel_id = ?""",
+                        (row["deposit"] - close.refund, close.fee, kind, close.refund, close.tx_hash, now, channel_id),
+                    )
+            cursor = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+            return ChannelRecord.from_row(cursor.fetchone())
+
+        return await self.write(book)
+
+    async def seen_block(self, channel_id: str) -> int | None:
+        """The last block at which the chain showed the channel open (where to look for its close)."""
+        row = await self.fetchone("SELECT seen_block FROM channels WHERE channel_id = ?", (channel_id,))
+        return None if row is None or row[0] is None else int(row[0])
+
+    async def open_channel_ids(self) -> set[str]:
+        return {row[0] for row in await self.fetchall("SELECT channel_id FROM channels WHERE status = 'open'")}
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -376,38 +506,39 @@ class Ledger:
         *,
         endpoint: str,
         model: str,
-        before_commit: asyncio.Future[Reservation] | None = None,
-    ) -> asyncio.Future[Reservation]:
+        before_commit: asyncio.Future[Reservation | Refusal] | None = None,
+    ) -> asyncio.Future[Reservation | Refusal]:
         """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
 
         The caller (payments.PaymentGate) has already checked what needs no ledger state:
         signature, provider, consumer, deposit. Here are the checks that race: nonce and amount
         against the last voucher, and the headroom left by the charged total and the other
-        in-flight reservations. A refused voucher changes nothing. `before_commit` hears the
+        in-flight reservations. A refused voucher changes nothing and comes back as a Refusal.
+        `before_commit` hears the
         reservation before it is committed (see Writer.submit); the returned future, once it is.
         """
         now = time.time()
 
-        def authorize(conn: sqlite3.Connection) -> Reservation:
+        def authorize(conn: sqlite3.Connection) -> Reservation | Refusal:
             row = conn.execute(
                 "SELECT status, charged, reserved, last_amount, last_nonce FROM channels WHERE channel_id = ?",
                 (voucher.channel_id,),
             ).fetchone()
             if row is None or row["status"] != ChannelStatus.OPEN:
-                raise Rejected("channel_not_found", "The channel does not exist on chain or is closed.")
+                return Refusal("channel_not_found", "The channel does not exist on chain or is closed.")
             if voucher.nonce <= int(row["last_nonce"]):
-                raise Rejected(
+                return Refusal(
                     "invalid_nonce", f"The voucher nonce must be above {row['last_nonce']}, the last accepted nonce."
                 )
             if voucher.amount < row["last_amount"]:
-                raise Rejected(
+                return Refusal(
                     "invalid_amount",
                     f"The voucher amount must be at least {row['last_amount']}, the last accepted amount.",
                 )
             in_use = row["charged"] + row["reserved"]
             fit = plan.fit(voucher.amount - in_use)
             if fit is None:
-                raise InsufficientFunds(required=in_use + plan.worst_case, provided=voucher.amount)
+                return Refusal.insufficient(required=in_use + plan.worst_case, provided=voucher.amount)
             amount, output_tokens = fit
             voucher_id = conn.execute(
                 "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)",
@@ -457,7 +588,9 @@ class Ledger:
                 return Settlement(0, 0, 0, 0)
             deposit, charged = row["deposit"], row["charged"]
             if row["status"] != UsageStatus.RESERVED:
-                return Settlement(row["cost"], charged, deposit - charged, row["price_cost"])
+                return Settlement(
+                    row["cost"], charged, deposit - charged, row["price_cost"], row["last_amount"], row["reserved"]
+                )
             cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
             cost = min(price_cost, cap)
             if cost < price_cost:
@@ -475,7 +608,8 @@ class Ledger:
                 (status, input_tokens, output_tokens, usage_source, price_cost, cost, error, now, reservation.usage_id),
             )
             total = charged + cost
-            return Settlement(cost, total, deposit - total, price_cost)
+            in_flight = row["reserved"] - row["own"]
+            return Settlement(cost, total, deposit - total, price_cost, row["last_amount"], in_flight)
 
         return self.write(settle)
 
@@ -507,8 +641,8 @@ class Ledger:
 
     async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
         rows = await self._select(
-            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, v.id AS voucher_id, v.amount, v.nonce,
-                       v.signature
+            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, v.id AS voucher_id, v.amount,
+                       v.nonce, v.signature
                 FROM channels c
                 JOIN vouchers v ON v.id = (
                     SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
@@ -522,22 +656,30 @@ class Ledger:
         )
         return [
             ClaimTarget(
-                row["channel_id"], row["expiry"], row["charged"], row["claimed"], row["voucher_id"], _voucher(row)
+                row["channel_id"],
+                row["expiry"],
+                row["charged"],
+                row["claimed"],
+                row["reserved"],
+                row["voucher_id"],
+                _voucher(row),
             )
             for row in rows
         ]
 
     async def claim_targets(
-        self, *, threshold: int, expiring_before: float, now: float, force: bool = False
+        self, *, provider: str, threshold: int, final_after: float, now: float, force: bool = False
     ) -> list[ClaimTarget]:
-        """Channels due for a claim: unclaimed earnings at the threshold, or anything unclaimed on a
-        channel that expires before `expiring_before`; all with earnings when `force`. Channels in
-        backoff after a failed claim wait for it to pass, unless `force`."""
+        """Channels of `provider` that may be due for a claim (claim_policy decides): unclaimed
+        earnings at the threshold, or any on a channel whose expiry is before `final_after`
+        (its last claim). Channels in backoff after a failed claim wait for it to pass, unless
+        `force`, which returns every channel with earnings."""
         if force:
-            return await self._claim_targets("1", ())
+            return await self._claim_targets("c.provider = ?", (provider,))
         return await self._claim_targets(
-            "(c.charged - c.claimed >= ? OR c.expiry <= ?) AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)",
-            (threshold, expiring_before, now),
+            """c.provider = ? AND (c.charged - c.claimed >= ? OR c.expiry <= ?)
+               AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)""",
+            (provider, threshold, final_after, now),
         )
 
     async def begin_claim(self, target: ClaimTarget) -> int | None:
@@ -570,22 +712,35 @@ class Ledger:
         )
 
     async def finish_claim(
-        self, claim_id: int, *, status: ClaimStatus, error: str | None = None, retry_after: float | None = None
+        self,
+        claim_id: int,
+        *,
+        status: ClaimStatus,
+        error: str | None = None,
+        retry_after: float | None = None,
+        paid: ClaimPaid | None = None,
     ) -> None:
-        """Close a claim. A confirmed one clears the channel's backoff; a failed or reverted one sets
-        it to `retry_after` seconds from now."""
+        """Close a claim. A confirmed one clears the channel's backoff and books what its receipt
+        says was paid and the fee taken; any other sets the backoff to `retry_after` seconds."""
         now = time.time()
 
         def finish(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE claims SET status = ?, error = ?, updated_at = ? WHERE id = ?",
-                (status, error[:500] if error else None, now, claim_id),
+                "UPDATE claims SET status = ?, error = ?, updated_at = ?, payout = ?, fee = ? WHERE id = ?",
+                (
+                    status,
+                    error[:500] if error else None,
+                    now,
+                    paid.payout if paid else None,
+                    paid.fee if paid else None,
+                    claim_id,
+                ),
             )
             if status is ClaimStatus.CONFIRMED:
                 conn.execute(
-                    """UPDATE channels SET claim_attempts = 0, claim_retry_at = NULL
+                    """UPDATE channels SET claim_attempts = 0, claim_retry_at = NULL, fee = fee + ?
                        WHERE channel_id = (SELECT channel_id FROM claims WHERE id = ?)""",
-                    (claim_id,),
+                    (paid.fee if paid else 0, claim_id),
                 )
             else:
                 conn.execute(
@@ -620,15 +775,23 @@ class Ledger:
         return [row["channel_id"] for row in rows]
 
     async def totals(self) -> Totals:
-        rows = await self._select(
-            """SELECT COALESCE(SUM(charged), 0) AS earned, COALESCE(SUM(MIN(claimed, charged)), 0) AS claimed,
-                      COALESCE(SUM(MAX(charged - claimed, 0)), 0) AS unclaimed,
+        channels = await self._select(
+            """SELECT COALESCE(SUM(charged), 0) AS earned, COALESCE(SUM(claimed), 0) AS claimed,
+                      COALESCE(SUM(fee), 0) AS fee,
+                      COALESCE(SUM(MAX(claimed - charged, 0)), 0) AS credit_taken,
+                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status = 'open'), 0) AS unclaimed,
+                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status = 'closed'), 0) AS lost,
                       COALESCE(SUM(reserved), 0) AS reserved,
                       COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
                       COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
                FROM channels"""
         )
-        return Totals(**_as_dict(rows[0]))
+        over = await self._select(
+            """SELECT COUNT(*) AS over_reservation_requests,
+                      COALESCE(SUM(price_cost - cost), 0) AS over_reservation_amount
+               FROM usage WHERE price_cost > cost"""
+        )
+        return Totals(**_as_dict(channels[0]), **_as_dict(over[0]))
 
     async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
         rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,))

@@ -35,7 +35,7 @@ from typing import assert_never
 import tiktoken
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
-from .ledger import ChannelRecord, InsufficientFunds, Ledger, Rejected, Reservation, Settlement
+from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement
 from .openai_format import Usage
 from .pricing import ReservationPlan, affordable_output_tokens, cost
 from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
@@ -79,7 +79,7 @@ def usage_status(ending: StreamEnding) -> UsageStatus:
             assert_never(ending)
 
 
-def _log_if_failed(future: asyncio.Future[Reservation] | asyncio.Future[Settlement]) -> None:
+def _log_if_failed(future: asyncio.Future[Reservation | Refusal] | asyncio.Future[Settlement]) -> None:
     """Look at a ledger write's failure, so that a future nobody awaits any more (its request was
     cancelled) does not end as 'exception was never retrieved'."""
     if not future.cancelled() and future.exception() is not None:
@@ -104,7 +104,7 @@ class Charge:
         self.plan = plan
         self.endpoint = endpoint
         self.model = model
-        self._durable: asyncio.Future[Reservation] | None = None
+        self._durable: asyncio.Future[Reservation | Refusal] | None = None
         self._ending: StreamEnding | None = None
         self._reported: Usage | None = None
         self.voucher: Voucher | None = None
@@ -129,35 +129,46 @@ class Charge:
         assert self.voucher is not None
         return self.voucher.channel_id
 
+    @property
+    def next_min(self) -> int:
+        """X-DRAIN-Next-Min: the least the next voucher may carry, for a request of this model
+        with no input and MIN_OUTPUT_TOKENS of output. Careful clients add their own input's
+        cost (and more output) to it and sign exactly that."""
+        assert self.settlement is not None
+        return self.settlement.next_min(cost(self.plan.price, 0, self.plan.min_output_tokens))
+
     async def __aenter__(self) -> Charge:
         """Accept the voucher and reserve the worst case, or raise PaymentError. Returns as soon
         as the reservation is known; its COMMIT (an fsync) may still be running."""
         ledger = self._gate.ledger
         self.voucher = await self._gate.accept(self._header)
-        before_commit: asyncio.Future[Reservation] = asyncio.get_running_loop().create_future()
+        before_commit: asyncio.Future[Reservation | Refusal] = asyncio.get_running_loop().create_future()
         self._durable = ledger.authorize(
             self.voucher, self.plan, endpoint=self.endpoint, model=self.model, before_commit=before_commit
         )
         self._durable.add_done_callback(_log_if_failed)
         try:
-            self.reservation = await asyncio.shield(before_commit)
+            outcome = await asyncio.shield(before_commit)
         except asyncio.CancelledError:
             # The client left while its voucher was being stored; the transaction completes
             # regardless, so its reservation is released as soon as it exists.
             self._durable.add_done_callback(self._release_orphan)
             raise
-        except Rejected as exc:
+        if isinstance(outcome, Refusal):
             headers = {}
-            if isinstance(exc, InsufficientFunds):
-                headers = {"X-DRAIN-Required": str(exc.required), "X-DRAIN-Provided": str(exc.provided)}
-            raise PaymentError(exc.code, exc.message, headers) from None
+            if outcome.required is not None:
+                headers = {"X-DRAIN-Required": str(outcome.required), "X-DRAIN-Provided": str(outcome.provided)}
+            raise PaymentError(outcome.code, outcome.message, headers)
+        self.reservation = outcome
         self.meter.limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
         return self
 
-    def _release_orphan(self, durable: asyncio.Future[Reservation]) -> None:
-        if durable.cancelled() or durable.exception() is not None:
+    def _release_orphan(self, durable: asyncio.Future[Reservation | Refusal]) -> None:
+        if durable.cancelled() or durable.exception() is not None or isinstance(durable.result(), Refusal):
             return
-        self._gate.ledger.release(durable.result(), error="client left during authorization").add_done_callback(
+        reservation = durable.result()
+        assert isinstance(reservation, Reservation)
+        self._gate.ledger.release(reservation, error="client left during authorization").add_done_callback(
             _log_if_failed
         )
 
@@ -299,8 +310,9 @@ class PaymentGate:
         if self.clock.now() >= known.expiry - self.min_channel_ttl:
             raise PaymentError(
                 "channel_expiring",
-                f"Channel {channel_id} expires at {known.expiry} (unix time); this provider takes no vouchers "
-                f"within {self.min_channel_ttl} s of expiry. Open a new channel.",
+                f"Channel {channel_id} expires at {known.expiry} (unix time, chain clock); this provider takes "
+                f"no vouchers in the last {self.min_channel_ttl} s of a channel, so a channel must be opened for "
+                f"more than {self.min_channel_ttl} s (duration). Open a new channel, for an hour or more.",
             )
         return known
 
@@ -310,6 +322,10 @@ class PaymentGate:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
         if record is None:
             record = await self._sync_from_chain(channel_id)
+        elif record.provider != self.provider:  # the ledger outlived a change of PROVIDER_PRIVATE_KEY
+            raise PaymentError(
+                "wrong_provider", f"Channel {channel_id} was opened to {record.provider}, not to {self.provider}."
+            )
         return KnownChannel(bytes.fromhex(record.consumer[2:]), record.provider, record.deposit, record.expiry)
 
     async def _sync_from_chain(self, channel_id: str) -> ChannelRecord:
@@ -326,7 +342,7 @@ class PaymentGate:
                 "wrong_provider", f"Channel {channel_id} was opened to {state.provider}, not to {self.provider}."
             )
         log.info("channel_synced channel=%s deposit=%d expiry=%d", channel_id, state.deposit, state.expiry)
-        return await self.ledger.upsert_channel(channel_id, state)
+        return await self.ledger.add_channel(channel_id, state, block=self.clock.block)
 
     def forget(self, channel_id: str) -> None:
         """Drop a channel from the memory cache (it was closed, or its state changed on chain)."""

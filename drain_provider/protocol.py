@@ -114,6 +114,28 @@ class ChannelState:
         return self.consumer != ZERO_ADDRESS
 
 
+@dataclass(frozen=True)
+class ChannelClose:
+    """A channel's end on chain (its ChannelClosed event), with what that transaction paid the
+    provider. Either way of closing leaves the provider with deposit - refund in total."""
+
+    channel_id: str
+    refund: int  # to the consumer
+    payout: int  # to the provider by the same transaction (a cooperative close), before the fee
+    fee: int  # the protocol fee taken from that payout (V2; 0 on V1)
+    cooperative: bool
+    tx_hash: str
+    block_number: int
+
+
+@dataclass(frozen=True)
+class ClaimPaid:
+    """What one mined claim paid, from its receipt's ChannelClaimed and FeePaid events."""
+
+    payout: int  # gross: the new claimed total minus the old
+    fee: int  # to the protocol's fee recipient, out of the payout
+
+
 class VoucherFormatError(ValueError):
     """The header is not a well-formed voucher. The message is safe to show to the client."""
 

@@ -1,7 +1,11 @@
-"""What the provider earned and claimed, in one JSON shape for the admin API and the CLI.
+"""What the provider earned and claimed, in one JSON shape for the admin API, the CLI and /health.
 
-Keys are camelCase and amounts are decimal strings of base units, as everywhere clients read
-money from us; times are unix seconds.
+Keys are camelCase; times are unix seconds. An amount of the books is an object with its base
+units as a decimal string (exact, what programs read) and its USDC rendering (what people read):
+`{"baseUnits": "2205", "usdc": "0.002205"}`. The books use the words of ledger.Totals: earned
+(charged), claimed (paid by the chain, gross), fee (the V2 protocol fee taken from that),
+received (claimed - fee), creditTaken (claimed beyond the charge), unclaimed, lost (unclaimable
+after a close).
 """
 
 from __future__ import annotations
@@ -10,10 +14,51 @@ from collections.abc import Sequence
 from typing import Any
 
 from .chain import ChainClient, ChainUnavailable
+from .chainwatch import ChainWatcher
 from .claimer import Claimer, ClaimOutcome
 from .config import Settings
-from .ledger import ChannelRecord, ClaimRecord, Ledger
-from .protocol import Voucher
+from .ledger import ChannelRecord, ClaimRecord, Ledger, Totals
+from .protocol import Voucher, format_usdc
+
+
+def money(base_units: int) -> dict[str, str]:
+    return {"baseUnits": str(base_units), "usdc": format_usdc(base_units)}
+
+
+def books_json(
+    *, earned: int, claimed: int, fee: int, credit_taken: int, unclaimed: int, lost: int
+) -> dict[str, dict[str, str]]:
+    """One channel's books, or all channels'."""
+    return {
+        "earned": money(earned),
+        "claimed": money(claimed),
+        "fee": money(fee),
+        "received": money(claimed - fee),
+        "creditTaken": money(credit_taken),
+        "unclaimed": money(unclaimed),
+        "lost": money(lost),
+    }
+
+
+def totals_json(totals: Totals, fee_bps: int | None) -> dict[str, Any]:
+    """The provider's books, as the admin API, the CLI and /health all show them."""
+    return {
+        **books_json(
+            earned=totals.earned,
+            claimed=totals.claimed,
+            fee=totals.fee,
+            credit_taken=totals.credit_taken,
+            unclaimed=totals.unclaimed,
+            lost=totals.lost,
+        ),
+        "inFlight": money(totals.reserved),
+        "overReservation": {
+            "requests": totals.over_reservation_requests,
+            "notCharged": money(totals.over_reservation_amount),
+        },
+        "feeBps": fee_bps,
+        "channels": {"open": totals.open_channels, "closed": totals.closed_channels},
+    }
 
 
 def claim_json(record: ClaimRecord) -> dict[str, Any]:
@@ -24,6 +69,8 @@ def claim_json(record: ClaimRecord) -> dict[str, Any]:
         "amount": str(record.amount),
         "status": record.status,
         "txHash": record.tx_hash,
+        "payout": None if record.payout is None else str(record.payout),
+        "fee": None if record.fee is None else str(record.fee),
         "error": record.error,
         "createdAt": record.created_at,
         "updatedAt": record.updated_at,
@@ -56,7 +103,15 @@ def channel_json(record: ChannelRecord) -> dict[str, Any]:
         "charged": str(record.charged),
         "reserved": str(record.reserved),
         "claimed": str(record.claimed),
-        "unclaimed": str(max(record.charged - record.claimed, 0)),
+        "closeKind": record.close_kind,
+        "books": books_json(
+            earned=record.charged,
+            claimed=record.claimed,
+            fee=record.fee,
+            credit_taken=record.credit_taken,
+            unclaimed=record.unclaimed,
+            lost=record.lost,
+        ),
         "lastVoucher": {"amount": str(record.last_amount), "nonce": str(record.last_nonce)},
     }
 
@@ -73,25 +128,22 @@ def last_voucher_json(record: ChannelRecord, voucher: Voucher) -> dict[str, Any]
 
 
 async def status_report(
-    settings: Settings, ledger: Ledger, chain: ChainClient, claimer: Claimer | None
+    settings: Settings, ledger: Ledger, chain: ChainClient, claimer: Claimer | None, watcher: ChainWatcher
 ) -> dict[str, Any]:
-    """Earned, claimed, unclaimed, gas: GET /v1/admin/stats and `python -m drain_provider status`."""
-    totals = await ledger.totals()
+    """The books, the last claim, gas: GET /v1/admin/stats and `python -m drain_provider status`."""
     last = await ledger.claims(limit=1)
+    fee_bps: int | None
     try:
         gas: str | None = str(await chain.balance(settings.provider_address))
+        fee_bps = watcher.fee_bps if watcher.fee_bps is not None else await chain.fee_bps()
     except ChainUnavailable:
-        gas = None
+        gas, fee_bps = None, watcher.fee_bps
     return {
         "provider": settings.provider_address,
         "chainId": settings.chain_id,
         "contract": settings.drain_contract,
-        "earned": str(totals.earned),
-        "claimed": str(totals.claimed),
-        "unclaimed": str(totals.unclaimed),
-        "inFlight": str(totals.reserved),
-        "channels": {"open": totals.open_channels, "closed": totals.closed_channels},
-        "claimThreshold": str(settings.claim_threshold),
+        "books": totals_json(await ledger.totals(), fee_bps),
+        "claimThreshold": money(settings.claim_threshold),
         "lastClaim": claim_json(last[0]) if last else None,
         "gasBalanceWei": gas,
         "alert": claimer.alert if claimer else None,

@@ -44,12 +44,21 @@ class ClaimStatus(StrEnum):
     CONFIRMED = "confirmed"  # mined and successful
     REVERTED = "reverted"  # the contract refused it
     FAILED = "failed"  # never reached the chain, or its nonce went to another transaction
+    HELD = "held"  # not sent: its gas would have cost more than it brings (retried later)
     SKIPPED = "skipped"  # an outcome only: another claim of the channel was in flight
 
 
 class ChannelStatus(StrEnum):
     OPEN = "open"
     CLOSED = "closed"
+
+
+class CloseKind(StrEnum):
+    """How a channel closed on chain, as its ChannelClosed transaction shows."""
+
+    EXPIRED = "expired"  # the consumer's close() after expiry: refunded whatever was unclaimed
+    COOPERATIVE = "cooperative"  # cooperativeClose() with a provider-signed final amount
+    UNKNOWN = "unknown"  # found closed, but its ChannelClosed event was not found
 
 
 class SyncMode(StrEnum):

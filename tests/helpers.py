@@ -19,7 +19,8 @@ from aiohttp.test_utils import TestServer
 from eth_account import Account
 from openai import AsyncOpenAI
 
-from drain_provider.api.state import CLAIMER, LEDGER
+from drain_provider.api.state import CLAIMER, LEDGER, WATCHER
+from drain_provider.chainwatch import ChainWatcher
 from drain_provider.claimer import Claimer
 from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
@@ -84,6 +85,10 @@ class Provider:
     @property
     def claimer(self) -> Claimer:
         return self.app[CLAIMER]
+
+    @property
+    def watcher(self) -> ChainWatcher:
+        return self.app[WATCHER]
 
     def client(self) -> AsyncOpenAI:
         """An openai SDK client for this provider (closed when the test ends)."""

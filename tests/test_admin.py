@@ -60,9 +60,10 @@ async def test_reports_match_the_ledger_and_the_chain(
 
     _, _, stats = await call(provider, "GET", "/stats", TOKEN)
     assert stats["provider"] == provider.address and stats["chainId"] == chain.chain_id
-    assert int(stats["earned"]) == sum(charged.values()) == int(stats["unclaimed"])
-    assert stats["claimed"] == "0" and stats["channels"] == {"open": 2, "closed": 0}
-    assert stats["claimThreshold"] == "10000000" and stats["lastClaim"] is None
+    books = stats["books"]
+    assert int(books["earned"]["baseUnits"]) == sum(charged.values()) == int(books["unclaimed"]["baseUnits"])
+    assert books["claimed"] == {"baseUnits": "0", "usdc": "0"} and books["channels"] == {"open": 2, "closed": 0}
+    assert stats["claimThreshold"] == {"baseUnits": "10000000", "usdc": "10"} and stats["lastClaim"] is None
     assert int(stats["gasBalanceWei"]) == await chain.w3.eth.get_balance(to_checksum_address(provider.address))
 
     _, _, vouchers = await call(provider, "GET", "/vouchers", TOKEN)
@@ -80,9 +81,12 @@ async def test_reports_match_the_ledger_and_the_chain(
     assert await chain.usdc_balance(provider.address) == claimed
 
     _, _, stats = await call(provider, "GET", "/stats", TOKEN)
-    assert stats["unclaimed"] == "0" and int(stats["claimed"]) == sum(charged.values())
+    books = stats["books"]
+    assert books["unclaimed"]["baseUnits"] == "0" and int(books["claimed"]["baseUnits"]) == claimed
+    assert int(books["creditTaken"]["baseUnits"]) == claimed - sum(charged.values())
     assert stats["lastClaim"]["status"] == "confirmed"
     _, _, channels = await call(provider, "GET", "/channels", TOKEN)
-    assert {c["channelId"]: c["unclaimed"] for c in channels["channels"]} == dict.fromkeys(charged, "0")
+    unclaimed = {c["channelId"]: c["books"]["unclaimed"]["baseUnits"] for c in channels["channels"]}
+    assert unclaimed == dict.fromkeys(charged, "0")
     _, _, claims = await call(provider, "GET", "/claims", TOKEN)
     assert len(claims["claims"]) == 2 and all(c["txHash"] for c in claims["claims"])

@@ -93,16 +93,20 @@ async def test_credit_above_the_claim_stays_the_consumers(provider: Provider, op
 
 @pytest.mark.rule(6)
 @pytest.mark.rule(8)
-async def test_expiring_channel_is_claimed_below_the_threshold(
+async def test_a_channel_below_the_threshold_is_claimed_once_after_the_cutoff(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
 ) -> None:
     consumer = await open_channel(provider, duration=7200)
     await paid_chat(provider.client(), consumer)
-    assert await provider.claimer.cycle() == []  # far below the 10 USDC threshold, expiry 2 h away
-    await chain.travel(seconds=3700)  # now within the one-hour margin
+    assert await provider.claimer.cycle() == []  # far below the 10 USDC threshold
+    await chain.travel(seconds=7200 - 600 - 60)  # a minute before the cut-off: still nothing
+    assert await provider.claimer.cycle() == []
+    await paid_chat(provider.client(), consumer)
+    await chain.travel(seconds=120)  # past the cut-off: no more vouchers, so one claim takes all
     (outcome,) = await provider.claimer.cycle()
-    assert outcome.status == "confirmed"
+    assert outcome.status == "confirmed" and outcome.amount >= consumer.charged
     assert (await chain.client().get_channel(consumer.channel_id)).claimed == outcome.amount
+    assert await provider.claimer.cycle() == []  # and never again
 
 
 @pytest.mark.rule(8)
@@ -136,7 +140,9 @@ async def test_closed_channel_is_marked_and_refused(
     assert outcomes == []
     record = await provider.ledger.get_channel(consumer.channel_id)
     assert record is not None and record.status == "closed"
-    assert f"channel_closed channel={consumer.channel_id} unclaimed_lost={record.charged}" in caplog.text
+    assert record.close_kind == "expired" and record.lost == record.charged > 0
+    assert f"channel_closed channel={consumer.channel_id} kind=expired" in caplog.text
+    assert f"lost={record.charged}" in caplog.text
     with pytest.raises(openai.APIStatusError) as info:
         await paid_chat(provider.client(), consumer)
     assert info.value.response.headers["X-DRAIN-Error"] == "channel_not_found"

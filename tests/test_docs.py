@@ -30,7 +30,7 @@ PACKAGE = REPO / "drain_provider"
 README = (REPO / "README.md").read_text()
 PROTOCOL = (REPO / "docs" / "PROTOCOL.md").read_text()
 DESIGN = (REPO / "docs" / "DESIGN.md").read_text()
-ERROR_CLASSES = {"ApiError", "PaymentError", "Rejected"}  # the code is the first argument
+ERROR_CLASSES = {"ApiError", "PaymentError", "Refusal"}  # the code is the first argument
 
 
 def python_files(*roots: Path) -> Iterator[Path]:

@@ -12,7 +12,7 @@ import openai
 import pytest
 from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
 
-from drain_provider.ledger import MIGRATIONS, Ledger
+from drain_provider.ledger import MIGRATIONS, Ledger, Refusal, Reservation
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 from drain_provider.states import UsageStatus
@@ -24,6 +24,12 @@ PLAN = ReservationPlan(ModelPrice(1000, 2000), input_tokens=100, wanted_output_t
 
 def voucher(amount: int, nonce: int) -> Voucher:
     return Voucher(CHANNEL, amount, nonce, bytes(65))
+
+
+async def reserve(ledger: Ledger, voucher: Voucher, plan: ReservationPlan = PLAN) -> Reservation:
+    outcome = await ledger.authorize(voucher, plan, endpoint="/chat/completions", model="demo")
+    assert isinstance(outcome, Reservation), outcome
+    return outcome
 
 
 async def open_ledger(path: Path) -> Ledger:
@@ -104,10 +110,10 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
 ) -> None:
     path = tmp_path / "crashed.db"
     ledger = await open_ledger(path)
-    await ledger.upsert_channel(CHANNEL, STATE)
-    first = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.add_channel(CHANNEL, STATE)
+    first = await reserve(ledger, voucher(50_000, 1))
     await ledger.settle(first, price_cost=900, input_tokens=100, output_tokens=400, status=UsageStatus.OK)
-    await ledger.authorize(voucher(100_000, 2), PLAN, endpoint="/chat/completions", model="demo")
+    await reserve(ledger, voucher(100_000, 2))
     await ledger.close()  # the process dies here, one request in flight
 
     with caplog.at_level(logging.WARNING):
@@ -122,8 +128,8 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
 
 async def test_settle_happens_once(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.upsert_channel(CHANNEL, STATE)
-    reservation = await ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.add_channel(CHANNEL, STATE)
+    reservation = await reserve(ledger, voucher(50_000, 1))
     first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status=UsageStatus.OK)
     again = await ledger.settle(reservation, price_cost=5000, input_tokens=1, output_tokens=1, status=UsageStatus.OK)
     await ledger.release(reservation, error="late")
@@ -136,8 +142,8 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
 @pytest.mark.rule(3)
 async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.upsert_channel(CHANNEL, STATE)
-    small = await ledger.authorize(voucher(2_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.add_channel(CHANNEL, STATE)
+    small = await reserve(ledger, voucher(2_000, 1))
     assert small.amount <= 2_000
     # The upstream reported more than we estimated: charge it, up to what the voucher allows.
     settled = await ledger.settle(small, price_cost=5_000, input_tokens=100, output_tokens=2_400, status=UsageStatus.OK)
@@ -148,11 +154,11 @@ async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: 
 @pytest.mark.rule(2)
 async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.upsert_channel(CHANNEL, STATE)
-    first = await ledger.authorize(voucher(1_000, 1), PLAN, endpoint="/chat/completions", model="demo")
+    await ledger.add_channel(CHANNEL, STATE)
+    first = await reserve(ledger, voucher(1_000, 1))
     assert first.amount == PLAN.worst_case == 900
     # The next voucher adds 200: the headroom is 1,200 - 900 in flight = 300.
-    second = await ledger.authorize(voucher(1_200, 2), PLAN, endpoint="/chat/completions", model="demo")
+    second = await reserve(ledger, voucher(1_200, 2))
     assert second.amount <= 300 and second.output_tokens == (300 - 100) * 1000 // 2000
     record = await ledger.get_channel(CHANNEL)
     assert record is not None and record.reserved == first.amount + second.amount
@@ -185,3 +191,42 @@ async def test_shutdown_mid_request_releases_the_reservation(
             ("failed", 0, "interrupted by shutdown")
         ]
         assert conn.execute("SELECT charged, reserved FROM channels").fetchall() == [(0, 0)]
+
+
+@pytest.mark.rule(1)
+async def test_a_refused_voucher_does_not_replay_its_batch(tmp_path: Path) -> None:
+    """Refusals are values: a batch holding one commits in one run, without savepoints."""
+    ledger = await open_ledger(tmp_path / "l.db")
+    await ledger.add_channel(CHANNEL, STATE)
+    assert ledger._writer is not None
+    replays = ledger._writer.replays
+    # One turn of the event loop: one batch, one transaction.
+    outcomes = await asyncio.gather(
+        ledger.authorize(voucher(50_000, 1), PLAN, endpoint="/chat/completions", model="demo"),
+        ledger.authorize(voucher(60_000, 1), PLAN, endpoint="/chat/completions", model="demo"),  # nonce reused
+        ledger.authorize(voucher(40_000, 2), PLAN, endpoint="/chat/completions", model="demo"),  # amount went down
+        ledger.authorize(voucher(70_000, 3), PLAN, endpoint="/chat/completions", model="demo"),
+    )
+    assert [o.code if isinstance(o, Refusal) else "ok" for o in outcomes] == [
+        "ok",
+        "invalid_nonce",
+        "invalid_amount",
+        "ok",
+    ]
+    assert ledger._writer.replays == replays
+    record = await ledger.get_channel(CHANNEL)
+    assert record is not None and record.last_nonce == 3 and record.reserved == 2 * PLAN.worst_case
+    await ledger.close()
+
+
+async def test_a_ledger_refuses_another_chain_or_contract(tmp_path: Path) -> None:
+    from drain_provider.ledger import LedgerMismatch
+
+    ledger = await open_ledger(tmp_path / "l.db")
+    await ledger.bind(chain_id=80002, contract="0x" + "ab" * 20)
+    await ledger.bind(chain_id=80002, contract="0x" + "AB" * 20)  # the same, in another case
+    with pytest.raises(LedgerMismatch, match="belongs to chain 80002"):
+        await ledger.bind(chain_id=137, contract="0x" + "ab" * 20)
+    with pytest.raises(LedgerMismatch):
+        await ledger.bind(chain_id=80002, contract="0x" + "cd" * 20)
+    await ledger.close()

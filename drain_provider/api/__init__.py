@@ -14,9 +14,10 @@ from aiohttp import web
 from eth_account import Account
 
 from ..chain import ChainClient, ChainClock, ChainUnavailable
+from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
 from ..config import OPENAI_BASE_URL, ConfigError, Settings
-from ..ledger import Ledger
+from ..ledger import Ledger, LedgerMismatch
 from ..payments import PaymentGate
 from ..protocol import Domain
 from ..tokens import TokenCounter
@@ -24,7 +25,7 @@ from ..upstream import Upstream
 from . import completions, info
 from .admin import create_admin_app
 from .errors import error_middleware
-from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM
+from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ def create_app(
     app[COUNTER] = counter or TokenCounter()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
-    app.cleanup_ctx.extend([_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _claimer_ctx, _tokenizer_ctx])
+    app.cleanup_ctx.extend(
+        [_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _watcher_ctx, _claimer_ctx, _tokenizer_ctx]
+    )
     app.add_routes(completions.routes)
     app.add_routes(info.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
@@ -59,8 +62,14 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    ledger = Ledger(app[SETTINGS].database_path, synchronous=app[SETTINGS].ledger_sync)
+    settings = app[SETTINGS]
+    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
     await ledger.open()
+    try:
+        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
+    except LedgerMismatch as exc:
+        await ledger.close()
+        raise ConfigError(f"DATABASE_PATH: {exc}") from None
     await ledger.release_abandoned()
     app[LEDGER] = ledger
     yield
@@ -128,12 +137,26 @@ async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The chain watcher: the chain clock and the channels closed on chain, every few seconds."""
+    settings = app[SETTINGS]
+    watcher = ChainWatcher(
+        app[LEDGER], app[CHAIN], app[CLOCK], poll_interval=settings.chain_poll_interval, on_closed=app[GATE].forget
+    )
+    app[WATCHER] = watcher
+    task = asyncio.create_task(watcher.run(), name="chain-watcher")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
     """The background claimer: started with the server, cancelled with it (a claim cut off
     mid-way is reconciled at the next start)."""
     settings = app[SETTINGS]
     account = Account.from_key(settings.provider_private_key)
-    claimer = Claimer(app[LEDGER], app[CHAIN], account, settings, app[CLOCK], on_closed=app[GATE].forget)
+    claimer = Claimer(app[LEDGER], app[CHAIN], account, settings, app[WATCHER])
     app[CLAIMER] = claimer
     # CLAIM_INTERVAL=0: no automatic claims (POST /v1/admin/claim or the CLI instead), but what
     # a previous run left pending is still reconciled at start.

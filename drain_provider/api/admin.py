@@ -16,7 +16,7 @@ from .. import reports
 from ..chain import ChainUnavailable
 from ..states import ClaimStatus
 from .errors import ApiError, Handler
-from .state import CHAIN, CLAIMER, LEDGER, SETTINGS
+from .state import CHAIN, CLAIMER, LEDGER, SETTINGS, WATCHER
 
 routes = web.RouteTableDef()
 
@@ -52,7 +52,8 @@ async def claim(request: web.Request) -> web.Response:
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
     state = request.config_dict
-    return web.json_response(await reports.status_report(state[SETTINGS], state[LEDGER], state[CHAIN], state[CLAIMER]))
+    report = await reports.status_report(state[SETTINGS], state[LEDGER], state[CHAIN], state[CLAIMER], state[WATCHER])
+    return web.json_response(report)
 
 
 @routes.get("/vouchers")

@@ -14,7 +14,6 @@ from typing import Any
 from aiohttp import web
 
 from .. import openai_format, safejson
-from ..ledger import Settlement
 from ..openai_format import CompletionRequest
 from ..payments import Charge
 from ..protocol import VOUCHER_HEADER
@@ -71,12 +70,15 @@ async def _serve(request: web.Request, paid: CompletionRequest) -> web.StreamRes
     return await _serve_json(request, paid, charge)
 
 
-def _figures(settlement: Settlement | None) -> dict[str, str]:
+def _figures(charge: Charge) -> dict[str, str]:
+    """What the request cost and where the channel stands: headers, or SSE comment lines."""
+    settlement = charge.settlement
     assert settlement is not None
     return {
         "X-DRAIN-Cost": str(settlement.cost),
         "X-DRAIN-Total": str(settlement.total),
         "X-DRAIN-Remaining": str(settlement.remaining),
+        "X-DRAIN-Next-Min": str(charge.next_min),
     }
 
 
@@ -90,7 +92,7 @@ async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Cha
         if reported is None:  # the answer's text is counted only when the upstream did not count it
             charge.meter.add(openai_format.generated_text(answer.data, "message"))
         charge.finish(StreamEnding.DONE, reported)
-    headers = {**_figures(charge.settlement), "X-DRAIN-Channel": charge.channel_id}
+    headers = {**_figures(charge), "X-DRAIN-Channel": charge.channel_id}
     return web.Response(body=answer.body, content_type="application/json", headers=headers)
 
 
@@ -121,5 +123,5 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
                 await relay.stop_for_budget(paid.input_tokens)
             charge.finish(ending, relay.upstream_usage)
     if ending is not StreamEnding.CLIENT_GONE:
-        await relay.finish([f"{name}: {value}" for name, value in _figures(charge.settlement).items()])
+        await relay.finish([f"{name}: {value}" for name, value in _figures(charge).items()])
     return relay.response

@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import web
 
 from ..chain import ChainClient, ChainClock
+from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
 from ..config import Settings
 from ..ledger import Ledger
@@ -22,5 +23,6 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 COUNTER = web.AppKey("counter", TokenCounter)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)
+WATCHER = web.AppKey("watcher", ChainWatcher)
 # Set when the server begins to stop: a request cancelled after that was not left by its client.
 STOPPING = web.AppKey("stopping", asyncio.Event)

@@ -1,0 +1,147 @@
+"""Keeping the ledger's picture of the chain current, every few seconds, apart from claims.
+
+A consumer may close a channel at any time with the provider's signature (cooperative close) and
+after expiry without it; from then on every voucher of the channel is worthless. So the
+watcher, every CHAIN_POLL_INTERVAL, reads the latest block (the chain clock the gate refuses
+expiring channels by) and the contract's ChannelClosed events since the last poll. A closed
+channel of ours is booked at once, with what its close really paid, and dropped from the
+gate's cache: it is refused within one poll, whatever CLAIM_INTERVAL is.
+
+Logs can be missed (the process was down, the RPC lost a range). As a safety net, each claim
+cycle re-reads the channels holding vouchers the chain has not paid (`refresh_stale`); a channel
+found closed that way is looked up in the logs from the last block it was seen open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .chain import ChainClient, ChainClock, ChainUnavailable
+from .ledger import ChannelRecord, Ledger
+from .protocol import ChannelClose
+
+log = logging.getLogger(__name__)
+
+LOG_RANGE = 1000  # blocks per eth_getLogs: public RPCs refuse much wider ranges
+MAX_CATCH_UP = 20 * LOG_RANGE  # further behind than this: re-read the channels instead of the logs
+MAX_CLOSE_SCAN = 50  # ranges searched, newest first, for the close of a channel found closed
+REFRESH_CONCURRENCY = 8
+
+
+class ChainWatcher:
+    def __init__(
+        self,
+        ledger: Ledger,
+        chain: ChainClient,
+        clock: ChainClock,
+        *,
+        poll_interval: float,
+        on_closed: Callable[[str], None] | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.chain = chain
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.fee_bps: int | None = None  # the contract's protocol fee, read at start
+        self.last_poll_at: float | None = None
+        self._on_closed = on_closed  # told of each channel found closed (the gate drops its cache)
+        self._next_block: int | None = None  # the first block whose logs are not read yet
+        self._failing = False
+
+    async def run(self) -> None:
+        """Poll forever (owned by the app)."""
+        while True:
+            try:
+                await self.poll()
+                if self._failing:
+                    log.info("chain_watch_recovered block=%s", self.clock.block)
+                self._failing = False
+            except ChainUnavailable as exc:
+                if not self._failing:  # once per outage, not every few seconds
+                    log.warning("chain_watch_failed reason=%s", exc)
+                self._failing = True
+            await asyncio.sleep(self.poll_interval)
+
+    async def poll(self) -> list[ChannelClose]:
+        """The chain clock, then the closes since the last poll; returns the closes booked."""
+        number, timestamp = await self.chain.head()
+        self.clock.observe(number, timestamp)
+        if self.fee_bps is None:
+            self.fee_bps = await self.chain.fee_bps()
+        self.last_poll_at = time.time()
+        start, self._next_block = self._next_block, number + 1
+        if start is None or start > number:  # the first poll starts the log from here
+            return []
+        if number - start > MAX_CATCH_UP:
+            log.warning("chain_watch_gap blocks=%d action=refresh_channels", number - start)
+            await self.refresh_stale(synced_before=time.time())
+            return []
+        closes: list[ChannelClose] = []
+        for first in range(start, number + 1, LOG_RANGE):
+            closes += await self.chain.closes(first, min(first + LOG_RANGE - 1, number))
+        if not closes:
+            return []
+        ours = await self.ledger.open_channel_ids()
+        booked = [close for close in closes if close.channel_id in ours]
+        for close in booked:
+            await self._book(close.channel_id, close)
+        return booked
+
+    async def refresh_stale(self, *, synced_before: float) -> None:
+        """Re-read the channels holding vouchers the chain has not paid, not read since
+        `synced_before`: a close the logs did not show is found here."""
+        stale = await self.ledger.channels_to_refresh(synced_before=synced_before)
+        limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+        async def refresh(channel_id: str) -> None:
+            async with limit:
+                await self.refresh(channel_id)
+
+        await asyncio.gather(*(refresh(channel_id) for channel_id in stale))
+
+    async def refresh(self, channel_id: str) -> ChannelRecord | None:
+        """Read one channel from chain into the ledger (after a claim, or when it is stale)."""
+        state = await self.chain.get_channel(channel_id)
+        if state.exists:
+            return await self.ledger.record_open(channel_id, state, block=self.clock.block)
+        return await self._book(channel_id, await self._find_close(channel_id))
+
+    async def _find_close(self, channel_id: str) -> ChannelClose | None:
+        """The channel's ChannelClosed event, searched from the newest blocks back to the last
+        block it was seen open."""
+        number, _ = await self.chain.head()
+        oldest = await self.ledger.seen_block(channel_id)
+        if oldest is None:
+            return None
+        last = number
+        for _ in range(MAX_CLOSE_SCAN):
+            if last < oldest:
+                break
+            first = max(oldest, last - LOG_RANGE + 1)
+            found = await self.chain.closes(first, last, channel_id)
+            if found:
+                return found[-1]
+            last = first - 1
+        return None
+
+    async def _book(self, channel_id: str, close: ChannelClose | None) -> ChannelRecord | None:
+        record = await self.ledger.book_close(channel_id, close)
+        if self._on_closed is not None:
+            self._on_closed(channel_id)
+        if record is None:
+            return None
+        log.log(
+            logging.ERROR if record.lost else logging.INFO,
+            "channel_closed channel=%s kind=%s charged=%d claimed=%d fee=%d lost=%d tx=%s",
+            channel_id,
+            record.close_kind,
+            record.charged,
+            record.claimed,
+            record.fee,
+            record.lost,
+            close.tx_hash if close else None,
+        )
+        return record
