@@ -282,7 +282,9 @@ class PaymentGate:
             voucher_digest(self._separator, voucher.channel_id, voucher.amount, voucher.nonce), voucher.signature
         )
         if signer is None:
-            raise PaymentError("invalid_signature", "The voucher signature is not a valid 65-byte low-s signature.")
+            raise PaymentError(
+                "invalid_signature", "The voucher signature is not a valid 65-byte signature (low s, v 27/28 or 0/1)."
+            )
         channel = await self._channel(voucher.channel_id)
         if signer != channel.consumer:
             raise PaymentError(

@@ -310,16 +310,20 @@ def close_authorization_digest(domain_separator: bytes, channel_id: str, final_a
 def recover_address(digest: bytes, signature: bytes) -> bytes | None:
     """The 20-byte address that signed `digest`, or None where the contract would revert.
 
-    Mirrors the contract's ECDSA rules (65 bytes, v in {27, 28}, s in the lower half order) so
-    that we never accept a voucher the chain would refuse to pay. This runs on every paid
-    request, so it calls libsecp256k1 (coincurve) directly: eth-keys' wrapper around the same
-    call costs more than twice as much.
+    Accepts exactly what the contract's ECDSA `tryRecover` accepts, so that we never refuse a
+    voucher the chain would pay nor accept one it would refuse: 65 bytes (r, s, v); s at most
+    half the curve order; v below 27 has 27 added, after which it must be 27 or 28 (so v = 0 and
+    1 are valid, 2 to 26 are not); and ecrecover must find a signer, which it does not for r or
+    s of 0 or r not below the order. This runs on every paid request, so it calls libsecp256k1
+    (coincurve) directly: eth-keys' wrapper around the same call costs more than twice as much.
     """
     if len(signature) != 65:
         return None
     r = int.from_bytes(signature[:32], "big")
     s = int.from_bytes(signature[32:64], "big")
     v = signature[64]
+    if v < 27:
+        v += 27
     if v not in (27, 28) or not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_HALF_N:
         return None
     try:

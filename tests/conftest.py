@@ -4,6 +4,7 @@ openai SDK, and anvil for the JSON-RPC path. Shared types and helpers are in hel
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from eth_account import Account
 from helpers import (
     ANVIL,
+    REPO,
     USDC,
     ChannelFactory,
     Provider,
@@ -34,6 +36,10 @@ from drain_provider.devtools.demo_upstream import DEMO_STATS, create_demo_upstre
 from drain_provider.devtools.devchain import DevChain, attach_dev_node, start_embedded_chain
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+
+# Subprocesses (`python -m drain_provider ...`, often run from a temporary directory) import this
+# checkout, not whichever one the virtualenv has installed (a git worktree shares its venv).
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,9 @@ from drain_provider.chain import revert_data
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO_ROOT / "drain_provider" / "contracts" / "artifacts"
+# The ABI of DRAIN's DrainChannelV2.sol (github.com/kimbo128/DRAIN, contracts/src, as of commit
+# 50b3a110), compiled by solc: the interface the deployed V2 contracts have.
+REAL_V2_ABI = REPO_ROOT / "tests" / "data" / "DrainChannelV2.abi.json"
 COMPILE_JS = REPO_ROOT / "drain_provider" / "contracts" / "compile.js"
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -262,6 +265,31 @@ def test_artifact_format() -> None:
     }
 
 
+def abi_shape(item: Any) -> Any:
+    """An ABI entry without `internalType` (Solidity's own names, e.g. of the struct's contract)."""
+    if isinstance(item, list):
+        return [abi_shape(x) for x in item]
+    if isinstance(item, dict):
+        return {k: abi_shape(v) for k, v in item.items() if k != "internalType"}
+    return item
+
+
+def test_abi_is_the_real_v2_abi() -> None:
+    """Same functions, events, errors and constructor as the deployed V2, entry by entry: names,
+    argument names, types, order, indexing and mutability. Nothing more, nothing less."""
+
+    def entries(abi: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+        shaped = {(item["type"], item.get("name", "")): abi_shape(item) for item in abi}
+        assert len(shaped) == len(abi)  # no overloads to hide behind one key
+        return shaped
+
+    ours = entries(load_artifact("DrainChannel")["abi"])
+    real = entries(json.loads(REAL_V2_ABI.read_text()))
+    assert sorted(ours) == sorted(real)
+    for key, item in real.items():
+        assert ours[key] == item, key
+
+
 # ------------------------------------------------------------------------------ setup
 
 
@@ -270,8 +298,14 @@ def test_deployment_state(env: Env) -> None:
     assert c.usdc().call() == env.usdc.address
     assert c.owner().call() == env.deployer
     assert c.feeBps().call() == 0
-    assert c.feeRecipient().call() == env.deployer
+    assert c.feeRecipient().call() == ZERO_ADDRESS  # as in the real V2: no fee until setFee
     assert c.totalLocked().call() == 0
+    assert c.isImmutable().call() is False
+    assert c.DOMAIN_TYPEHASH().call() == Web3.keccak(
+        text="EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
+    )
+    assert c.VOUCHER_TYPEHASH().call() == Web3.keccak(text="Voucher(bytes32 channelId,uint256 amount,uint256 nonce)")
+    assert c.CLOSE_TYPEHASH().call() == Web3.keccak(text="CloseAuthorization(bytes32 channelId,uint256 finalAmount)")
 
 
 def test_domain_separator_matches_eth_account(env: Env) -> None:
@@ -482,7 +516,13 @@ def test_claim_rejects_bad_signatures(env: Env) -> None:
         "other amount": sign_voucher(env.consumer, env, channel_id, amount + 1, nonce),
         "other nonce": sign_voucher(env.consumer, env, channel_id, amount, nonce + 1),
         "high s": join_signature(r, SECP256K1_N - s, 55 - v),  # same signer, malleated
-        "v = 0/1": join_signature(r, s, v - 27),
+        "high s, v = 0/1": join_signature(r, SECP256K1_N - s, 28 - v),
+        "v = 2/3 (+ 27 = 29/30)": join_signature(r, s, v - 25),
+        "v = 26 (+ 27 = 53)": join_signature(r, s, 26),
+        "v = 29/30": join_signature(r, s, v + 2),
+        "v = 255": join_signature(r, s, 255),
+        "r = 0, v = 0/1": join_signature(0, s, v - 27),
+        "s = 0, v = 0/1": join_signature(r, 0, v - 27),
         "64 bytes (EIP-2098 compact)": r.to_bytes(32, "big") + (s | ((v - 27) << 255)).to_bytes(32, "big"),
         "66 bytes": good + b"\x00",
         "empty": b"",
@@ -504,6 +544,25 @@ def test_claim_rejects_bad_signatures(env: Env) -> None:
     assert env.balance(env.provider) == provider_before + amount
 
 
+def test_claim_accepts_v_0_and_1(env: Env) -> None:
+    """The real contract's tryRecover adds 27 to a v below 27: v = 0/1 is v = 27/28."""
+    channel_id, _ = env.open()
+    provider_before = env.balance(env.provider)
+    for amount, nonce in ((ONE_USDC, 1), (2 * ONE_USDC, 2)):
+        r, s, v = split_signature(sign_voucher(env.consumer, env, channel_id, amount, nonce))
+        env.claim(channel_id, amount, nonce, signature=join_signature(r, s, v - 27))
+    assert env.balance(env.provider) == provider_before + 2 * ONE_USDC
+    # v = 2 and v = 29 are refused.
+    r, s, v = split_signature(sign_voucher(env.consumer, env, channel_id, 3 * ONE_USDC, 3))
+    c = env.channel.functions
+    for bad_v in (2, 29):
+        assert_reverts(
+            c.claim(channel_id, 3 * ONE_USDC, 3, join_signature(r, s, bad_v)),
+            env.provider.address,
+            "InvalidSignature",
+        )
+
+
 def test_claim_after_expiry_before_close(env: Env) -> None:
     channel_id, _ = env.open()
     expiry = env.channel.functions.getChannel(channel_id).call()[4]
@@ -517,9 +576,11 @@ def test_claim_after_expiry_before_close(env: Env) -> None:
 
 
 def test_fee_split(env: Env) -> None:
-    send(env.w3, env.channel.functions.setFee(500, env.fee_sink.address), env.deployer)
+    receipt = send(env.w3, env.channel.functions.setFee(env.fee_sink.address, 500), env.deployer)
     assert env.channel.functions.feeBps().call() == 500
     assert env.channel.functions.feeRecipient().call() == env.fee_sink.address
+    (updated,) = events(env.channel, "FeeUpdated", receipt)
+    assert (updated["args"]["feeRecipient"], updated["args"]["feeBps"]) == (env.fee_sink.address, 500)
 
     channel_id, _ = env.open()
     provider_before = env.balance(env.provider)
@@ -543,12 +604,18 @@ def test_fee_split(env: Env) -> None:
 
 def test_set_fee_reverts(env: Env) -> None:
     c = env.channel.functions
-    assert_reverts(c.setFee(1001, env.fee_sink.address), env.deployer, "FeeTooHigh")
-    assert_reverts(c.setFee(500, ZERO_ADDRESS), env.deployer, "ZeroAddress")
-    assert_reverts(c.setFee(500, env.fee_sink.address), env.consumer.address, "NotOwner")
+    assert_reverts(c.setFee(env.fee_sink.address, 1001), env.deployer, "FeeTooHigh")
+    assert_reverts(c.setFee(ZERO_ADDRESS, 500), env.deployer, "ZeroAddress")
+    assert_reverts(c.setFee(env.fee_sink.address, 500), env.consumer.address, "NotOwner")
     # The maximum is allowed.
-    send(env.w3, c.setFee(1000, env.fee_sink.address), env.deployer)
+    send(env.w3, c.setFee(env.fee_sink.address, 1000), env.deployer)
     assert c.feeBps().call() == 1000
+    # No fee needs no recipient.
+    send(env.w3, c.setFee(ZERO_ADDRESS, 0), env.deployer)
+    assert (c.feeRecipient().call(), c.feeBps().call()) == (ZERO_ADDRESS, 0)
+    channel_id, _ = env.open()
+    receipt = env.claim(channel_id, ONE_USDC)
+    assert events(env.channel, "FeePaid", receipt) == ()
 
 
 # ------------------------------------------------------------------------------ close
@@ -641,7 +708,7 @@ def test_cooperative_close(env: Env) -> None:
 
 
 def test_cooperative_close_with_fee_and_nothing_to_pay(env: Env) -> None:
-    send(env.w3, env.channel.functions.setFee(1000, env.fee_sink.address), env.deployer)
+    send(env.w3, env.channel.functions.setFee(env.fee_sink.address, 1000), env.deployer)
     channel_id, _ = env.open()
     env.claim(channel_id, ONE_USDC)  # fee 100_000
     provider_before = env.balance(env.provider)
@@ -725,28 +792,72 @@ def test_cooperative_close_reverts(env: Env) -> None:
     assert c.getChannel(channel_id).call()[2:4] == (DEPOSIT, 2 * ONE_USDC)
 
 
-# ------------------------------------------------------------------- withdrawExcess
-
-
-def test_withdraw_excess(env: Env) -> None:
+def test_cooperative_close_accepts_v_0_and_1(env: Env) -> None:
+    channel_id, _ = env.open()
+    final = 4 * ONE_USDC
+    r, s, v = split_signature(sign_close(env.provider, env, channel_id, final))
     c = env.channel.functions
-    assert_reverts(c.withdrawExcess(env.fee_sink.address), env.deployer, "NoExcess")
+    for bad_v in (2, 29):
+        assert_reverts(
+            c.cooperativeClose(channel_id, final, join_signature(r, s, bad_v)),
+            env.consumer.address,
+            "InvalidSignature",
+        )
+    provider_before = env.balance(env.provider)
+    send(env.w3, c.cooperativeClose(channel_id, final, join_signature(r, s, v - 27)), env.consumer.address)
+    assert env.balance(env.provider) == provider_before + final
+    assert c.getChannel(channel_id).call()[0] == ZERO_ADDRESS
+
+
+# -------------------------------------------------------------------------------- admin
+
+
+def test_sweep(env: Env) -> None:
+    c = env.channel.functions
+    assert_reverts(c.sweep(), env.deployer, "NoExcess")
 
     channel_id, _ = env.open()
-    assert_reverts(c.withdrawExcess(env.fee_sink.address), env.deployer, "NoExcess")
+    assert_reverts(c.sweep(), env.deployer, "NoExcess")
 
     stray = env.usdc.functions.transfer(env.channel.address, 1234)
     send(env.w3, stray, env.consumer.address)
-    assert_reverts(c.withdrawExcess(env.fee_sink.address), env.consumer.address, "NotOwner")
-    assert_reverts(c.withdrawExcess(ZERO_ADDRESS), env.deployer, "ZeroAddress")
-    send(env.w3, c.withdrawExcess(env.fee_sink.address), env.deployer)
-    assert env.balance(env.fee_sink) == 1234
+    assert_reverts(c.sweep(), env.consumer.address, "NotOwner")
+    owner_before = env.balance(env.deployer)
+    receipt = send(env.w3, c.sweep(), env.deployer)  # to the caller, the owner
+    assert env.balance(env.deployer) == owner_before + 1234
+    (swept,) = events(env.channel, "Swept", receipt)
+    assert (swept["args"]["to"], swept["args"]["amount"]) == (env.deployer, 1234)
     assert env.balance(env.channel.address) == DEPOSIT == c.totalLocked().call()
-    assert_reverts(c.withdrawExcess(env.fee_sink.address), env.deployer, "NoExcess")
+    assert_reverts(c.sweep(), env.deployer, "NoExcess")
 
     # The open channel's money is still all there.
     env.claim(channel_id, DEPOSIT)
     assert env.balance(env.channel.address) == 0
+
+
+def test_set_usdc(env: Env) -> None:
+    c = env.channel.functions
+    assert_reverts(c.setUSDC(env.stranger.address), env.consumer.address, "NotOwner")
+    assert_reverts(c.setUSDC(ZERO_ADDRESS), env.deployer, "ZeroAddress")
+    receipt = send(env.w3, c.setUSDC(env.stranger.address), env.deployer)
+    assert c.usdc().call() == env.stranger.address
+    (updated,) = events(env.channel, "USDCUpdated", receipt)
+    assert (updated["args"]["oldUsdc"], updated["args"]["newUsdc"]) == (env.usdc.address, env.stranger.address)
+
+
+def test_renounce_ownership(env: Env) -> None:
+    c = env.channel.functions
+    assert_reverts(c.renounceOwnership(), env.consumer.address, "NotOwner")
+    receipt = send(env.w3, c.renounceOwnership(), env.deployer)
+    (renounced,) = events(env.channel, "OwnershipRenounced", receipt)
+    assert renounced["args"]["previousOwner"] == env.deployer
+    assert c.owner().call() == ZERO_ADDRESS
+    assert c.isImmutable().call() is True
+    for fn in (c.setFee(env.fee_sink.address, 100), c.setUSDC(env.stranger.address), c.sweep(), c.renounceOwnership()):
+        assert_reverts(fn, env.deployer, "NotOwner")
+    # Channels work as before.
+    channel_id, _ = env.open()
+    env.claim(channel_id, ONE_USDC)
 
 
 # -------------------------------------------------------------------------- TestUSDC

@@ -166,14 +166,16 @@ async def test_invalid_signatures(provider: Provider, paying: DrainConsumer, cha
     good = sign_voucher(paying.account.key, paying.domain, paying.channel_id, 100_000, nonce)
     r, s, v = good.signature[:32], int.from_bytes(good.signature[32:64], "big"), good.signature[64]
     high_s = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # same signer, malleated
-    v_zero = good.signature[:64] + bytes([v - 27])
+    v_low = good.signature[:64] + bytes([v - 25])  # 2 or 3: + 27 is 29 or 30, invalid
+    v_high = good.signature[:64] + bytes([v + 2])
     wrong_amount = Voucher(good.channel_id, good.amount + 1, good.nonce, good.signature)
     for header in (
         stranger.header_value(),
         wrong_chain.header_value(),
         wrong_contract.header_value(),
         _with_signature(good, high_s),
-        _with_signature(good, v_zero),
+        _with_signature(good, v_low),
+        _with_signature(good, v_high),
         _with_signature(good, bytes(65)),
         wrong_amount.header_value(),
     ):

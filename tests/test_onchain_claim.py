@@ -40,6 +40,36 @@ async def test_accepted_voucher_is_claimed_on_chain(
     assert await chain.usdc_balance(chain.contract) == held - amount
 
 
+@pytest.mark.rule(1)
+async def test_v_0_or_1_voucher_is_accepted_and_claimed_on_chain(
+    provider: Provider, open_channel: ChannelFactory, chain: DevChain
+) -> None:
+    """The contract adds 27 to a v below 27, so a wallet's v = 0/1 signature pays: we accept it,
+    store it as sent, and the claimer's claim of that very signature is paid on chain."""
+    consumer = await open_channel(provider)
+    signed = consumer.next_voucher(100_000)
+    v = signed.signature[64]
+    assert v in (27, 28)
+    voucher = Voucher(signed.channel_id, signed.amount, signed.nonce, signed.signature[:64] + bytes([v - 27]))
+    raw = await provider.client().chat.completions.with_raw_response.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-DRAIN-Voucher": voucher.header_value()},
+    )
+    assert raw.parse().choices[0].message.content
+    assert 0 < int(raw.headers["X-DRAIN-Cost"]) == int(raw.headers["X-DRAIN-Total"])
+    stored = await provider.ledger.fetchone(
+        "SELECT signature FROM vouchers WHERE channel_id = ?", (consumer.channel_id,)
+    )
+    assert stored == (voucher.signature_hex,)
+
+    before = await chain.usdc_balance(provider.address)
+    (outcome,) = await provider.claimer.cycle(force=True)
+    assert (outcome.status, outcome.amount) == ("confirmed", voucher.amount)
+    assert (await chain.client().get_channel(consumer.channel_id)).claimed == voucher.amount
+    assert await chain.usdc_balance(provider.address) == before + voucher.amount
+
+
 @pytest.mark.parametrize("wrong", ["chain id", "contract"])
 @pytest.mark.rule(1)
 async def test_wrong_domain_is_refused_by_us_and_by_the_chain(

@@ -4,8 +4,9 @@
   with a `VoucherFormatError` (never another exception).
 - The hand-rolled EIP-712 digests and domain separator are byte-identical to eth-account's
   generic typed-data encoder, and `sign_voucher` produces eth-account's exact signature.
-- `recover_signer` follows the contract's ECDSA rules (65 bytes, v in {27, 28}, low s, r and s
-  non-zero) and `sign_digest` only produces signatures the contract accepts.
+- `recover_signer` follows the contract's ECDSA rules (65 bytes, low s, v in {27, 28} after
+  adding 27 to a v below 27, so v in {0, 1, 27, 28}; r and s non-zero) and `sign_digest` only
+  produces signatures the contract accepts.
 - `channel_id_for` matches `keccak256(abi.encodePacked(...))`, and `format_usdc` is exact.
 """
 
@@ -304,10 +305,34 @@ def test_recover_rejects_high_s_malleation() -> None:
     assert recover_signer(digest, malleated) is None
 
 
-@pytest.mark.parametrize("v", [0, 1, 29, 255])
+@pytest.mark.rule(1)
+def test_recover_accepts_v_0_and_1_like_the_contract() -> None:
+    """The contract's tryRecover adds 27 to a v below 27: v - 27 is the same signature."""
+    rng = random.Random(RNG_SEED)
+    for _ in range(20):
+        key, digest = random_key(rng), rng.randbytes(32)
+        signature = sign_digest(key, digest)
+        r, s, v = split(signature)
+        address = Account.from_key(key).address
+        assert recover_signer(digest, join(r, s, v - 27)) == recover_signer(digest, signature) == address
+        # the other parity is another signer (or none), as with 27 <-> 28
+        assert recover_signer(digest, join(r, s, 28 - v)) != address
+
+
+@pytest.mark.rule(1)
+@pytest.mark.parametrize("v", [*range(2, 27), 29, 30, 31, 53, 54, 128, 229, 255])
 def test_recover_rejects_bad_v(v: int) -> None:
     digest, signature = signed()
     assert recover_signer(digest, signature[:64] + bytes([v])) is None
+
+
+@pytest.mark.rule(1)
+def test_recover_rejects_zero_r_or_s_with_v_0_or_1() -> None:
+    digest, signature = signed()
+    r, s, v = split(signature)
+    assert recover_signer(digest, join(0, s, v - 27)) is None
+    assert recover_signer(digest, join(r, 0, v - 27)) is None
+    assert recover_signer(digest, join(r, SECP256K1_N - s, 28 - v)) is None  # high s, v 0/1
 
 
 def test_recover_rejects_zero_r_or_s() -> None:

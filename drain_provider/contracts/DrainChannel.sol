@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.28;
 
-/// @dev The three ERC-20 calls DrainChannel makes on its token.
-interface IERC20Minimal {
+/// @dev The ERC-20 calls DrainChannel makes on its token (the real contract's IERC20 has these and
+/// approve/allowance, which it never calls).
+interface IERC20 {
     function transfer(address to, uint256 amount) external returns (bool);
 
     function transferFrom(address from, address to, uint256 amount) external returns (bool);
@@ -15,7 +16,11 @@ interface IERC20Minimal {
 /// off-chain EIP-712 vouchers carrying a cumulative amount. The provider claims the
 /// highest voucher; the consumer reclaims the rest after expiry, or at any time with
 /// a provider-signed CloseAuthorization.
-/// @dev Written from drain-provider's docs/PROTOCOL.md. Self-contained: no imports.
+/// @dev Written from drain-provider's docs/PROTOCOL.md to the interface of DRAIN's
+/// DrainChannelV2.sol: the same functions, events and errors, with the same names, argument
+/// types and order, so that the ABI built from this file talks to the deployed contracts.
+/// Self-contained (no imports) so that compile.js needs nothing but the pinned solc: the
+/// real contract's OpenZeppelin ECDSA.tryRecover is inlined as `_recover`.
 contract DrainChannel {
     struct Channel {
         address consumer;
@@ -52,8 +57,17 @@ contract DrainChannel {
     event ChannelClaimed(bytes32 indexed channelId, address indexed provider, uint256 amount);
     event ChannelClosed(bytes32 indexed channelId, address indexed consumer, uint256 refund);
     event FeePaid(bytes32 indexed channelId, address indexed recipient, uint256 amount);
+    event FeeUpdated(address indexed feeRecipient, uint256 feeBps);
+    event Swept(address indexed to, uint256 amount);
+    event USDCUpdated(address indexed oldUsdc, address indexed newUsdc);
+    event OwnershipRenounced(address indexed previousOwner);
 
     // --------------------------------------------------------------- constants
+
+    bytes32 public constant DOMAIN_TYPEHASH =
+        keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
+    bytes32 public constant VOUCHER_TYPEHASH = keccak256("Voucher(bytes32 channelId,uint256 amount,uint256 nonce)");
+    bytes32 public constant CLOSE_TYPEHASH = keccak256("CloseAuthorization(bytes32 channelId,uint256 finalAmount)");
 
     uint256 private constant MAX_FEE_BPS = 1000; // 10 %
     uint256 private constant BPS = 10000;
@@ -61,26 +75,18 @@ contract DrainChannel {
     /// @dev Upper bound of the lower half of the secp256k1 group order (EIP-2).
     uint256 private constant HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
-    bytes32 private constant DOMAIN_TYPEHASH =
-        keccak256("EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)");
-    bytes32 private constant NAME_HASH = keccak256("DrainChannel");
-    bytes32 private constant VERSION_HASH = keccak256("1");
-    bytes32 private constant VOUCHER_TYPEHASH = keccak256("Voucher(bytes32 channelId,uint256 amount,uint256 nonce)");
-    bytes32 private constant CLOSE_AUTHORIZATION_TYPEHASH =
-        keccak256("CloseAuthorization(bytes32 channelId,uint256 finalAmount)");
-
     // ------------------------------------------------------------------- state
 
-    /// @notice The payment token (USDC).
-    address public immutable usdc;
+    /// @notice Fixed at deployment, for the deployment's chain id, as in the real contract.
+    bytes32 public immutable DOMAIN_SEPARATOR;
 
-    bytes32 private immutable _cachedDomainSeparator;
-    uint256 private immutable _cachedChainId;
-    address private immutable _cachedThis;
-
+    /// @notice address(0) once ownership is renounced (then `isImmutable()`).
     address public owner;
-    uint256 public feeBps;
+    /// @notice The payment token (USDC); the owner may replace it (`setUSDC`).
+    IERC20 public usdc;
+    /// @notice Receives the protocol fee; address(0) until `setFee` names one (then no fee).
     address public feeRecipient;
+    uint256 public feeBps;
 
     /// @notice Tokens still owed to open channels (sum of deposit - claimed).
     uint256 public totalLocked;
@@ -93,51 +99,69 @@ contract DrainChannel {
         _;
     }
 
-    constructor(address usdc_) {
-        if (usdc_ == address(0)) revert ZeroAddress();
-        usdc = usdc_;
+    constructor(address _usdc) {
+        if (_usdc == address(0)) revert ZeroAddress();
         owner = msg.sender;
-        feeRecipient = msg.sender;
-        _cachedChainId = block.chainid;
-        _cachedThis = address(this);
-        _cachedDomainSeparator = _buildDomainSeparator();
+        usdc = IERC20(_usdc);
+        DOMAIN_SEPARATOR = keccak256(
+            abi.encode(DOMAIN_TYPEHASH, keccak256("DrainChannel"), keccak256("1"), block.chainid, address(this))
+        );
     }
 
     // ------------------------------------------------------------------- admin
 
-    function setFee(uint256 newFeeBps, address newRecipient) external onlyOwner {
-        if (newFeeBps > MAX_FEE_BPS) revert FeeTooHigh();
-        if (newRecipient == address(0)) revert ZeroAddress();
-        feeBps = newFeeBps;
-        feeRecipient = newRecipient;
+    function setUSDC(address _usdc) external onlyOwner {
+        if (_usdc == address(0)) revert ZeroAddress();
+        address oldUsdc = address(usdc);
+        usdc = IERC20(_usdc);
+        emit USDCUpdated(oldUsdc, _usdc);
     }
 
-    /// @notice Sends the tokens held beyond what open channels are owed (e.g. a stray transfer).
-    function withdrawExcess(address to) external onlyOwner {
-        if (to == address(0)) revert ZeroAddress();
-        uint256 balance = IERC20Minimal(usdc).balanceOf(address(this));
+    /// @notice Gives up the admin functions for good.
+    function renounceOwnership() external onlyOwner {
+        address previousOwner = owner;
+        owner = address(0);
+        emit OwnershipRenounced(previousOwner);
+    }
+
+    /// @notice A fee of `_feeBps` (at most 10 %) of every payout goes to `_feeRecipient`.
+    /// The recipient may be address(0) only with a zero fee.
+    function setFee(address _feeRecipient, uint256 _feeBps) external onlyOwner {
+        if (_feeBps > MAX_FEE_BPS) revert FeeTooHigh();
+        if (_feeBps > 0 && _feeRecipient == address(0)) revert ZeroAddress();
+        feeRecipient = _feeRecipient;
+        feeBps = _feeBps;
+        emit FeeUpdated(_feeRecipient, _feeBps);
+    }
+
+    /// @notice Sends the owner the tokens held beyond what open channels are owed (e.g. a stray
+    /// transfer).
+    function sweep() external onlyOwner {
+        uint256 balance = usdc.balanceOf(address(this));
         uint256 locked = totalLocked;
         if (balance <= locked) revert NoExcess();
-        _send(to, balance - locked);
+        uint256 excess = balance - locked;
+        _send(msg.sender, excess);
+        emit Swept(msg.sender, excess);
     }
 
     // ---------------------------------------------------------------- channels
 
     function open(address provider, uint256 amount, uint256 duration) external returns (bytes32 channelId) {
-        if (provider == address(0)) revert ZeroAddress();
         if (amount == 0) revert InvalidAmount();
+        if (provider == address(0)) revert ZeroAddress();
 
+        uint256 expiry = block.timestamp + duration;
         channelId = keccak256(abi.encodePacked(msg.sender, provider, block.timestamp, nonces[msg.sender]++));
         if (channels[channelId].consumer != address(0)) revert ChannelExists();
 
-        uint256 expiry = block.timestamp + duration;
         channels[channelId] =
             Channel({consumer: msg.sender, provider: provider, deposit: amount, claimed: 0, expiry: expiry});
         totalLocked += amount;
 
-        emit ChannelOpened(channelId, msg.sender, provider, amount, expiry);
-
         _pull(msg.sender, amount);
+
+        emit ChannelOpened(channelId, msg.sender, provider, amount, expiry);
     }
 
     function claim(bytes32 channelId, uint256 amount, uint256 nonce, bytes calldata signature) external {
@@ -155,11 +179,10 @@ contract DrainChannel {
         ch.claimed = amount;
         totalLocked -= payout;
 
-        emit ChannelClaimed(channelId, msg.sender, payout);
-        uint256 fee = _feeOf(channelId, payout);
-
-        if (fee > 0) _send(feeRecipient, fee);
+        uint256 fee = _payFee(channelId, payout);
         _send(msg.sender, payout - fee);
+
+        emit ChannelClaimed(channelId, msg.sender, payout);
     }
 
     function close(bytes32 channelId) external {
@@ -172,18 +195,18 @@ contract DrainChannel {
         delete channels[channelId];
         totalLocked -= refund;
 
-        emit ChannelClosed(channelId, msg.sender, refund);
-
         if (refund > 0) _send(msg.sender, refund);
+
+        emit ChannelClosed(channelId, msg.sender, refund);
     }
 
     function cooperativeClose(bytes32 channelId, uint256 finalAmount, bytes calldata providerSignature) external {
         Channel memory ch = channels[channelId];
         if (ch.consumer == address(0)) revert ChannelNotFound();
         if (msg.sender != ch.consumer) revert NotConsumer();
-        if (finalAmount < ch.claimed || finalAmount > ch.deposit) revert InvalidAmount();
+        if (finalAmount > ch.deposit || finalAmount < ch.claimed) revert InvalidAmount();
 
-        bytes32 structHash = keccak256(abi.encode(CLOSE_AUTHORIZATION_TYPEHASH, channelId, finalAmount));
+        bytes32 structHash = keccak256(abi.encode(CLOSE_TYPEHASH, channelId, finalAmount));
         if (_recover(_hashTypedData(structHash), providerSignature) != ch.provider) revert InvalidSignature();
 
         uint256 payout = finalAmount - ch.claimed;
@@ -191,16 +214,14 @@ contract DrainChannel {
         delete channels[channelId];
         totalLocked -= payout + refund;
 
-        uint256 fee;
         if (payout > 0) {
+            uint256 fee = _payFee(channelId, payout);
+            _send(ch.provider, payout - fee);
             emit ChannelClaimed(channelId, ch.provider, payout);
-            fee = _feeOf(channelId, payout);
         }
-        emit ChannelClosed(channelId, msg.sender, refund);
-
-        if (fee > 0) _send(feeRecipient, fee);
-        if (payout - fee > 0) _send(ch.provider, payout - fee);
         if (refund > 0) _send(msg.sender, refund);
+
+        emit ChannelClosed(channelId, msg.sender, refund);
     }
 
     // ------------------------------------------------------------------- views
@@ -214,52 +235,55 @@ contract DrainChannel {
         return ch.deposit - ch.claimed;
     }
 
-    function DOMAIN_SEPARATOR() public view returns (bytes32) {
-        if (block.chainid == _cachedChainId && address(this) == _cachedThis) return _cachedDomainSeparator;
-        return _buildDomainSeparator();
+    /// @notice True once the owner has renounced: nobody can change the fee or the token.
+    function isImmutable() external view returns (bool) {
+        return owner == address(0);
     }
 
     // ---------------------------------------------------------------- internal
 
-    function _buildDomainSeparator() private view returns (bytes32) {
-        return keccak256(abi.encode(DOMAIN_TYPEHASH, NAME_HASH, VERSION_HASH, block.chainid, address(this)));
-    }
-
     function _hashTypedData(bytes32 structHash) private view returns (bytes32) {
-        return keccak256(abi.encodePacked(hex"1901", DOMAIN_SEPARATOR(), structHash));
+        return keccak256(abi.encodePacked(hex"1901", DOMAIN_SEPARATOR, structHash));
     }
 
-    /// @dev OpenZeppelin-style ECDSA recovery: exactly 65 bytes (r, s, v), v in {27, 28},
-    /// s in the lower half order, non-zero signer. Any failure reverts InvalidSignature.
+    /// @dev The real contract's ECDSA.tryRecover (OpenZeppelin-style): exactly 65 bytes (r, s, v);
+    /// s in the lower half order; a v below 27 gets 27 added (so 0/1 are 27/28, and 2..26 fail),
+    /// then v must be 27 or 28; ecrecover must return a non-zero signer (it does not for r or s
+    /// of 0). Any failure reverts InvalidSignature.
     function _recover(bytes32 digest, bytes calldata signature) private pure returns (address signer) {
         if (signature.length != 65) revert InvalidSignature();
         bytes32 r = bytes32(signature[0:32]);
         bytes32 s = bytes32(signature[32:64]);
         uint8 v = uint8(signature[64]);
         if (uint256(s) > HALF_ORDER) revert InvalidSignature();
+        if (v < 27) v += 27;
         if (v != 27 && v != 28) revert InvalidSignature();
         signer = ecrecover(digest, v, r, s);
         if (signer == address(0)) revert InvalidSignature();
     }
 
-    /// @dev Computes the protocol fee on a payout and emits FeePaid when it is non-zero.
-    function _feeOf(bytes32 channelId, uint256 payout) private returns (uint256 fee) {
-        fee = (payout * feeBps) / BPS;
-        if (fee > 0) emit FeePaid(channelId, feeRecipient, fee);
+    /// @dev Pays the protocol fee on a payout, if there is a fee and a recipient, and emits FeePaid.
+    function _payFee(bytes32 channelId, uint256 payout) private returns (uint256 fee) {
+        address recipient = feeRecipient;
+        if (feeBps > 0 && recipient != address(0)) fee = (payout * feeBps) / BPS;
+        if (fee > 0) {
+            _send(recipient, fee);
+            emit FeePaid(channelId, recipient, fee);
+        }
     }
 
     function _send(address to, uint256 amount) private {
-        _callToken(abi.encodeCall(IERC20Minimal.transfer, (to, amount)));
+        _callToken(abi.encodeCall(IERC20.transfer, (to, amount)));
     }
 
     function _pull(address from, uint256 amount) private {
-        _callToken(abi.encodeCall(IERC20Minimal.transferFrom, (from, address(this), amount)));
+        _callToken(abi.encodeCall(IERC20.transferFrom, (from, address(this), amount)));
     }
 
     /// @dev Calls the token; any failure (revert, `false`, malformed return data, no code)
     /// becomes TransferFailed. A token that returns nothing is accepted, as SafeERC20 does.
     function _callToken(bytes memory data) private {
-        address token = usdc;
+        address token = address(usdc);
         (bool success, bytes memory ret) = token.call(data);
         bool ok = success
             && (ret.length == 0 ? token.code.length > 0 : (ret.length >= 32 && uint256(bytes32(ret)) == 1));
