@@ -12,22 +12,35 @@ not part of the server):
 Vouchers are cumulative. Unlike clients that add each request's estimate to the last signed
 amount (so the signed total drifts ever further ahead of what was spent), `next_voucher` signs
 the provider's charged total plus this request's budget, and never less than the last amount:
-unspent credit is reused instead of piling up.
+unspent credit is reused instead of piling up. `voucher_for` signs exactly what a request needs:
+its worst case, counted and priced with the provider's own code, on top of the charged total.
+The provider may claim any voucher it holds up to its amount, so the exact amount is the
+consumer's best protection (X-DRAIN-Next-Min tells the least the next voucher may carry).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
+from typing import Any
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from web3.logs import DISCARD
 
+from . import openai_format
 from .chain import ChainClient, ContractReverted
 from .contracts import load_artifact
+from .pricing import ModelPrice
 from .protocol import Domain, Voucher, sign_voucher
+from .tokens import TokenCounter
+
+
+@cache
+def _counter() -> TokenCounter:
+    return TokenCounter()
 
 
 @dataclass
@@ -39,6 +52,7 @@ class DrainConsumer:
     nonce: int = 0  # last signed nonce
     amount: int = 0  # last signed cumulative amount
     charged: int = 0  # the provider's charged total, from the last X-DRAIN-Total
+    next_min: int = 0  # the least the next voucher may carry, from the last X-DRAIN-Next-Min
     last_cost: int = 0
     api: str | None = None  # the provider's base URL, ending in /v1
 
@@ -86,8 +100,23 @@ class DrainConsumer:
         amount = min(max(self.amount, self.charged + budget), self.deposit)
         return self.sign(amount)
 
+    def voucher_for(
+        self, body: dict[str, Any], price: ModelPrice, *, min_output_tokens: int = 16, default_max_tokens: int = 4096
+    ) -> Voucher:
+        """The exact voucher for the chat completion `body` at `price`: the charged total plus
+        the request's worst case (input counted as the provider counts it, plus `max_tokens`, or
+        `default_max_tokens`, the provider's DEFAULT_MAX_TOKENS, when the body sets none)."""
+        request = openai_format.parse_chat(
+            body, {body["model"]: price}, _counter(), default_max_tokens=default_max_tokens
+        )
+        worst_case = request.plan(min_output_tokens).worst_case
+        amount = min(max(self.amount, self.next_min, self.charged + worst_case), self.deposit)
+        return self.sign(amount)
+
     def record(self, headers: Mapping[str, str]) -> None:
         """Take the provider's figures from a paid response's headers."""
+        if "X-DRAIN-Next-Min" in headers:
+            self.next_min = int(headers["X-DRAIN-Next-Min"])
         if "X-DRAIN-Total" in headers:
             self.charged = int(headers["X-DRAIN-Total"])
         if "X-DRAIN-Cost" in headers:

@@ -28,6 +28,7 @@ async def test_pricing_in_the_reference_format(provider: Provider) -> None:
     assert pricing == {
         "provider": provider.address,
         "chainId": provider.settings.chain_id,
+        "minChannelDurationSeconds": 601,
         "currency": "USDC",
         "decimals": 6,
         "models": {

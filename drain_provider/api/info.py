@@ -39,6 +39,8 @@ async def pricing(request: web.Request) -> web.Response:
             "chainId": settings.chain_id,
             "currency": "USDC",
             "decimals": 6,
+            # Vouchers are refused in a channel's last MIN_CHANNEL_TTL seconds: open for longer.
+            "minChannelDurationSeconds": settings.min_channel_ttl + 1,
             "models": {
                 name: {
                     "inputPer1kTokens": format_usdc(price.input_per_1k),
@@ -117,6 +119,7 @@ async def docs(request: web.Request) -> web.Response:
         chain=settings.chain_id,
         contract=settings.drain_contract,
         prices=prices,
+        ttl=settings.min_channel_ttl,
     )
     return web.Response(text=text, content_type="text/plain")
 
@@ -143,7 +146,8 @@ Models and prices (USDC, 6 decimals; amounts in requests are base units, 1 USDC 
 How to pay, step by step
 1. Open a channel (once): approve the contract to spend your USDC, then call
    open(provider={provider}, amount=<deposit in base units>, duration=<seconds>).
-   The channelId is in the ChannelOpened event of the receipt.
+   The channelId is in the ChannelOpened event of the receipt. Vouchers are refused in the last
+   {ttl} s of a channel, so the duration must be above {ttl} s; an hour or more is sensible.
 2. For EVERY request, sign a new EIP-712 voucher (parameters as JSON: GET {root}/v1/signing):
    domain  {{name: "DrainChannel", version: "1", chainId: {chain}, verifyingContract: {contract}}}
    type    Voucher(bytes32 channelId, uint256 amount, uint256 nonce)
@@ -153,8 +157,12 @@ How to pay, step by step
 3. Send the request in the OpenAI format with the header
    X-DRAIN-Voucher: {{"channelId":"0x..","amount":"<base units>","nonce":"<n>","signature":"0x..(65 bytes)"}}
 4. Read the answer's headers: X-DRAIN-Cost (this request), X-DRAIN-Total (charged on the channel
-   so far), X-DRAIN-Remaining (deposit - total), X-DRAIN-Channel. Streams ("stream": true) carry
-   the same three figures as SSE comment lines (": X-DRAIN-Cost: 102") just before data: [DONE].
+   so far), X-DRAIN-Remaining (deposit - total), X-DRAIN-Next-Min, X-DRAIN-Channel. Streams
+   ("stream": true) carry the figures as SSE comment lines (": X-DRAIN-Cost: 102") before [DONE].
+   To sign exactly what a request needs, sign max(X-DRAIN-Next-Min, X-DRAIN-Total + the cost of
+   your input + max_tokens at the prices above): X-DRAIN-Next-Min is the least the next voucher
+   may carry (it covers a request with no input and a minimal output). Whatever you sign above
+   the charge stays yours, but the provider may claim a voucher up to the amount you signed.
 
 What you are charged: input and output tokens as the upstream model reports them, at the prices
 above (cost = in*inPrice//1000 + out*outPrice//1000). A request reserves its worst case

@@ -65,9 +65,13 @@ def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upst
     return replace(settings, rpc_url=chain.rpc_url, prices=prices)
 
 
-async def _paid_call(api: str, consumer: DrainConsumer, model: str) -> dict[str, Any]:
-    voucher = consumer.next_voucher(budget=200_000)
-    body = {"model": model, "messages": [{"role": "user", "content": "Hello from drain-provider dev mode!"}]}
+async def _paid_call(api: str, consumer: DrainConsumer, model: str, price: ModelPrice) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello from drain-provider dev mode!"}],
+        "max_tokens": 256,
+    }
+    voucher = consumer.voucher_for(body, price)  # exactly what this request may cost
     headers = {"X-DRAIN-Voucher": voucher.header_value()}
     async with (
         aiohttp.ClientSession() as session,
@@ -163,7 +167,7 @@ async def run_dev(
             duration=CHANNEL_DURATION,
         )
         model = DEMO_MODEL if use_demo else sorted(settings.prices)[0]
-        call = await _paid_call(api, consumer, model)
+        call = await _paid_call(api, consumer, model, settings.prices[model])
         ready = time.monotonic() - started
         write_dev_file(DEV_FILE, api, chain, settings.provider_address, consumer)
         print(_banner(api, chain, settings, consumer, model, call, ready))

@@ -8,7 +8,7 @@ funded accounts (anvil, hardhat), for `dev --rpc-url` and the JSON-RPC tests.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import aiohttp
@@ -91,6 +91,15 @@ class DevChain:
         self.token = await self._deploy("TestUSDC")
         self.contract = await self._deploy("DrainChannel", self.token)
         log.info("devchain_deployed chain_id=%d token=%s contract=%s", self.chain_id, self.token, self.contract)
+
+    async def fresh_contract(self, *, fee_bps: int = 0) -> DevChain:
+        """The same chain and token with a new DrainChannel, taking `fee_bps` from each payout
+        (V2's protocol fee: 200 on Amoy) for the funder."""
+        chain = replace(self, contract=await self._deploy("DrainChannel", self.token))
+        if fee_bps:
+            call = chain.client().contract.functions.setFee(self.funder, fee_bps)
+            await self._mined(await call.transact({"from": self.funder}))
+        return chain
 
     def client(self) -> ChainClient:
         return ChainClient(self.w3, self.contract)
