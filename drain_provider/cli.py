@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import asyncio
 import json
 import logging
@@ -78,9 +79,20 @@ def serve(env: dict[str, str]) -> int:
         settings.port,
     )
     started = time.monotonic()
-    web.run_app(
-        app, host=settings.host, port=settings.port, print=None, access_log=None, loop=_event_loop(), **RUNNER_OPTIONS
-    )
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            access_log=None,
+            loop=_event_loop(),
+            **RUNNER_OPTIONS,
+        )
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
     log.info("stopped uptime_s=%d", time.monotonic() - started)
     return 0
 

@@ -4,6 +4,7 @@ chain over HTTP only for channels it does not know yet."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,41 @@ async def test_rpc_down_for_a_new_channel_is_503(
     # The RPC is back: the same voucher... is a new request with the next nonce, and works.
     raw = await paid_chat(provider.client(), consumer)
     assert int(raw.headers["X-DRAIN-Cost"]) > 0
+
+
+@pytest.mark.parametrize("problem", ["chain_id", "port", "ledger"])
+def test_a_start_up_error_is_one_line_and_exit_code_2(anvil_url: str, tmp_path: Path, problem: str) -> None:
+    """Whatever fails while starting, after the ledger is open: one line, exit 2, nothing left running."""
+    ledger = tmp_path / "drain.db"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PROVIDER_PRIVATE_KEY": "0x" + "11" * 32,
+        "CHAIN_ID": "31337",
+        "DRAIN_CONTRACT": "0x" + "ab" * 20,
+        "RPC_URL": anvil_url,
+        "UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
+        "DATABASE_PATH": str(ledger),
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "LOG_LEVEL": "ERROR",
+    }
+    with socket.socket() as busy:
+        if problem == "chain_id":
+            env["CHAIN_ID"] = "80002"  # the RPC serves 31337
+        elif problem == "port":
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            env["PORT"] = str(busy.getsockname()[1])
+        else:  # a ledger made for another contract
+            first = subprocess.run(
+                [sys.executable, "-m", "drain_provider", "status"],
+                env={**env, "DRAIN_CONTRACT": "0x" + "cd" * 20}, cwd=tmp_path, capture_output=True, timeout=60,
+            )  # fmt: skip
+            assert first.returncode == 0, first.stderr
+        run = subprocess.run(
+            [sys.executable, "-m", "drain_provider"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
+        )
+    assert run.returncode == 2, run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("drain-provider: configuration error: ")
+    assert {"chain_id": "CHAIN_ID", "port": "PORT", "ledger": "DATABASE_PATH"}[problem] in line

@@ -48,13 +48,36 @@ def create_app(
     app[COUNTER] = counter or TokenCounter()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
-    app.cleanup_ctx.extend(
-        [_ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _watcher_ctx, _claimer_ctx, _tokenizer_ctx]
+    app.cleanup_ctx.append(
+        _all_or_nothing(
+            _ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _watcher_ctx, _claimer_ctx, _tokenizer_ctx
+        )
     )
     app.add_routes(completions.routes)
     app.add_routes(info.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
     return app
+
+
+def _all_or_nothing(*contexts: Context) -> Context:
+    """The contexts entered as one: if one fails at start-up, those entered before it are closed.
+    aiohttp's run_app does not clean up after a failed start-up, and an open ledger's threads
+    would keep the process alive after its one-line error."""
+
+    async def all_contexts(app: web.Application) -> AsyncIterator[None]:
+        stack = contextlib.AsyncExitStack()
+        try:
+            for context in contexts:
+                await stack.enter_async_context(contextlib.asynccontextmanager(context)(app))
+        except BaseException:
+            await stack.aclose()  # a normal exit for each: their cleanup runs after their yield
+            raise
+        try:
+            yield
+        finally:
+            await stack.aclose()
+
+    return all_contexts
 
 
 async def _stopping(app: web.Application) -> None:
