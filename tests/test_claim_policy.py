@@ -148,7 +148,7 @@ async def test_a_one_hour_channel_with_steady_traffic_is_claimed_at_most_twice(
     served = refused = 0
     for _ in range(14):  # a request every 4 minutes of chain time, claim cycles running meanwhile
         try:
-            await paid_chat(client, consumer, max_tokens=20)
+            await paid_chat(client, consumer, budget=200, max_tokens=20)  # signs close to the charge
             served += 1
         except openai.APIStatusError as exc:
             assert exc.response.headers["X-DRAIN-Error"] == "channel_expiring"
