@@ -16,7 +16,7 @@ that ends it (docs/DESIGN.md, "Rules of money"):
         charge.finish(ending, reported_usage)
     charge.settlement                 # the figures for X-DRAIN-Cost / Total / Remaining
 
-Leaving the block decides, once, what the request costs:
+Leaving the block decides, once, what the request costs, never more than its reservation:
     normal end          settle: the upstream's reported usage if the upstream completed, else the
                         local count of what was delivered (rule 5)
     client gone         settle what was delivered: the input and the metered output
@@ -203,6 +203,17 @@ class Charge:
         assert self.reservation is not None
         usage = self.usage(ending)
         price_cost = cost(self.plan.price, usage.input_tokens, usage.output_tokens)
+        if price_cost > self.reserved:  # the ledger charges the reservation, not more (rule 3)
+            log.warning(
+                "charge_over_reservation channel=%s usage_id=%d reported_in=%d reported_out=%d price_cost=%d "
+                "reserved=%d",
+                self.channel_id,
+                self.reservation.usage_id,
+                usage.input_tokens,
+                usage.output_tokens,
+                price_cost,
+                self.reserved,
+            )
         self.settlement = await self._gate.ledger.settle(
             self.reservation,
             price_cost=price_cost,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, cast
 
 import openai
@@ -77,6 +78,27 @@ async def test_usage_missing_upstream_is_counted_locally(provider: Provider, ope
     assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, in_tokens, out_tokens)
     row = await provider.ledger.fetchone("SELECT usage_source, output_tokens FROM usage")
     assert row == ("local", out_tokens)
+
+
+@pytest.mark.rule(3)
+async def test_an_upstream_that_over_reports_usage_is_charged_no_more_than_the_reservation(
+    provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = await open_channel(provider)
+    directive = '!demo {"prompt_tokens": 5000000}'
+    with caplog.at_level(logging.WARNING):
+        raw = await paid_chat(provider.client(), consumer, content=directive, budget=1_000_000, max_tokens=100)
+    reported = raw.parse().usage
+    assert reported is not None and reported.prompt_tokens == 5_000_000
+    row = await provider.ledger.fetchone("SELECT reserved, price_cost, cost, usage_source FROM usage")
+    assert row is not None
+    reserved, price_cost, row_cost, source = row
+    assert price_cost == cost(DEMO_PRICE, 5_000_000, reported.completion_tokens)  # kept, to count the excess
+    assert int(raw.headers["X-DRAIN-Cost"]) == row_cost == reserved < price_cost
+    assert source == "upstream"
+    assert f"charge_over_reservation channel={consumer.channel_id}" in caplog.text
+    assert f"reported_in=5000000 reported_out={reported.completion_tokens}" in caplog.text
+    assert f"price_cost={price_cost} reserved={reserved}" in caplog.text
 
 
 @pytest.mark.rule(2)

@@ -285,6 +285,25 @@ async def test_no_unpaid_tokens_when_the_upstream_ignores_max_tokens(
     assert await charged(provider, consumer) == row_cost <= voucher.amount
 
 
+@pytest.mark.rule(3)
+async def test_a_stream_whose_upstream_over_reports_usage_costs_at_most_its_reservation(
+    provider: Provider, open_channel: ChannelFactory
+) -> None:
+    consumer = await open_channel(provider)
+    content = directive(prompt_tokens=5_000_000)
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 100}
+    status, headers, text = await raw_stream(provider, consumer, body, budget=1_000_000)
+    assert status == 200 and text.endswith("data: [DONE]\n\n")
+    reserved = int(headers["X-DRAIN-Reserved"])
+    row = await provider.ledger.fetchone("SELECT status, usage_source, input_tokens, price_cost, cost FROM usage")
+    assert row is not None
+    row_status, source, input_tokens, price_cost, row_cost = row
+    assert (row_status, source, input_tokens, row_cost) == ("ok", "upstream", 5_000_000, reserved)
+    assert price_cost > reserved
+    assert cost_lines(text)["X-DRAIN-Cost"] == reserved
+    assert await charged(provider, consumer) == reserved
+
+
 async def test_stream_body_errors_are_400(provider: Provider, open_channel: ChannelFactory) -> None:
     consumer = await open_channel(provider)
     body = {"model": "demo", "messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": 5}
