@@ -20,6 +20,7 @@ Leaving the block decides, once, what the request costs, never more than its res
     normal end          settle: the upstream's reported usage if the upstream completed, else the
                         local count of what was delivered (rule 5)
     client gone         settle what was delivered: the input and the metered output
+    upstream broke off  settle what was delivered; release if no output token was (rule 5)
     server stopping     release: the shutdown is our doing, nothing is charged
     any error           release: an upstream failure before the client got a byte, or ours
 """
@@ -125,6 +126,11 @@ class Charge:
         return self.reservation.amount
 
     @property
+    def charged(self) -> bool:
+        """Whether the request, now settled, cost anything (what a stream's error event says)."""
+        return self.settlement is not None and self.settlement.cost > 0
+
+    @property
     def channel_id(self) -> str:
         assert self.voucher is not None
         return self.voucher.channel_id
@@ -178,7 +184,11 @@ class Charge:
     ) -> None:
         assert self.reservation is not None
         if exc is None and self._ending is not None:
-            await self._settle(self._ending)
+            if self._ending is StreamEnding.UPSTREAM_FAILED and self.meter.tokens == 0:
+                # Only a role chunk, or nothing, reached the client: it got none of what it paid for.
+                await self._release("the upstream failed before any output")
+            else:
+                await self._settle(self._ending)
         elif isinstance(exc, asyncio.CancelledError):
             if self._gate.stopping.is_set():
                 await self._release("interrupted by shutdown")
@@ -236,7 +246,7 @@ class Charge:
 
     async def _release(self, reason: str) -> None:
         assert self.reservation is not None
-        await self._gate.ledger.release(self.reservation, error=reason)
+        self.settlement = await self._gate.ledger.release(self.reservation, error=reason)
 
 
 class PaymentGate:

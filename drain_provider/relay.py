@@ -187,13 +187,13 @@ class StreamRelay:
             usage = Usage(input_tokens, self.meter.tokens, UsageSource.LOCAL)
             await self._send_json(openai_format.usage_chunk(self._identity, usage, chat=self.chat))
 
-    async def finish(self, comments: list[str]) -> None:
+    async def finish(self, comments: list[str], *, charged: bool) -> None:
         """`comments` (the cost report) as SSE comment lines, then [DONE], or the error event of a
-        stream the upstream broke off: clients that stop reading at [DONE] still see them."""
+        stream the upstream broke off: clients that stop reading at [DONE] still see them.
+        `charged`: whether the request, already settled, cost anything (the error event says)."""
         if self.ending is StreamEnding.UPSTREAM_FAILED:
-            message = (
-                self.error_message or "The upstream failed mid-stream."
-            ) + " You were charged for what was delivered."
+            outcome = " You were charged for what was delivered." if charged else " You were not charged."
+            message = (self.error_message or "The upstream failed mid-stream.") + outcome
             await self._send_json(openai_format.error_body(message, "upstream_error", "upstream_error"), event="error")
         await self._send(sse.encode(comments=comments))
         if self.ending is not StreamEnding.UPSTREAM_FAILED:

@@ -240,6 +240,30 @@ async def test_upstream_dying_mid_stream_sends_an_error_event(
         await stream_chat(provider, consumer, content)
 
 
+@pytest.mark.parametrize("how", ["die_after", "error_after"])
+@pytest.mark.rule(5)
+async def test_a_stream_that_fails_before_its_first_content_token_is_free(
+    provider: Provider, open_channel: ChannelFactory, how: str
+) -> None:
+    """The role chunk ({"role": "assistant"}, no content) reached the client, then the upstream
+    failed: nothing was delivered, so nothing is charged, and the error event says so."""
+    consumer = await open_channel(provider)
+    content = directive(reply=LONG_REPLY, **{how: 0})
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "stream": True}
+    status, _, text = await raw_stream(provider, consumer, body)
+    assert status == 200
+    delivered = [json.loads(line[6:]) for line in text.splitlines() if line.startswith('data: {"id"')]
+    assert [c["choices"][0]["delta"].get("role") for c in delivered] == ["assistant"]
+    assert "event: error" in text and "You were not charged." in text and "charged for what" not in text
+    assert "data: [DONE]" not in text
+    assert cost_lines(text)["X-DRAIN-Cost"] == 0
+    row_status, _, output_tokens, _, row_cost = await last_usage_row(provider)
+    assert (row_status, output_tokens, row_cost) == ("failed", 0, 0)
+    assert await charged(provider, consumer) == 0
+    with pytest.raises(openai.APIError, match="You were not charged"):
+        await stream_chat(provider, consumer, content)
+
+
 @pytest.mark.rule(5)
 async def test_malformed_events_are_skipped_and_logged(
     provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture

@@ -121,5 +121,6 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
                 await relay.stop_for_budget(paid.input_tokens)
             charge.finish(ending, relay.upstream_usage)
     if ending is not StreamEnding.CLIENT_GONE:
-        await relay.finish([f"{name}: {value}" for name, value in _figures(charge.settlement).items()])
+        comments = [f"{name}: {value}" for name, value in _figures(charge.settlement).items()]
+        await relay.finish(comments, charged=charge.charged)
     return relay.response
