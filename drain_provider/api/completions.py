@@ -142,6 +142,7 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
                 meter=charge.meter,
                 client_wants_usage=paid.client_wants_usage,
                 chat=paid.chat,
+                max_bytes=upstream.max_answer_bytes,
             )
             ending = await relay.run()
             if ending is StreamEnding.BUDGET:
