@@ -166,7 +166,9 @@ def count_up_to(encoding: tiktoken.Encoding, text: str, limit: int) -> int | Non
     """The tokens of `text` if they are at most `limit`, else None. A text too long to fit even
     at the encoding's longest token is refused without encoding it: the cost is bounded by
     `limit`, not by the text (an upstream answer may be megabytes)."""
-    if limit < 0 or len(text.encode()) > limit * longest_token_bytes(encoding):
+    bound = limit * longest_token_bytes(encoding)
+    # A character is at least one byte: a text of more characters than the bound is refused uncopied.
+    if limit < 0 or len(text) > bound or len(text.encode()) > bound:
         return None
     count = len(encoding.encode(text, disallowed_special=())) if text else 0
     return count if count <= limit else None
@@ -178,20 +180,21 @@ def _decoded(encoding: tiktoken.Encoding, tokens: list[int]) -> str:
 
 
 def fit_prefix(encoding: tiktoken.Encoding, text: str, budget: int) -> tuple[str, int]:
-    """The longest prefix of `text` (cut at a token boundary) of at most `budget` tokens, and its
-    token count; `text` itself when it fits.
+    """`text` cut after its `budget`-th token, as a model stops at max_tokens, and the cut's token
+    count; `text` itself, and its count, when it fits.
 
-    Only a head of `text` is ever encoded, bounded by the budget: (budget + 1) tokens of the
-    encoding's longest size hold the first budget tokens and tell whether there are more. The
-    prefix found is encoded again to check it: cutting a text's tokens and decoding them does not
-    always give a text that encodes to as few (a word cut in two may encode differently)."""
+    Only a head of `text` is ever encoded (or even copied), bounded by the budget: (budget + 1)
+    tokens of the encoding's longest size hold the first `budget` tokens and tell whether there
+    are more. The cut is encoded again to check it: decoding a text's first tokens does not always
+    give a text that encodes to as few (a word cut in two may encode differently)."""
     if budget <= 0 or not text:
         return "", 0
-    raw = text.encode()
     window = (budget + 1) * longest_token_bytes(encoding)
-    head = raw[:window].decode("utf-8", "ignore")
+    head_bytes = text[:window].encode()  # at least `window` bytes, if the text has them
+    whole = len(text) <= window and len(head_bytes) <= window
+    head = text if whole else head_bytes[:window].decode("utf-8", "ignore")
     tokens = encoding.encode(head, disallowed_special=())
-    if len(raw) <= window and len(tokens) <= budget:
+    if whole and len(tokens) <= budget:
         return text, len(tokens)
     kept = tokens[:budget]
     while kept:

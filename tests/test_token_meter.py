@@ -109,7 +109,7 @@ def test_a_huge_text_is_refused_without_being_encoded() -> None:
 
 
 @pytest.mark.parametrize("seed", range(30))
-def test_fit_prefix_is_the_longest_prefix_that_fits(seed: int) -> None:
+def test_fit_prefix_cuts_the_text_at_the_budget(seed: int) -> None:
     rng = random.Random(seed)
     encoding = CountingEncoding()
     text = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 80)))
@@ -120,9 +120,8 @@ def test_fit_prefix_is_the_longest_prefix_that_fits(seed: int) -> None:
     if n(encoding, text) <= budget:
         assert prefix == text
     else:
-        # Cut at a token boundary: one more token of the text would not fit.
-        tokens = encoding.inner.encode(text, disallowed_special=())
-        assert n(encoding, prefix) >= budget - 1 or prefix == encoding.inner.decode(tokens[:budget])
+        # At the budget, less at most the tokens of one character cut in two (dropped whole).
+        assert count >= budget - 3
 
 
 def test_fit_prefix_encodes_a_head_bounded_by_the_budget() -> None:
