@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import asyncio
+import errno
 import json
 import logging
 import sys

@@ -50,6 +50,7 @@ class Settings:
     upstream_base_url: str = OPENAI_BASE_URL
     openai_api_key: str | None = field(default=None, repr=False)
     upstream_timeout: float = 300.0
+    max_answer_bytes: int = 8 * 1024 * 1024
     database_path: Path = Path("data/drain.db")
     ledger_sync: SyncMode = SyncMode.FULL
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
@@ -362,6 +363,17 @@ SETTINGS: tuple[Setting, ...] = (
         Section.UPSTREAM,
         "Seconds before an upstream call is abandoned: the client gets 504 and is not charged.",
         default="300",
+    ),
+    Setting(
+        "MAX_ANSWER_BYTES",
+        "max_answer_bytes",
+        _whole(1024),
+        Section.UPSTREAM,
+        "The most bytes read from the upstream for one answer (8388608 = 8 MiB; at least 1024), so that "
+        "no upstream can make the server hold an answer of any size. A larger JSON answer is not read "
+        "past it: the client gets 502 upstream_error and is not charged. A stream stops there, with an "
+        "SSE error event, and is charged what was delivered; one SSE event may not be larger either.",
+        default="8388608",
     ),
     Setting(
         "PRICING_FILE",

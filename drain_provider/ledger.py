@@ -232,7 +232,7 @@ class Settlement:
     cost: int  # charged for this request
     total: int  # channel's charged total after it
     remaining: int  # deposit - total
-    price_cost: int  # what the usage costs at list price (cost is lower only if the voucher ran out)
+    price_cost: int  # what the usage costs at list price (cost is lower if it passed the reservation)
     last_amount: int = 0  # the channel's last accepted voucher, after it
     in_flight: int = 0  # the channel's other reservations, after it
 
@@ -571,9 +571,11 @@ class Ledger:
         usage_source: UsageSource | None = None,
         error: str | None = None,
     ) -> asyncio.Future[Settlement]:
-        """Charge `price_cost` (capped so the charged total never passes the last voucher) and
-        end the reservation. Idempotent: a second settle of the same usage row changes nothing
-        and reports the first one's figures."""
+        """Charge `price_cost`, capped by the request's own reservation (what it was allowed to
+        cost when its voucher was accepted) and by the last voucher (so that the charged total
+        never passes it), and end the reservation. `price_cost` is stored as given, so that what
+        an upstream over-reported can be counted. Idempotent: a second settle of the same usage
+        row changes nothing and reports the first one's figures."""
         now = time.time()
 
         def settle(conn: sqlite3.Connection) -> Settlement:
@@ -591,11 +593,15 @@ class Ledger:
                 return Settlement(
                     row["cost"], charged, deposit - charged, row["price_cost"], row["last_amount"], row["reserved"]
                 )
-            cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
-            cost = min(price_cost, cap)
+            voucher_cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
+            cost = min(price_cost, row["own"], voucher_cap)
             if cost < price_cost:
                 log.warning(
-                    "charge_capped usage_id=%d price_cost=%d charged=%d", reservation.usage_id, price_cost, cost
+                    "charge_capped usage_id=%d price_cost=%d reserved=%d charged=%d",
+                    reservation.usage_id,
+                    price_cost,
+                    row["own"],
+                    cost,
                 )
             conn.execute(
                 "UPDATE channels SET charged = charged + ?, reserved = reserved - ? WHERE channel_id = ?",

@@ -3,7 +3,8 @@
 Pure functions and records over parsed JSON, no I/O: request parsing for chat and legacy
 completions (validated completely before a voucher is looked at, so a bad body never reaches the
 ledger), the body sent upstream, the usage an upstream reports, the text a completion or a
-stream chunk carries, and the few chunks the provider writes itself.
+stream chunk carries, a completion cut to a token budget, and the few chunks the provider
+writes itself.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import tiktoken
+
 from .pricing import ModelPrice, ReservationPlan
 from .states import UsageSource
-from .tokens import TokenCounter
+from .tokens import TokenCounter, fit_prefix
 
 CHAT = "/chat/completions"
 LEGACY = "/completions"
@@ -218,6 +221,86 @@ def chunk_indexes(chunk: dict[str, Any]) -> list[int]:
     return [c["index"] for c in choices if isinstance(c, dict) and isinstance(c.get("index"), int)]
 
 
+# --- cutting an answer to its budget ----------------------------------------------------------
+
+# The string fields of a message that carry generated text, in the order a model writes them.
+_MESSAGE_TEXT_FIELDS = ("reasoning_content", "content", "refusal")
+
+
+class _Budget:
+    """Tokens left for one choice; `take` keeps what of a text fits and spends it."""
+
+    def __init__(self, encoding: tiktoken.Encoding, tokens: int) -> None:
+        self.encoding = encoding
+        self.left = tokens
+        self.cut = False
+
+    def take(self, text: str) -> str:
+        kept, count = fit_prefix(self.encoding, text, self.left)
+        self.left -= count
+        self.cut = self.cut or len(kept) < len(text)
+        return kept
+
+
+def _trim_message(message: dict[str, Any], budget: _Budget) -> dict[str, Any]:
+    """The message with each of its texts (those `generated_text` meters) cut to what fits;
+    tool calls of which nothing fits are dropped."""
+    trimmed = dict(message)
+    for key in _MESSAGE_TEXT_FIELDS:
+        if isinstance(message.get(key), str):
+            trimmed[key] = budget.take(message[key])
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        kept_calls = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                kept_calls.append(call)
+                continue
+            function = dict(function)
+            for key in ("name", "arguments"):
+                if isinstance(function.get(key), str):
+                    function[key] = budget.take(function[key])
+            if function.get("name") or function.get("arguments"):
+                kept_calls.append({**call, "function": function})
+        trimmed["tool_calls"] = kept_calls or None
+    return trimmed
+
+
+def _trim_choice(choice: dict[str, Any], budget: _Budget) -> dict[str, Any]:
+    trimmed = dict(choice)
+    if isinstance(choice.get("text"), str):  # legacy completions
+        trimmed["text"] = budget.take(choice["text"])
+    if isinstance(choice.get("message"), dict):
+        trimmed["message"] = _trim_message(choice["message"], budget)
+    if budget.cut:
+        trimmed["finish_reason"] = "length"
+    return trimmed
+
+
+def trim_completion(data: dict[str, Any], encoding: tiktoken.Encoding, budget: int) -> dict[str, Any]:
+    """A copy of the completion `data` whose generated text is at most `budget` tokens, for an
+    upstream that ignored max_tokens: cut as a model cuts at max_tokens, as a stream is cut at
+    the budget. Each choice gets an equal share of what the choices before it left, so one long
+    choice cannot starve the others; a choice whose text was cut ends with finish_reason
+    "length". Counting stays bounded by the budget, whatever the answer's size (`fit_prefix`).
+    The `usage` object is left as it was: the caller replaces it with its own counts."""
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        return dict(data)
+    trimmed: list[Any] = []
+    left = budget
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, dict):
+            trimmed.append(choice)
+            continue
+        share = left // (len(choices) - position)
+        choice_budget = _Budget(encoding, share)
+        trimmed.append(_trim_choice(choice, choice_budget))
+        left -= share - choice_budget.left
+    return {**data, "choices": trimmed}
+
+
 # --- chunks the provider writes ---------------------------------------------------------------
 
 
@@ -230,13 +313,17 @@ def length_chunk(identity: dict[str, Any], index: int, *, chat: bool) -> dict[st
     return _chunk(identity, chat=chat, choices=[choice])
 
 
-def usage_chunk(identity: dict[str, Any], usage: Usage, *, chat: bool) -> dict[str, Any]:
-    counts = {
+def usage_object(usage: Usage) -> dict[str, int]:
+    """`usage` as OpenAI writes it, for answers and chunks that carry our own counts."""
+    return {
         "prompt_tokens": usage.input_tokens,
         "completion_tokens": usage.output_tokens,
         "total_tokens": usage.input_tokens + usage.output_tokens,
     }
-    return _chunk(identity, chat=chat, choices=[], usage=counts)
+
+
+def usage_chunk(identity: dict[str, Any], usage: Usage, *, chat: bool) -> dict[str, Any]:
+    return _chunk(identity, chat=chat, choices=[], usage=usage_object(usage))
 
 
 def _chunk(identity: dict[str, Any], *, chat: bool, **fields: Any) -> dict[str, Any]:

@@ -16,10 +16,11 @@ that ends it (docs/DESIGN.md, "Rules of money"):
         charge.finish(ending, reported_usage)
     charge.settlement                 # the figures for X-DRAIN-Cost / Total / Remaining
 
-Leaving the block decides, once, what the request costs:
+Leaving the block decides, once, what the request costs, never more than its reservation:
     normal end          settle: the upstream's reported usage if the upstream completed, else the
                         local count of what was delivered (rule 5)
     client gone         settle what was delivered: the input and the metered output
+    upstream broke off  settle what was delivered; release if no output token was (rule 5)
     server stopping     release: the shutdown is our doing, nothing is charged
     any error           release: an upstream failure before the client got a byte, or ours
 """
@@ -125,6 +126,11 @@ class Charge:
         return self.reservation.amount
 
     @property
+    def charged(self) -> bool:
+        """Whether the request, now settled, cost anything (what a stream's error event says)."""
+        return self.settlement is not None and self.settlement.cost > 0
+
+    @property
     def channel_id(self) -> str:
         assert self.voucher is not None
         return self.voucher.channel_id
@@ -189,7 +195,11 @@ class Charge:
     ) -> None:
         assert self.reservation is not None
         if exc is None and self._ending is not None:
-            await self._settle(self._ending)
+            if self._ending is StreamEnding.UPSTREAM_FAILED and self.meter.tokens == 0:
+                # Only a role chunk, or nothing, reached the client: it got none of what it paid for.
+                await self._release("the upstream failed before any output")
+            else:
+                await self._settle(self._ending)
         elif isinstance(exc, asyncio.CancelledError):
             if self._gate.stopping.is_set():
                 await self._release("interrupted by shutdown")
@@ -214,6 +224,17 @@ class Charge:
         assert self.reservation is not None
         usage = self.usage(ending)
         price_cost = cost(self.plan.price, usage.input_tokens, usage.output_tokens)
+        if price_cost > self.reserved:  # the ledger charges the reservation, not more (rule 3)
+            log.warning(
+                "charge_over_reservation channel=%s usage_id=%d reported_in=%d reported_out=%d price_cost=%d "
+                "reserved=%d",
+                self.channel_id,
+                self.reservation.usage_id,
+                usage.input_tokens,
+                usage.output_tokens,
+                price_cost,
+                self.reserved,
+            )
         self.settlement = await self._gate.ledger.settle(
             self.reservation,
             price_cost=price_cost,
@@ -236,7 +257,7 @@ class Charge:
 
     async def _release(self, reason: str) -> None:
         assert self.reservation is not None
-        await self._gate.ledger.release(self.reservation, error=reason)
+        self.settlement = await self._gate.ledger.release(self.reservation, error=reason)
 
 
 class PaymentGate:

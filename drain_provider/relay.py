@@ -4,7 +4,8 @@ The relay knows server-sent events, the OpenAI chunk format (through `openai_for
 tokens; it knows nothing about vouchers or money. It is given a `TokenMeter` whose limit is what
 the request may deliver, and it reports how the stream ended (`StreamEnding`), what the upstream
 reported, and, through the meter, what reached the client. No event is written before the meter
-knows it fits.
+knows it fits. No more than `max_bytes` are taken from the upstream: a stream that goes on past
+them ends as an upstream failure, like one that broke off.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class StreamRelay:
         meter: TokenMeter,
         client_wants_usage: bool,
         chat: bool,
+        max_bytes: int,
     ) -> None:
         self.request = request
         self.upstream = upstream
@@ -73,6 +75,7 @@ class StreamRelay:
         self.meter = meter
         self.client_wants_usage = client_wants_usage
         self.chat = chat
+        self.max_bytes = max_bytes
         self.ending: StreamEnding | None = None
         self.error_message = ""
         self.malformed_events = 0
@@ -91,18 +94,27 @@ class StreamRelay:
         return None if self.malformed_events else self._reported
 
     async def run(self) -> StreamEnding:
-        parser = sse.Parser()
+        parser = sse.Parser(max_event_bytes=self.max_bytes)
+        taken = 0
+        too_large = f"The upstream's answer exceeded {self.max_bytes} bytes."
         try:
             async for chunk in read_until_break(self.upstream.content):
+                taken += len(chunk)
+                if taken > self.max_bytes:  # not a byte of this chunk is relayed, nor read beyond it
+                    self.error_message = too_large
+                    break
                 for event in parser.feed(chunk):
                     if await self._relay(event):
                         return self._ended()
-            for event in parser.close():
-                if await self._relay(event):
-                    return self._ended()
-            self.error_message = "The upstream stream ended without [DONE]."
+            else:
+                for event in parser.close():
+                    if await self._relay(event):
+                        return self._ended()
+                self.error_message = "The upstream stream ended without [DONE]."
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.error_message = f"The upstream stream broke off ({type(exc).__name__})."
+        except sse.EventTooLarge:  # the parser's own guard; the bound on the total comes first
+            self.error_message = too_large
         log.warning("upstream_stream_failed delivered_tokens=%d reason=%s", self.meter.tokens, self.error_message)
         return self._failed()
 
@@ -187,13 +199,13 @@ class StreamRelay:
             usage = Usage(input_tokens, self.meter.tokens, UsageSource.LOCAL)
             await self._send_json(openai_format.usage_chunk(self._identity, usage, chat=self.chat))
 
-    async def finish(self, comments: list[str]) -> None:
+    async def finish(self, comments: list[str], *, charged: bool) -> None:
         """`comments` (the cost report) as SSE comment lines, then [DONE], or the error event of a
-        stream the upstream broke off: clients that stop reading at [DONE] still see them."""
+        stream the upstream broke off: clients that stop reading at [DONE] still see them.
+        `charged`: whether the request, already settled, cost anything (the error event says)."""
         if self.ending is StreamEnding.UPSTREAM_FAILED:
-            message = (
-                self.error_message or "The upstream failed mid-stream."
-            ) + " You were charged for what was delivered."
+            outcome = " You were charged for what was delivered." if charged else " You were not charged."
+            message = (self.error_message or "The upstream failed mid-stream.") + outcome
             await self._send_json(openai_format.error_body(message, "upstream_error", "upstream_error"), event="error")
         await self._send(sse.encode(comments=comments))
         if self.ending is not StreamEnding.UPSTREAM_FAILED:

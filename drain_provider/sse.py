@@ -3,8 +3,9 @@
 The parser takes bytes as they come off the socket (an event may be split across reads, several
 may arrive in one, lines may end in \\r\\n, \\n or \\r) and returns complete events, each with
 its bytes normalised to \\n line endings so that it can be forwarded as it came. It stays in
-bytes: a relay parses every token event, and decoding to str and back costs per event. Pure: no
-I/O.
+bytes: a relay parses every token event, and decoding to str and back costs per event. It holds
+at most `max_event_bytes` of one event: a peer that never ends its event (or its line) cannot
+make it buffer without end. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -51,12 +52,18 @@ def _parse_block(block: bytes) -> Event:
     return event
 
 
+class EventTooLarge(ValueError):
+    """An event passed the parser's `max_event_bytes`."""
+
+
 class Parser:
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        self.max_event_bytes = max_event_bytes  # None: no bound
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> list[Event]:
-        """The events completed by `chunk`."""
+        """The events completed by `chunk`; EventTooLarge if one of them, or the one it leaves
+        unfinished, passes `max_event_bytes`."""
         buffer = self._buffer + chunk if self._buffer else chunk
         # A trailing \r may be the first half of a \r\n split across reads: keep it for later.
         held = b"\r" if buffer.endswith(b"\r") else b""
@@ -65,6 +72,11 @@ class Parser:
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         *blocks, rest = buffer.split(b"\n\n")
+        limit = self.max_event_bytes
+        # Cheap in the common case: only a buffer past the bound can hold an event past it.
+        if limit is not None and len(buffer) > limit and max(map(len, [rest, *blocks])) > limit:
+            self._buffer = b""
+            raise EventTooLarge(f"an event passed {limit} bytes")
         self._buffer = rest + held
         return [_parse_block(block.strip(b"\n")) for block in blocks if block.strip(b"\n")]
 

@@ -15,7 +15,7 @@ class UsageStatus(StrEnum):
 
     RESERVED = "reserved"  # in flight: its worst case is held against the voucher
     OK = "ok"  # finished normally, charged on the reported (or counted) usage
-    BUDGET_STOP = "budget_stop"  # a stream cut where the reservation ran out
+    BUDGET_STOP = "budget_stop"  # a stream or a JSON answer cut where the reservation ran out
     PARTIAL = "partial"  # the client left, or the upstream broke off: charged what was delivered
     FAILED = "failed"  # nothing billable happened: released, charged nothing
     ABANDONED = "abandoned"  # in flight when the process died: released at the next start
@@ -32,7 +32,7 @@ class StreamEnding(StrEnum):
     """How a relayed stream ended."""
 
     DONE = "done"  # the upstream finished ([DONE])
-    BUDGET = "budget"  # the next event would pass what the reservation pays for
+    BUDGET = "budget"  # the next event (or a JSON answer) would pass what the reservation pays for
     CLIENT_GONE = "client_gone"  # a write to the client failed
     UPSTREAM_FAILED = "upstream_failed"  # the upstream broke off or sent an error event
 

@@ -84,9 +84,10 @@ class TokenCounter:
         return encoding
 
     def warm_up(self, models: Iterable[str]) -> None:
-        """Load every encoding the served models need (blocking: run it in a thread at start-up)."""
+        """Load every encoding the served models need, and the bound `count_up_to` uses
+        (blocking: run it in a thread at start-up)."""
         for model in models:
-            self.encoding(model)
+            longest_token_bytes(self.encoding(model))
 
     def count_text(self, model: str, text: str) -> int:
         if not text:
@@ -146,6 +147,65 @@ class TokenCounter:
         return 0
 
 
+_longest: dict[str, int] = {}
+
+
+def longest_token_bytes(encoding: tiktoken.Encoding) -> int:
+    """The UTF-8 length of the encoding's longest token (128 for cl100k_base), once per encoding.
+
+    What makes counting bounded by a budget rather than by a text's size: n tokens never span
+    more than n times this many bytes, so a text longer than that has more than n tokens, and
+    the first n tokens of any text lie within that many of its bytes."""
+    longest = _longest.get(encoding.name)
+    if longest is None:
+        longest = _longest[encoding.name] = max(map(len, encoding.token_byte_values()))
+    return longest
+
+
+def count_up_to(encoding: tiktoken.Encoding, text: str, limit: int) -> int | None:
+    """The tokens of `text` if they are at most `limit`, else None. A text too long to fit even
+    at the encoding's longest token is refused without encoding it: the cost is bounded by
+    `limit`, not by the text (an upstream answer may be megabytes)."""
+    bound = limit * longest_token_bytes(encoding)
+    # A character is at least one byte: a text of more characters than the bound is refused uncopied.
+    if limit < 0 or len(text) > bound or len(text.encode()) > bound:
+        return None
+    count = len(encoding.encode(text, disallowed_special=())) if text else 0
+    return count if count <= limit else None
+
+
+def _decoded(encoding: tiktoken.Encoding, tokens: list[int]) -> str:
+    """The text of `tokens`, without the bytes of a character cut in two by the last token."""
+    return encoding.decode_bytes(tokens).decode("utf-8", "ignore")
+
+
+def fit_prefix(encoding: tiktoken.Encoding, text: str, budget: int) -> tuple[str, int]:
+    """`text` cut after its `budget`-th token, as a model stops at max_tokens, and the cut's token
+    count; `text` itself, and its count, when it fits.
+
+    Only a head of `text` is ever encoded (or even copied), bounded by the budget: (budget + 1)
+    tokens of the encoding's longest size hold the first `budget` tokens and tell whether there
+    are more. The cut is encoded again to check it: decoding a text's first tokens does not always
+    give a text that encodes to as few (a word cut in two may encode differently)."""
+    if budget <= 0 or not text:
+        return "", 0
+    window = (budget + 1) * longest_token_bytes(encoding)
+    head_bytes = text[:window].encode()  # at least `window` bytes, if the text has them
+    whole = len(text) <= window and len(head_bytes) <= window
+    head = text if whole else head_bytes[:window].decode("utf-8", "ignore")
+    tokens = encoding.encode(head, disallowed_special=())
+    if whole and len(tokens) <= budget:
+        return text, len(tokens)
+    kept = tokens[:budget]
+    while kept:
+        prefix = _decoded(encoding, kept)
+        count = len(encoding.encode(prefix, disallowed_special=()))
+        if count <= budget:
+            return prefix, count
+        kept = kept[: len(kept) - (count - budget)]
+    return "", 0
+
+
 class TokenMeter:
     """The output tokens delivered to a client, counted only as often as the limit needs.
 
@@ -154,7 +214,9 @@ class TokenMeter:
     collected so far could not pass the limit even at one token per byte they are only kept;
     they are counted, together, when the next one might pass it, and when the total is asked
     for. Counting the joined text also matches the upstream's own count better than adding up
-    the tokens of each fragment. `limit` None: no limit (output is free).
+    the tokens of each fragment. A text that may not fit is counted only up to what is left
+    (`count_up_to`), so even a huge one costs no more than the limit does. `limit` None: no
+    limit (output is free).
     """
 
     def __init__(self, encoding: tiktoken.Encoding, limit: int | None) -> None:
@@ -171,7 +233,19 @@ class TokenMeter:
         bound = len(text.encode())
         if self._counted + self._pending_bound + bound <= self.limit:
             return True
-        return self.tokens + self._count(text) <= self.limit
+        return count_up_to(self.encoding, text, self.limit - self.tokens) is not None
+
+    def take(self, text: str) -> bool:
+        """`fits`, then `add` if it does, for a text delivered as soon as it fits: the count
+        made to decide, if one was, is kept rather than made again."""
+        if self.limit is None or self._counted + self._pending_bound + len(text.encode()) <= self.limit:
+            self.add(text)
+            return True
+        count = count_up_to(self.encoding, text, self.limit - self.tokens)
+        if count is None:
+            return False
+        self._counted += count
+        return True
 
     def add(self, text: str) -> None:
         """`text` reached the client."""

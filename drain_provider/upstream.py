@@ -3,7 +3,8 @@
 `Upstream` owns nothing but a reference to the app's aiohttp ClientSession (created and closed
 by the app's cleanup context). Its errors are `UpstreamError`s whose messages are safe to return
 to a client: they never contain the API key, and an upstream's own message is passed on only
-for request errors the client can fix (400, 404, 422).
+for request errors the client can fix (400, 404, 422). No answer is read past
+`max_answer_bytes` (MAX_ANSWER_BYTES): an upstream cannot make us hold an answer of any size.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Upstream:
         *,
         timeout: float,
         max_tokens_field: str = "max_tokens",
+        max_answer_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
@@ -57,6 +59,7 @@ class Upstream:
         # A stream may run for many minutes: what must not be long is the silence between bytes.
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self.max_tokens_field = max_tokens_field
+        self.max_answer_bytes = max_answer_bytes  # the relay bounds a stream with it too
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -85,13 +88,16 @@ class Upstream:
         """POST a JSON body and return the parsed JSON answer, or raise UpstreamError."""
         resp = await self._post(path, body, stream=False)
         try:
-            raw = await resp.read()
+            raw = await read_capped(resp, self.max_answer_bytes)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise _transport_error(exc, path) from None
         finally:
-            resp.release()
+            resp.release()  # it closes the connection if the body was not read to its end
         if resp.status != 200:
-            raise self._status_error(resp.status, raw)
+            raise self._status_error(resp.status, raw or b"")
+        if raw is None:
+            log.warning("upstream_answer_too_large path=%s limit=%d", path, self.max_answer_bytes)
+            raise UpstreamError(f"The upstream's answer exceeded {self.max_answer_bytes} bytes; you were not charged.")
         try:
             data = safejson.loads(raw)
         except ValueError:
@@ -107,7 +113,7 @@ class Upstream:
         resp = await self._post(path, body, stream=True)
         if resp.status != 200 or resp.content_type != "text/event-stream":
             try:
-                raw = await resp.read()
+                raw = await read_capped(resp, self.max_answer_bytes) or b""
             except (aiohttp.ClientError, TimeoutError):
                 raw = b""
             finally:
@@ -126,6 +132,22 @@ class Upstream:
             if detail:
                 message += " Upstream said: " + self._scrub(detail)
         return UpstreamError(message, upstream_status=status)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body of `resp`, or None as soon as it is known to pass `limit` bytes: at once from its
+    Content-Length, or when the bytes read so far pass it. What is beyond is never read, so the
+    memory an answer takes is bounded by `limit`, not by what the upstream sends."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _transport_error(exc: BaseException, path: str) -> UpstreamError:

@@ -29,6 +29,7 @@ from drain_provider.devtools.devchain import DevChain
 from drain_provider.ledger import Ledger
 from drain_provider.pricing import ModelPrice
 from drain_provider.protocol import Domain
+from drain_provider.tokens import TokenCounter
 
 DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
 USDC = 1_000_000
@@ -137,6 +138,28 @@ async def paid_chat(
     )
     consumer.record(raw.headers)
     return raw
+
+
+class CountingEncoding:
+    """The real encoding of gpt-4o (offline: cl100k_base), with its calls and the bytes it encoded
+    counted, for tests of how much counting costs."""
+
+    def __init__(self) -> None:
+        self.inner = TokenCounter().encoding("gpt-4o")
+        self.calls = 0
+        self.name = self.inner.name
+        self.encoded_bytes = 0  # the UTF-8 bytes of every text encoded
+
+    def encode(self, text: str, disallowed_special: tuple[str, ...] = ()) -> list[int]:
+        self.calls += 1
+        self.encoded_bytes += len(text.encode())
+        return self.inner.encode(text, disallowed_special=disallowed_special)
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        return self.inner.decode_bytes(tokens)
+
+    def token_byte_values(self) -> list[bytes]:
+        return self.inner.token_byte_values()
 
 
 @dataclass

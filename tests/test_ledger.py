@@ -140,14 +140,21 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.rule(3)
-async def test_charge_is_capped_by_the_voucher_not_by_the_reservation(tmp_path: Path) -> None:
+async def test_charge_is_capped_by_the_reservation(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
     await ledger.add_channel(CHANNEL, STATE)
     small = await reserve(ledger, voucher(2_000, 1))
-    assert small.amount <= 2_000
-    # The upstream reported more than we estimated: charge it, up to what the voucher allows.
+    assert small.amount == PLAN.worst_case == 900
+    # The upstream reported more than was reserved: the voucher would cover 2,000, but this
+    # request was only ever allowed to cost its reservation. The list-price cost is kept.
     settled = await ledger.settle(small, price_cost=5_000, input_tokens=100, output_tokens=2_400, status=UsageStatus.OK)
-    assert settled.cost == 2_000 and settled.price_cost == 5_000 and settled.total == 2_000
+    assert (settled.cost, settled.price_cost, settled.total) == (900, 5_000, 900)
+    totals = await ledger.totals()  # the books count what was not charged beyond reservations
+    assert (totals.over_reservation_requests, totals.over_reservation_amount) == (1, 4_100)
+    row = await ledger.fetchone("SELECT reserved, price_cost, cost FROM usage WHERE id = ?", (small.usage_id,))
+    assert row == (900, 5_000, 900)
+    record = await ledger.get_channel(CHANNEL)
+    assert record is not None and (record.charged, record.reserved) == (900, 0)
     await ledger.close()
 
 

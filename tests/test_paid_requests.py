@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any, cast
 
 import openai
@@ -77,6 +79,75 @@ async def test_usage_missing_upstream_is_counted_locally(provider: Provider, ope
     assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, in_tokens, out_tokens)
     row = await provider.ledger.fetchone("SELECT usage_source, output_tokens FROM usage")
     assert row == ("local", out_tokens)
+
+
+@pytest.mark.rule(3)
+async def test_an_upstream_that_over_reports_usage_is_charged_no_more_than_the_reservation(
+    provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = await open_channel(provider)
+    directive = '!demo {"prompt_tokens": 5000000}'
+    with caplog.at_level(logging.WARNING):
+        raw = await paid_chat(provider.client(), consumer, content=directive, budget=1_000_000, max_tokens=100)
+    reported = raw.parse().usage
+    assert reported is not None and reported.prompt_tokens == 5_000_000
+    row = await provider.ledger.fetchone("SELECT reserved, price_cost, cost, usage_source FROM usage")
+    assert row is not None
+    reserved, price_cost, row_cost, source = row
+    assert price_cost == cost(DEMO_PRICE, 5_000_000, reported.completion_tokens)  # kept, to count the excess
+    assert int(raw.headers["X-DRAIN-Cost"]) == row_cost == reserved < price_cost
+    assert source == "upstream"
+    assert f"charge_over_reservation channel={consumer.channel_id}" in caplog.text
+    assert f"reported_in=5000000 reported_out={reported.completion_tokens}" in caplog.text
+    assert f"price_cost={price_cost} reserved={reserved}" in caplog.text
+
+
+LONG_REPLY = " ".join(f"word{i}" for i in range(300))
+
+
+@pytest.mark.rule(3)
+async def test_a_json_answer_that_ignores_max_tokens_is_cut_at_the_reservation(
+    provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = await open_channel(provider)
+    content = "!demo " + json.dumps({"ignore_max_tokens": True, "reply": LONG_REPLY})
+    with caplog.at_level(logging.WARNING):
+        raw = await paid_chat(provider.client(), consumer, content=content, budget=1_000_000, max_tokens=20)
+    completion = raw.parse()
+    text = completion.choices[0].message.content
+    counter = provider.app[COUNTER]
+    assert text and LONG_REPLY.startswith(text) and counter.count_text("demo", text) == 20
+    assert completion.choices[0].finish_reason == "length"
+    # The relayed usage is ours: the counted input and the output the client got.
+    in_tokens = counter.count_messages("demo", [{"role": "user", "content": content}])
+    usage = completion.usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (in_tokens, 20)
+    assert usage.total_tokens == in_tokens + 20
+    row = await provider.ledger.fetchone("SELECT status, usage_source, output_tokens, reserved, cost FROM usage")
+    assert row == ("budget_stop", "local", 20, cost(DEMO_PRICE, in_tokens, 20), cost(DEMO_PRICE, in_tokens, 20))
+    assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, in_tokens, 20)
+    reported_out = counter.count_text("demo", LONG_REPLY)
+    assert f"answer_cut_at_budget channel={consumer.channel_id} reported_out={reported_out} limit=20" in caplog.text
+
+
+@pytest.mark.rule(3)
+async def test_a_legacy_answer_that_ignores_max_tokens_is_cut_at_the_reservation(
+    provider: Provider, open_channel: ChannelFactory
+) -> None:
+    consumer = await open_channel(provider)
+    prompt = "!demo " + json.dumps({"ignore_max_tokens": True, "reply": LONG_REPLY})
+    voucher = consumer.next_voucher(1_000_000)
+    raw = await provider.client().completions.with_raw_response.create(
+        model="demo", prompt=prompt, max_tokens=7, extra_headers={"X-DRAIN-Voucher": voucher.header_value()}
+    )
+    completion = raw.parse()
+    counter = provider.app[COUNTER]
+    assert LONG_REPLY.startswith(completion.choices[0].text)
+    assert counter.count_text("demo", completion.choices[0].text) == 7
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 7
+    in_tokens = counter.count_prompt("demo", prompt)
+    assert int(raw.headers["X-DRAIN-Cost"]) == cost(DEMO_PRICE, in_tokens, 7)
 
 
 @pytest.mark.rule(2)

@@ -79,3 +79,21 @@ def test_encode_round_trips() -> None:
     assert data == b": X-DRAIN-Cost: 5\nevent: error\ndata: a\ndata: b\n\n"
     (event,) = sse.Parser().feed(data)
     assert (event.data, event.event, event.comments) == (b"a\nb", "error", ["X-DRAIN-Cost: 5"])
+
+
+def test_an_event_larger_than_the_bound_is_refused_as_it_grows() -> None:
+    parser = sse.Parser(max_event_bytes=100)
+    assert [e.data for e in parser.feed(b"data: " + b"x" * 90 + b"\n\n")] == [b"x" * 90]
+    assert parser.feed(b"data: " + b"y" * 60) == []
+    with pytest.raises(sse.EventTooLarge):
+        parser.feed(b"y" * 60)  # the unfinished event would pass 100 bytes: it is not held
+
+
+def test_a_complete_event_larger_than_the_bound_is_refused() -> None:
+    with pytest.raises(sse.EventTooLarge):
+        sse.Parser(max_event_bytes=100).feed(b"data: ok\n\ndata: " + b"z" * 200 + b"\n\ndata: ok\n\n")
+
+
+def test_many_small_events_in_one_read_are_within_the_bound() -> None:
+    events = sse.Parser(max_event_bytes=100).feed(b"data: 0123456789\n\n" * 1000)
+    assert len(events) == 1000

@@ -240,6 +240,30 @@ async def test_upstream_dying_mid_stream_sends_an_error_event(
         await stream_chat(provider, consumer, content)
 
 
+@pytest.mark.parametrize("how", ["die_after", "error_after"])
+@pytest.mark.rule(5)
+async def test_a_stream_that_fails_before_its_first_content_token_is_free(
+    provider: Provider, open_channel: ChannelFactory, how: str
+) -> None:
+    """The role chunk ({"role": "assistant"}, no content) reached the client, then the upstream
+    failed: nothing was delivered, so nothing is charged, and the error event says so."""
+    consumer = await open_channel(provider)
+    content = directive(reply=LONG_REPLY, **{how: 0})
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "stream": True}
+    status, _, text = await raw_stream(provider, consumer, body)
+    assert status == 200
+    delivered = [json.loads(line[6:]) for line in text.splitlines() if line.startswith('data: {"id"')]
+    assert [c["choices"][0]["delta"].get("role") for c in delivered] == ["assistant"]
+    assert "event: error" in text and "You were not charged." in text and "charged for what" not in text
+    assert "data: [DONE]" not in text
+    assert cost_lines(text)["X-DRAIN-Cost"] == 0
+    row_status, _, output_tokens, _, row_cost = await last_usage_row(provider)
+    assert (row_status, output_tokens, row_cost) == ("failed", 0, 0)
+    assert await charged(provider, consumer) == 0
+    with pytest.raises(openai.APIError, match="You were not charged"):
+        await stream_chat(provider, consumer, content)
+
+
 @pytest.mark.rule(5)
 async def test_malformed_events_are_skipped_and_logged(
     provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture
@@ -283,6 +307,25 @@ async def test_no_unpaid_tokens_when_the_upstream_ignores_max_tokens(
     status, _, output_tokens, _, row_cost = await last_usage_row(provider)
     assert status == "budget_stop" and output_tokens <= paid_tokens
     assert await charged(provider, consumer) == row_cost <= voucher.amount
+
+
+@pytest.mark.rule(3)
+async def test_a_stream_whose_upstream_over_reports_usage_costs_at_most_its_reservation(
+    provider: Provider, open_channel: ChannelFactory
+) -> None:
+    consumer = await open_channel(provider)
+    content = directive(prompt_tokens=5_000_000)
+    body = {"model": "demo", "messages": [{"role": "user", "content": content}], "stream": True, "max_tokens": 100}
+    status, headers, text = await raw_stream(provider, consumer, body, budget=1_000_000)
+    assert status == 200 and text.endswith("data: [DONE]\n\n")
+    reserved = int(headers["X-DRAIN-Reserved"])
+    row = await provider.ledger.fetchone("SELECT status, usage_source, input_tokens, price_cost, cost FROM usage")
+    assert row is not None
+    row_status, source, input_tokens, price_cost, row_cost = row
+    assert (row_status, source, input_tokens, row_cost) == ("ok", "upstream", 5_000_000, reserved)
+    assert price_cost > reserved
+    assert cost_lines(text)["X-DRAIN-Cost"] == reserved
+    assert await charged(provider, consumer) == reserved
 
 
 async def test_stream_body_errors_are_400(provider: Provider, open_channel: ChannelFactory) -> None:

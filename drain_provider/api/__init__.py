@@ -139,6 +139,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.openai_api_key,
         timeout=settings.upstream_timeout,
         max_tokens_field=field,
+        max_answer_bytes=settings.max_answer_bytes,
     )
     yield
     await session.close()

@@ -9,19 +9,21 @@ only calls the upstream, relays, and reports the figures (headers for JSON, SSE 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from aiohttp import web
 
 from .. import openai_format, safejson
-from ..openai_format import CompletionRequest
+from ..openai_format import CompletionRequest, Usage
 from ..payments import Charge
 from ..protocol import VOUCHER_HEADER
 from ..relay import StreamRelay
-from ..states import StreamEnding
+from ..states import StreamEnding, UsageSource
 from .errors import ApiError
 from .state import COUNTER, GATE, SETTINGS, UPSTREAM
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -88,12 +90,38 @@ async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Cha
         body = paid.upstream_body(charge.output_tokens, upstream.max_tokens_field)
         answer = await upstream.post_json(paid.endpoint, body)
         await charge.committed()  # long done, unless the disk is slow: the answer waits for it
+        relayed = answer.body
         reported = openai_format.reported_usage(answer.data)
-        if reported is None:  # the answer's text is counted only when the upstream did not count it
-            charge.meter.add(openai_format.generated_text(answer.data, "message"))
-        charge.finish(StreamEnding.DONE, reported)
+        text = openai_format.generated_text(answer.data, "message")
+        # The text must fit the reservation (a bytes bound first: most answers need no count); it
+        # is metered, to be charged on, only when the upstream did not count it.
+        fits = charge.meter.take(text) if reported is None else charge.meter.fits(text)
+        if fits:
+            charge.finish(StreamEnding.DONE, reported)
+        else:  # the upstream ignored max_tokens: the answer is cut where the reservation ends
+            relayed = _cut_at_budget(answer.data, reported, paid, charge)
+            charge.finish(StreamEnding.BUDGET, None)
     headers = {**_figures(charge), "X-DRAIN-Channel": charge.channel_id}
-    return web.Response(body=answer.body, content_type="application/json", headers=headers)
+    return web.Response(body=relayed, content_type="application/json", headers=headers)
+
+
+def _cut_at_budget(data: dict[str, Any], reported: Usage | None, paid: CompletionRequest, charge: Charge) -> bytes:
+    """The answer as a model cut at max_tokens would have sent it: each choice's text cut to what
+    the reservation pays for, finish_reason "length", and our own counts as its usage, which is
+    what the request is charged on (as for a stream cut at the budget)."""
+    meter = charge.meter
+    assert meter.limit is not None and meter.tokens == 0  # with no limit, everything fits
+    trimmed = openai_format.trim_completion(data, meter.encoding, meter.limit)
+    meter.add(openai_format.generated_text(trimmed, "message"))
+    trimmed["usage"] = openai_format.usage_object(Usage(paid.input_tokens, meter.tokens, UsageSource.LOCAL))
+    log.warning(
+        "answer_cut_at_budget channel=%s reported_out=%s limit=%d delivered_out=%d",
+        charge.channel_id,
+        "none" if reported is None else reported.output_tokens,
+        meter.limit,
+        meter.tokens,
+    )
+    return safejson.dumps(trimmed)
 
 
 async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: Charge) -> web.StreamResponse:
@@ -116,6 +144,7 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
                 meter=charge.meter,
                 client_wants_usage=paid.client_wants_usage,
                 chat=paid.chat,
+                max_bytes=upstream.max_answer_bytes,
             )
             ending = await relay.run()
             if ending is StreamEnding.BUDGET:
@@ -123,5 +152,6 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
                 await relay.stop_for_budget(paid.input_tokens)
             charge.finish(ending, relay.upstream_usage)
     if ending is not StreamEnding.CLIENT_GONE:
-        await relay.finish([f"{name}: {value}" for name, value in _figures(charge).items()])
+        comments = [f"{name}: {value}" for name, value in _figures(charge).items()]
+        await relay.finish(comments, charged=charge.charged)
     return relay.response
