@@ -7,9 +7,11 @@ expiring channels by) and the contract's ChannelClosed events since the last pol
 channel of ours is booked at once, with what its close really paid, and dropped from the
 gate's cache: it is refused within one poll, whatever CLAIM_INTERVAL is.
 
-Logs can be missed (the process was down, the RPC lost a range). As a safety net, each claim
-cycle re-reads the channels holding vouchers the chain has not paid (`refresh_stale`); a channel
-found closed that way is looked up in the logs from the last block it was seen open.
+The block read up to is kept in the ledger, so a restart resumes where the last run stopped:
+a close while the server was down is found in the logs (or, more than MAX_CATCH_UP blocks
+behind, by re-reading the channels). As a safety net, each claim cycle re-reads the channels
+holding vouchers the chain has not paid (`refresh_stale`); a channel found closed that way is
+looked up in the logs from the last block it was seen open.
 """
 
 from __future__ import annotations
@@ -72,16 +74,23 @@ class ChainWatcher:
         if self.fee_bps is None:
             self.fee_bps = await self.chain.fee_bps()
         self.last_poll_at = time.time()
+        if self._next_block is None:  # where the last run stopped reading (a close while down is found)
+            self._next_block = await self.ledger.watched_block()
         start, self._next_block = self._next_block, number + 1
-        if start is None or start > number:  # the first poll starts the log from here
+        if start is None:  # a new ledger starts the log from here
+            await self.ledger.set_watched_block(number + 1)
+            return []
+        if start > number:  # no new block
             return []
         if number - start > MAX_CATCH_UP:
             log.warning("chain_watch_gap blocks=%d action=refresh_channels", number - start)
             await self.refresh_stale(synced_before=time.time())
+            await self.ledger.set_watched_block(number + 1)
             return []
         closes: list[ChannelClose] = []
         for first in range(start, number + 1, LOG_RANGE):
             closes += await self.chain.closes(first, min(first + LOG_RANGE - 1, number))
+        await self.ledger.set_watched_block(number + 1)
         if not closes:
             return []
         ours = await self.ledger.open_channel_ids()

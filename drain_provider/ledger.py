@@ -365,6 +365,20 @@ class Ledger:
                 f"not chain {chain_id} contract {contract.lower()}: set DATABASE_PATH to another file"
             )
 
+    async def watched_block(self) -> int | None:
+        """The first block whose ChannelClosed events the chain watcher has not read."""
+        row = await self.fetchone("SELECT value FROM ledger_meta WHERE key = 'watched_block'")
+        return None if row is None else int(row[0])
+
+    async def set_watched_block(self, block: int) -> None:
+        await self.write(
+            lambda conn: conn.execute(
+                "INSERT INTO ledger_meta (key, value) VALUES ('watched_block', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(block),),
+            )
+        )
+
     async def close(self) -> None:
         if self._reader is not None:
             await self._reader.close()

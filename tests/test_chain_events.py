@@ -189,3 +189,25 @@ async def test_a_known_channel_is_checked_against_the_providers_key(
     assert info.value.response.headers["X-DRAIN-Error"] == "wrong_provider"
     # Nor does its claimer try to claim what only the old key can.
     assert await second.claimer.cycle(force=True) == []
+
+
+@pytest.mark.rule(9)
+async def test_a_close_while_the_server_was_down_is_found_at_the_next_start(
+    provider_factory: ProviderFactory, open_channel: ChannelFactory, fee_chain: DevChain, tmp_path: Any
+) -> None:
+    ledger = tmp_path / "restart.db"
+    first = await watched_provider(provider_factory, fee_chain, database_path=ledger)
+    consumer = await open_channel(first, on=fee_chain)
+    await paid_chat(first.client(), consumer)
+    key = first.settings.provider_private_key
+    await first.server.close()
+    await cooperative_close(fee_chain, first, consumer, consumer.charged)  # while it is down
+    # The same provider starts again, with no claim cycle: the watcher resumes the logs.
+    second = await watched_provider(provider_factory, fee_chain, database_path=ledger, provider_private_key=key)
+    await eventually(lambda: closed(second, consumer))
+    record = await second.ledger.get_channel(consumer.channel_id)
+    assert record is not None and (record.close_kind, record.claimed, record.lost) == (
+        "cooperative",
+        consumer.charged,
+        0,
+    )
