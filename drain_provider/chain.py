@@ -220,45 +220,51 @@ class ChainClient:
         except ContractReverted:
             return 0
 
-    def claim_paid(self, receipt: Any) -> ClaimPaid:
-        """What a mined claim paid, from its receipt's ChannelClaimed and FeePaid events."""
-        events = self.contract.events
-        payout = sum(e["args"]["amount"] for e in events.ChannelClaimed().process_receipt(receipt, errors=DISCARD))
-        fee = sum(e["args"]["amount"] for e in events.FeePaid().process_receipt(receipt, errors=DISCARD))
-        return ClaimPaid(payout=int(payout), fee=int(fee))
+    def claim_paid(self, receipt: Any, channel_id: str | None = None) -> ClaimPaid:
+        """What a mined transaction paid the provider (of one channel, or all), from its
+        receipt's ChannelClaimed and FeePaid events."""
 
-    async def closes(self, from_block: int, to_block: int, channel_id: str | None = None) -> list[ChannelClose]:
-        """The ChannelClosed events in a block range (of one channel, or all), each with what
-        its transaction paid the provider. A few RPC calls per close: closes are rare."""
+        def total(event: Any) -> int:
+            found = event().process_receipt(receipt, errors=DISCARD)
+            return sum(
+                int(e["args"]["amount"])
+                for e in found
+                if channel_id is None or "0x" + bytes(e["args"]["channelId"]).hex() == channel_id
+            )
+
+        events = self.contract.events
+        return ClaimPaid(payout=total(events.ChannelClaimed), fee=total(events.FeePaid))
+
+    async def close_logs(self, from_block: int, to_block: int, channel_id: str | None = None) -> list[Any]:
+        """The ChannelClosed logs in a block range, of one channel or of all: one eth_getLogs."""
         topics: list[Any] = [self._closed_topic]
         if channel_id is not None:
             topics.append(channel_id)
-        logs = await self._rpc(
-            "eth_getLogs",
-            self.w3.eth.get_logs(
-                {"address": self.contract.address, "fromBlock": from_block, "toBlock": to_block, "topics": topics}
-            ),
-        )
-        return [await self._close_of(log) for log in logs]
+        query = {"address": self.contract.address, "fromBlock": from_block, "toBlock": to_block, "topics": topics}
+        return list(await self._rpc("eth_getLogs", self.w3.eth.get_logs(query)))  # type: ignore[arg-type]
 
-    async def _close_of(self, log_entry: Any) -> ChannelClose:
+    @staticmethod
+    def closed_channel(log_entry: Any) -> str:
+        """The channel id a ChannelClosed log is about (its first indexed topic)."""
+        return "0x" + bytes(log_entry["topics"][1]).hex()
+
+    async def close_of(self, log_entry: Any) -> ChannelClose:
+        """A ChannelClosed log with what its transaction paid the provider: two RPC calls, so
+        only for the logs of our own channels."""
         event = self.contract.events.ChannelClosed().process_log(log_entry)
-        channel = "0x" + bytes(event["args"]["channelId"]).hex()
+        channel = self.closed_channel(log_entry)
         tx_hash = "0x" + bytes(log_entry["transactionHash"]).hex()
         receipt = await self._rpc("eth_getTransactionReceipt", self.w3.eth.get_transaction_receipt(tx_hash))  # type: ignore[arg-type]
         tx = await self._rpc("eth_getTransactionByHash", self.w3.eth.get_transaction(tx_hash))  # type: ignore[arg-type]
-        ours = [e for e in self.contract.events.ChannelClaimed().process_receipt(receipt, errors=DISCARD)]
-        fees = [e for e in self.contract.events.FeePaid().process_receipt(receipt, errors=DISCARD)]
-        payout = sum(int(e["args"]["amount"]) for e in ours if bytes(e["args"]["channelId"]).hex() == channel[2:])
-        fee = sum(int(e["args"]["amount"]) for e in fees if bytes(e["args"]["channelId"]).hex() == channel[2:])
+        paid = self.claim_paid(receipt, channel)
         selector = bytes(tx["input"])[:4]
         # A close sent through a contract wallet has another selector: a payout shows cooperation.
-        cooperative = selector == self._cooperative_selector or (selector != self._close_selector and payout > 0)
+        cooperative = selector == self._cooperative_selector or (selector != self._close_selector and paid.payout > 0)
         return ChannelClose(
             channel_id=channel,
             refund=int(event["args"]["refund"]),
-            payout=payout,
-            fee=fee,
+            payout=paid.payout,
+            fee=paid.fee,
             cooperative=cooperative,
             tx_hash=tx_hash,
             block_number=int(log_entry["blockNumber"]),

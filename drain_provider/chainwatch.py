@@ -74,29 +74,34 @@ class ChainWatcher:
         if self.fee_bps is None:
             self.fee_bps = await self.chain.fee_bps()
         self.last_poll_at = time.time()
-        if self._next_block is None:  # where the last run stopped reading (a close while down is found)
-            self._next_block = await self.ledger.watched_block()
-        start, self._next_block = self._next_block, number + 1
-        if start is None:  # a new ledger starts the log from here
-            await self.ledger.set_watched_block(number + 1)
+        start = self._next_block
+        if start is None:  # where the last run stopped reading (a close while down is found)
+            start = await self.ledger.watched_block()
+        if start is not None and start > number:  # no new block
             return []
-        if start > number:  # no new block
-            return []
-        if number - start > MAX_CATCH_UP:
+        booked: list[ChannelClose] = []
+        if start is not None and number - start > MAX_CATCH_UP:
             log.warning("chain_watch_gap blocks=%d action=refresh_channels", number - start)
             await self.refresh_stale(synced_before=time.time())
-            await self.ledger.set_watched_block(number + 1)
-            return []
-        closes: list[ChannelClose] = []
-        for first in range(start, number + 1, LOG_RANGE):
-            closes += await self.chain.closes(first, min(first + LOG_RANGE - 1, number))
+        elif start is not None:  # (a new ledger starts the log at the next block)
+            booked = await self._book_closes(start, number)
+        # Only now: a range that failed to read is read again at the next poll.
+        self._next_block = number + 1
         await self.ledger.set_watched_block(number + 1)
-        if not closes:
-            return []
-        ours = await self.ledger.open_channel_ids()
-        booked = [close for close in closes if close.channel_id in ours]
-        for close in booked:
-            await self._book(close.channel_id, close)
+        return booked
+
+    async def _book_closes(self, first_block: int, last_block: int) -> list[ChannelClose]:
+        logs = []
+        for first in range(first_block, last_block + 1, LOG_RANGE):
+            logs += await self.chain.close_logs(first, min(first + LOG_RANGE - 1, last_block))
+        # Every provider's closes are in the logs: only ours are looked into and booked.
+        ours = await self.ledger.open_among({self.chain.closed_channel(entry) for entry in logs})
+        booked = []
+        for entry in logs:
+            if self.chain.closed_channel(entry) in ours:
+                close = await self.chain.close_of(entry)
+                await self._book(close.channel_id, close)
+                booked.append(close)
         return booked
 
     async def refresh_stale(self, *, synced_before: float) -> None:
@@ -121,7 +126,7 @@ class ChainWatcher:
     async def _find_close(self, channel_id: str) -> ChannelClose | None:
         """The channel's ChannelClosed event, searched from the newest blocks back to the last
         block it was seen open."""
-        number, _ = await self.chain.head()
+        number = self.clock.block if self.clock.block is not None else (await self.chain.head())[0]
         oldest = await self.ledger.seen_block(channel_id)
         if oldest is None:
             return None
@@ -130,9 +135,9 @@ class ChainWatcher:
             if last < oldest:
                 break
             first = max(oldest, last - LOG_RANGE + 1)
-            found = await self.chain.closes(first, last, channel_id)
+            found = await self.chain.close_logs(first, last, channel_id)
             if found:
-                return found[-1]
+                return await self.chain.close_of(found[-1])
             last = first - 1
         return None
 

@@ -227,7 +227,9 @@ class Claimer:
         if not result.succeeded:
             return await self._close(record, ClaimStatus.REVERTED, "reverted on chain", retry_after=MAX_BACKOFF)
         self.alert = None
-        return await self._close(record, ClaimStatus.CONFIRMED, paid=self.chain.claim_paid(result.receipt))
+        return await self._close(
+            record, ClaimStatus.CONFIRMED, paid=self.chain.claim_paid(result.receipt, record.channel_id)
+        )
 
     async def _unmined(self, record: ClaimRecord) -> ClaimOutcome:
         """No receipt: send the very same signed bytes again (a no-op if the node has them), or

@@ -508,8 +508,13 @@ class Ledger:
         row = await self.fetchone("SELECT seen_block FROM channels WHERE channel_id = ?", (channel_id,))
         return None if row is None or row[0] is None else int(row[0])
 
-    async def open_channel_ids(self) -> set[str]:
-        return {row[0] for row in await self.fetchall("SELECT channel_id FROM channels WHERE status = 'open'")}
+    async def open_among(self, channel_ids: set[str]) -> set[str]:
+        """Which of `channel_ids` are open channels of this ledger."""
+        if not channel_ids:
+            return set()
+        marks = ", ".join("?" * len(channel_ids))
+        sql = f"SELECT channel_id FROM channels WHERE status = 'open' AND channel_id IN ({marks})"
+        return {row[0] for row in await self.fetchall(sql, tuple(channel_ids))}
 
     # --- the two money transactions -----------------------------------------------------------
 
