@@ -319,6 +319,11 @@ def _sync_open(
            WHERE channel_id = ? AND status = 'open'""",
         (min(state.claimed, INT64_MAX), now, block, channel_id),
     )
+    return _read_channel(conn, channel_id)
+
+
+def _read_channel(conn: sqlite3.Connection, channel_id: str) -> ChannelRecord:
+    """A channel as the write transaction sees it (it exists: the caller has just written it)."""
     row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
     return ChannelRecord.from_row(row)
 
@@ -498,8 +503,7 @@ class Ledger:
                            WHERE channel_id = ?""",
                         (row["deposit"] - close.refund, close.fee, kind, close.refund, close.tx_hash, now, channel_id),
                     )
-            cursor = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
-            return ChannelRecord.from_row(cursor.fetchone())
+            return _read_channel(conn, channel_id)
 
         return await self.write(book)
 
@@ -614,9 +618,9 @@ class Ledger:
                 )
             voucher_cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
             cost = min(price_cost, row["own"], voucher_cap)
-            if cost < price_cost:
+            if cost < min(price_cost, row["own"]):  # (above the reservation, payments.Charge logs it)
                 log.warning(
-                    "charge_capped usage_id=%d price_cost=%d reserved=%d charged=%d",
+                    "charge_capped_by_voucher usage_id=%d price_cost=%d reserved=%d charged=%d",
                     reservation.usage_id,
                     price_cost,
                     row["own"],
