@@ -167,9 +167,13 @@ def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice], counter
 # --- reading answers --------------------------------------------------------------------------
 
 
+# The string fields of a message that carry generated text, in the order a model writes them.
+_MESSAGE_TEXT_FIELDS = ("reasoning_content", "content", "refusal")
+
+
 def _message_text(body: dict[str, Any]) -> list[str]:
     """Content, reasoning, refusals, tool names and arguments of a message or a delta."""
-    parts = [body[key] for key in ("content", "reasoning_content", "refusal") if isinstance(body.get(key), str)]
+    parts = [body[key] for key in _MESSAGE_TEXT_FIELDS if isinstance(body.get(key), str)]
     for call in body.get("tool_calls") or ():
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict):
@@ -222,9 +226,6 @@ def chunk_indexes(chunk: dict[str, Any]) -> list[int]:
 
 
 # --- cutting an answer to its budget ----------------------------------------------------------
-
-# The string fields of a message that carry generated text, in the order a model writes them.
-_MESSAGE_TEXT_FIELDS = ("reasoning_content", "content", "refusal")
 
 
 class _Budget:

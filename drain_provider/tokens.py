@@ -228,24 +228,27 @@ class TokenMeter:
 
     def fits(self, text: str) -> bool:
         """Whether delivering `text` as well stays within the limit (records nothing)."""
-        if self.limit is None:
-            return True
-        bound = len(text.encode())
-        if self._counted + self._pending_bound + bound <= self.limit:
-            return True
-        return count_up_to(self.encoding, text, self.limit - self.tokens) is not None
+        return self._surely_fits(text) or self._count_if_fits(text) is not None
 
     def take(self, text: str) -> bool:
         """`fits`, then `add` if it does, for a text delivered as soon as it fits: the count
         made to decide, if one was, is kept rather than made again."""
-        if self.limit is None or self._counted + self._pending_bound + len(text.encode()) <= self.limit:
+        if self._surely_fits(text):
             self.add(text)
             return True
-        count = count_up_to(self.encoding, text, self.limit - self.tokens)
+        count = self._count_if_fits(text)
         if count is None:
             return False
         self._counted += count
         return True
+
+    def _surely_fits(self, text: str) -> bool:
+        """Within the limit even at one token per byte: no count needed."""
+        return self.limit is None or self._counted + self._pending_bound + len(text.encode()) <= self.limit
+
+    def _count_if_fits(self, text: str) -> int | None:
+        assert self.limit is not None
+        return count_up_to(self.encoding, text, self.limit - self.tokens)
 
     def add(self, text: str) -> None:
         """`text` reached the client."""
