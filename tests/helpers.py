@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from eth_account import Account
@@ -160,6 +162,13 @@ class CountingEncoding:
 
     def token_byte_values(self) -> list[bytes]:
         return self.inner.token_byte_values()
+
+
+async def refused_chat(client: AsyncOpenAI, consumer: DrainConsumer, **kwargs: Any) -> openai.APIStatusError:
+    """A paid chat completion the provider must refuse; its error (X-DRAIN-Error says why)."""
+    with pytest.raises(openai.APIStatusError) as info:
+        await paid_chat(client, consumer, **kwargs)
+    return info.value
 
 
 @dataclass
