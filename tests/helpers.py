@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,14 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL, DemoStats
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.ledger import Ledger
+from drain_provider.logs import (
+    BAD_REQUEST_LINES,
+    BAD_REQUEST_WINDOW,
+    SERVER_LOGGER,
+    BadRequestFilter,
+    RateLimit,
+    quiet_bad_requests,
+)
 from drain_provider.pricing import ModelPrice
 from drain_provider.protocol import Domain
 from drain_provider.tokens import TokenCounter
@@ -207,3 +216,12 @@ class RpcProxy:
             self.lose_next -= 1
             return web.Response(status=502, text="proxy: answer lost")
         return web.Response(body=answer, status=resp.status, content_type="application/json")
+
+
+def fresh_bad_request_budget() -> None:
+    """The quiet filter of malformed requests is one per process: a test that counts its lines
+    starts a rate-limit window of its own."""
+    quiet_bad_requests()
+    for installed in logging.getLogger(SERVER_LOGGER).filters:
+        if isinstance(installed, BadRequestFilter):
+            installed.limit = RateLimit(BAD_REQUEST_LINES, BAD_REQUEST_WINDOW)
