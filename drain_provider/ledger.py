@@ -19,7 +19,9 @@ whole uint256 range and are stored as decimal TEXT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -331,6 +333,16 @@ def _read_channel(conn: sqlite3.Connection, channel_id: str) -> ChannelRecord:
 _CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at, payout, fee"
 
 
+def _create_private(path: Path) -> None:
+    """The ledger holds every voucher (signatures worth money) and the books: a new one is
+    created readable by this user only, in a directory created 0700. SQLite gives its -wal and
+    -shm files the database's mode, so creating the (empty) database file 0600 ourselves is
+    enough. An existing ledger is used as it is: its owner may have chosen its mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class Ledger:
     def __init__(self, path: Path | str, *, synchronous: SyncMode = SyncMode.FULL) -> None:
         self.path = str(path)
@@ -342,7 +354,7 @@ class Ledger:
 
     async def open(self) -> None:
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(self.path))
         self._writer = Writer(self._connect_writer)
         await self._writer.start()
         version = await self.write(self._migrate)

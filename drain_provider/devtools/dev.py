@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import replace
@@ -98,8 +99,24 @@ def write_dev_file(path: Path, api: str, chain: DevChain, provider: str, consume
         "lastNonce": str(consumer.nonce),
         "lastAmount": str(consumer.amount),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(facts, indent=2) + "\n")
+    write_private(path, json.dumps(facts, indent=2) + "\n")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by this user only (it holds the demo consumer's key):
+    a new file created 0600 in a directory created 0700, then renamed over the old one, so
+    the key is never in a file others can read, nor in a half-written one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)  # a leftover keeps its own mode: O_EXCL makes a new one
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_dev_consumer(path: str | Path = DEV_FILE) -> DrainConsumer:
@@ -120,7 +137,7 @@ def save_dev_consumer(consumer: DrainConsumer, path: str | Path = DEV_FILE) -> N
     """Record the last signed nonce and amount, so the next call continues the channel."""
     facts = json.loads(Path(path).read_text())
     facts["lastNonce"], facts["lastAmount"] = str(consumer.nonce), str(consumer.amount)
-    Path(path).write_text(json.dumps(facts, indent=2) + "\n")
+    write_private(Path(path), json.dumps(facts, indent=2) + "\n")
 
 
 def _forget_last_dev_ledger() -> None:
