@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import sys
 import time
 
-from aiohttp import web
-
 from .config import ConfigError, Settings, load_settings, read_environment
+from .logs import setup_logging
 
 log = logging.getLogger("drain_provider")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # web3 logs full RPC requests at DEBUG; they may carry signed payloads but never keys.
-    logging.getLogger("web3").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
@@ -66,7 +54,10 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
 def serve(env: dict[str, str]) -> int:
     settings = load_settings(env)
     setup_logging(settings.log_level)
-    from .api import RUNNER_OPTIONS, create_app
+    from .api import create_app, reload_prices
+    from .process import run
+    from .server import Listener
+    from .server import serve as serve_app
 
     app = create_app(settings)
     log.info(
@@ -79,20 +70,14 @@ def serve(env: dict[str, str]) -> int:
         settings.port,
     )
     started = time.monotonic()
-    try:
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            print=None,
-            access_log=None,
-            loop=_event_loop(),
-            **RUNNER_OPTIONS,
-        )
-    except OSError as exc:
-        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-            raise
-        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
+    listener = Listener(
+        app,
+        settings.host,
+        settings.port,
+        max_connections=settings.max_connections,
+        header_timeout=settings.header_timeout,
+    )
+    run(serve_app(listener, on_hangup=lambda: reload_prices(app, read_environment())))
     log.info("stopped uptime_s=%d", time.monotonic() - started)
     return 0
 
@@ -134,13 +119,3 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
     finally:
         await chain.close()
         await ledger.close()
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed (the `fast` extra): the same asyncio, about a third less CPU
-    per request; the standard loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()

@@ -46,6 +46,8 @@ class Settings:
     rpc_url: str | None  # None: the embedded chain of `dev` and the tests
     host: str = "0.0.0.0"
     port: int = 3000
+    max_connections: int = 1000
+    header_timeout: float = 15.0
     public_url: str | None = None
     upstream_base_url: str = OPENAI_BASE_URL
     openai_api_key: str | None = field(default=None, repr=False)
@@ -323,6 +325,26 @@ SETTINGS: tuple[Setting, ...] = (
         example="3000",
     ),
     Setting(
+        "MAX_CONNECTIONS",
+        "max_connections",
+        _whole(1, 1_000_000),
+        Section.SERVER,
+        "The most client connections open at once. One more is closed as soon as it is accepted, so that "
+        "a flood of idle or slow connections cannot use up the process's file descriptors; the connections "
+        "already open keep working. At start the soft RLIMIT_NOFILE is raised to what this needs, up to "
+        "the hard limit.",
+        default="1000",
+    ),
+    Setting(
+        "HEADER_TIMEOUT",
+        "header_timeout",
+        _seconds(),
+        Section.SERVER,
+        "Seconds a connection has to send a complete request line and headers, and the longest an idle "
+        "keep-alive connection is kept open; then it is closed.",
+        default="15",
+    ),
+    Setting(
         "PUBLIC_URL",
         "public_url",
         _url,
@@ -551,6 +573,13 @@ def _prices(pricing_file: Path | None, env: Mapping[str, str]) -> dict[str, Mode
         return apply_env_overrides(prices, env)
     except PricingError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def load_prices(env: Mapping[str, str]) -> dict[str, ModelPrice]:
+    """`PRICING_FILE` and the `PRICE_` variables alone, as `load_settings` reads them: what a
+    running server reloads on SIGHUP. A ConfigError names what is wrong."""
+    (pricing_file,) = (setting for setting in SETTINGS if setting.field == "prices")
+    return _prices(_read(pricing_file, env), env)
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:

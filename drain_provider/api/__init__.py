@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -16,24 +17,25 @@ from eth_account import Account
 from ..chain import ChainClient, ChainClock, ChainUnavailable
 from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
-from ..config import OPENAI_BASE_URL, ConfigError, Settings
+from ..config import OPENAI_BASE_URL, ConfigError, Settings, load_prices
 from ..ledger import Ledger, LedgerMismatch
 from ..payments import PaymentGate
+from ..pricing import PriceBook
 from ..protocol import Domain
 from ..tokens import TokenCounter
 from ..upstream import Upstream
 from . import completions, info
 from .admin import create_admin_app
 from .errors import error_middleware
-from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
+from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, PRICES, SETTINGS, STOPPING, UPSTREAM, WATCHER
 
 log = logging.getLogger(__name__)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
 
-# How the provider is served (run_app, dev and the tests alike). handler_cancellation: a client
-# that disconnects cancels its handler at once, which is how a stream learns to drop its
+# How the provider is served (server.Listener; the tests' TestServer alike). handler_cancellation:
+# a client that disconnects cancels its handler at once, which is how a stream learns to drop its
 # upstream; shutdown_timeout: how long in-flight requests get to finish on a stop.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 15.0}
 
@@ -44,7 +46,8 @@ def create_app(
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
     chain; otherwise the app connects to `settings.rpc_url` and owns that connection."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
-    app[SETTINGS] = settings
+    app[PRICES] = prices = PriceBook(settings.prices)
+    app[SETTINGS] = replace(settings, prices=prices)
     app[COUNTER] = counter or TokenCounter()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
@@ -110,6 +113,9 @@ def _chain_ctx(given: ChainClient | None) -> Context:
         client = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
         try:
             chain_id = await client.chain_id()
+        except asyncio.CancelledError:  # a stop signal during start-up
+            await client.close()
+            raise
         except ChainUnavailable:
             # Start anyway: known channels are served from the ledger, and new ones get a
             # clear 503 until the RPC answers again.
@@ -196,3 +202,17 @@ async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
     # Loading an encoding may download it: do it once, off the event loop, before serving.
     await asyncio.to_thread(app[COUNTER].warm_up, app[SETTINGS].prices)
     yield
+
+
+async def reload_prices(app: web.Application, env: Mapping[str, str]) -> None:
+    """SIGHUP: the prices again from `PRICING_FILE` and the `PRICE_` variables of `env`. New
+    models' encodings are loaded before they are served; a bad setting keeps the prices being
+    served and says why in one line."""
+    try:
+        prices = load_prices(env)
+    except ConfigError as exc:
+        log.warning("prices_reload_failed error=%s", exc)
+        return
+    await asyncio.to_thread(app[COUNTER].warm_up, prices)
+    app[PRICES].replace(prices)
+    log.info("prices_reloaded models=%d", len(prices))

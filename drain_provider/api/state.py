@@ -12,6 +12,7 @@ from ..claimer import Claimer
 from ..config import Settings
 from ..ledger import Ledger
 from ..payments import PaymentGate
+from ..pricing import PriceBook
 from ..tokens import TokenCounter
 from ..upstream import Upstream
 
@@ -21,6 +22,8 @@ CHAIN = web.AppKey("chain", ChainClient)
 GATE = web.AppKey("gate", PaymentGate)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COUNTER = web.AppKey("counter", TokenCounter)
+# The same object as SETTINGS' prices: what SIGHUP replaces.
+PRICES = web.AppKey("prices", PriceBook)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)
 WATCHER = web.AppKey("watcher", ChainWatcher)

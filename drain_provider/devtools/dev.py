@@ -9,11 +9,8 @@ to call it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,15 +20,15 @@ import aiohttp
 from aiohttp import web
 from eth_account import Account
 
-from ..api import RUNNER_OPTIONS, create_app
-from ..config import ConfigError, Settings, load_settings
+from ..api import create_app
+from ..config import Settings, load_settings
 from ..consumer import DrainConsumer
+from ..logs import setup_logging
 from ..pricing import ModelPrice
 from ..protocol import Domain
+from ..server import Listener, Signals
 from .demo_upstream import DEMO_MODEL, create_demo_upstream
 from .devchain import DevChain, attach_dev_node, start_embedded_chain
-
-log = logging.getLogger(__name__)
 
 DEV_DATABASE = "data/dev.db"
 DEV_FILE = Path("data/dev.json")
@@ -151,7 +148,7 @@ async def run_dev(
     env: dict[str, str], *, rpc_url: str | None, port: int | None, serve: bool, started: float | None
 ) -> int:
     started = started or time.monotonic()
-    logging.basicConfig(level=env.get("LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s %(message)s")
+    setup_logging(env.get("LOG_LEVEL", "WARNING").upper(), fmt="%(levelname)s %(name)s %(message)s")
     chain = await (attach_dev_node(rpc_url) if rpc_url else start_embedded_chain())
     provider_key = bytes(Account.create().key)
     consumer_key = bytes(Account.create().key)
@@ -167,14 +164,16 @@ async def run_dev(
     consumer_address = Account.from_key(consumer_key).address
     await chain.fund(consumer_address, usdc=CONSUMER_USDC)
 
-    runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None, **RUNNER_OPTIONS)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-    except OSError as exc:
-        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
+    listener = Listener(
+        create_app(settings, chain=chain.client()),
+        settings.host,
+        settings.port,
+        max_connections=settings.max_connections,
+        header_timeout=settings.header_timeout,
+    )
     api = f"http://{settings.host}:{settings.port}/v1"
     try:
+        await listener.start()
         consumer = await DrainConsumer.open_channel(
             chain.client(),
             chain.token,
@@ -189,21 +188,14 @@ async def run_dev(
         write_dev_file(DEV_FILE, api, chain, settings.provider_address, consumer)
         print(_banner(api, chain, settings, consumer, model, call, ready))
         if serve:
-            await _wait_for_signal()
+            with Signals() as signals:  # SIGINT, SIGTERM or a terminal's SIGHUP
+                await signals.wait()
     finally:
-        await runner.cleanup()
+        await listener.stop()
         if demo_runner is not None:
             await demo_runner.cleanup()
         await chain.close()
     return 0
-
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 def _banner(
