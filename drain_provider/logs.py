@@ -20,6 +20,7 @@ import sys
 import time
 
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web import RequestPayloadError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,11 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+# What a client's malformed bytes raise: in the head, or in a body that cannot be decoded
+# (a bad chunk, a gzip body that is not gzip), which aiohttp logs as "Unhandled exception".
+CLIENT_ERRORS = (HttpProcessingError, RequestPayloadError)
+
+
 class BadRequestFilter(logging.Filter):
     """On aiohttp's server logger: a request aiohttp could not parse becomes one rate-limited
     `bad_http_request` line of ours (DEBUG where aiohttp itself chose DEBUG: its guess that a TLS
@@ -135,7 +141,7 @@ class BadRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if not isinstance(exc, HttpProcessingError):
+        if not isinstance(exc, CLIENT_ERRORS):
             return True
         allowed, suppressed = self.limit.allow()
         if allowed:

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 from aiohttp.http_exceptions import BadStatusLine, LineTooLong
+from aiohttp.web import RequestPayloadError
 from helpers import fresh_bad_request_budget
 
 from drain_provider.logs import (
@@ -98,7 +99,10 @@ def test_aiohttp_parse_errors_are_one_line_and_its_other_errors_stay_errors(
     with caplog.at_level(logging.DEBUG):
         server_log.exception("Error handling request from %s", "10.0.0.1", exc_info=BadStatusLine("GARBAGE" * 50))
         server_log.exception("Unhandled exception", exc_info=RuntimeError("a bug of ours"))
-    quiet, bug = caplog.records
+        # A body that cannot be decoded (gzip that is not), met while aiohttp drains it.
+        server_log.exception("Unhandled exception", exc_info=RequestPayloadError("400, message:\n  Can not decode"))
+    quiet, bug, body = caplog.records
     assert quiet.name == "drain_provider.logs" and quiet.levelno == logging.INFO and quiet.exc_info is None
     assert quiet.getMessage().startswith("bad_http_request peer=10.0.0.1 error=BadStatusLine: ")
     assert bug.name == SERVER_LOGGER and bug.levelno == logging.ERROR and bug.exc_info is not None
+    assert body.getMessage() == "bad_http_request peer=- error=RequestPayloadError: 400, message: Can not decode"
