@@ -146,12 +146,8 @@ def raise_fd_limit(max_connections: int) -> None:
         else:
             log.info("fd_limit_raised from=%d to=%d", soft, target)
     if target < needed:
-        log.warning(
-            "fd_limit_low limit=%d needed=%d max_connections=%d: raise the hard limit (LimitNOFILE= in systemd)",
-            target,
-            needed,
-            max_connections,
-        )
+        # The hard limit is the operator's: LimitNOFILE= in a systemd unit, `ulimit -Hn` in a shell.
+        log.warning("fd_limit_low limit=%d needed=%d max_connections=%d", target, needed, max_connections)
 
 
 # --- the listener -----------------------------------------------------------------------------
@@ -164,7 +160,9 @@ class Listener:
     listening socket, lets in-flight requests finish (`shutdown_timeout`), and runs the app's
     cleanup. `stop` is safe after a failed or cancelled `start`."""
 
-    def __init__(self, app: web.Application, host: str, port: int, *, max_connections: int, header_timeout: float):
+    def __init__(
+        self, app: web.Application, host: str, port: int, *, max_connections: int, header_timeout: float
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port

@@ -25,6 +25,7 @@ from helpers import REPO, free_port
 RPC_PASSWORD = "RpcPassw0rdSECRET"
 RPC_PATH_KEY = "Zx8kQ2mP9vLr4TnY7wBc1DfGhJ3sKaE5"
 RPC_QUERY_KEY = "QueryKeySECRET42"
+UPSTREAM_PASSWORD = "UpstreamPassw0rdSECRET"
 
 
 class Served:
@@ -118,7 +119,8 @@ def test_a_served_process_logs_where_it_listens_raises_its_fd_limit_and_never_lo
 ) -> None:
     rpc_port = free_port()
     rpc_url = f"https://user:{RPC_PASSWORD}@127.0.0.1:{rpc_port}/v2/{RPC_PATH_KEY}?apikey={RPC_QUERY_KEY}"
-    env = base_env(tmp_path, RPC_URL=rpc_url, LOG_LEVEL="DEBUG", MAX_CONNECTIONS="1000")
+    upstream_url = f"http://proxy-user:{UPSTREAM_PASSWORD}@127.0.0.1:9/v1"
+    env = base_env(tmp_path, RPC_URL=rpc_url, UPSTREAM_BASE_URL=upstream_url, LOG_LEVEL="DEBUG", MAX_CONNECTIONS="1000")
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     served.append(child := Served(env, tmp_path, fd_limit=256))
     url = child.wait_for_line(r"listening url=(http://\S+) max_connections=1000 header_timeout=15")[1]
@@ -135,9 +137,11 @@ def test_a_served_process_logs_where_it_listens_raises_its_fd_limit_and_never_lo
     assert child.proc.returncode == 0, child.stderr
     stderr = child.stderr
     assert "stopping signal=SIGTERM" in stderr and "stopped uptime_s=" in stderr
-    # web3 logs its provider's URL when it disconnects: there, and everywhere, redacted.
+    # web3 logs its provider's URL when it disconnects, and we log the upstream's at the start:
+    # there, and everywhere, redacted.
     assert f"Successfully disconnected from: https://***@127.0.0.1:{rpc_port}/v2/***?***" in stderr
-    for secret in (RPC_PASSWORD, RPC_PATH_KEY, RPC_QUERY_KEY):
+    assert "upstream=http://***@127.0.0.1:9/v1 " in stderr
+    for secret in (RPC_PASSWORD, RPC_PATH_KEY, RPC_QUERY_KEY, UPSTREAM_PASSWORD):
         assert secret not in stderr
     assert "Traceback" not in stderr and "exit_forced" not in stderr
 
@@ -216,3 +220,25 @@ def test_a_thread_left_running_cannot_keep_the_process_alive() -> None:
     assert run.returncode == 3
     assert time.monotonic() - started < 10
     assert "exit_forced code=3 threads=stuck-in-a-library" in run.stderr
+
+
+def test_the_fd_limit_is_raised_as_far_as_the_hard_limit_allows_and_says_when_that_is_short() -> None:
+    code = (
+        "import logging, resource\n"
+        "logging.basicConfig(level='INFO', format='%(message)s')\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (200, 300))\n"
+        "from drain_provider.server import raise_fd_limit\n"
+        "raise_fd_limit(1000)\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "(300, 300)"
+    assert "fd_limit_raised from=200 to=300" in run.stderr
+    assert "fd_limit_low limit=300 needed=2128 max_connections=1000" in run.stderr
