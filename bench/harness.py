@@ -154,6 +154,7 @@ async def _build_rig(servers: list[Server], channels: int, ledger: Path | None, 
         "PORT": str(provider_port),
         "LOG_LEVEL": "WARNING",
         "CLAIM_INTERVAL": "0",
+        "MAX_CONNECTIONS": "4096",  # 1,000 streams at once, and the load generators' other connections
         **provider_env,
     }
     servers.append(start("drain-provider", [sys.executable, "-m", "drain_provider"], provider_port, env))
