@@ -380,7 +380,7 @@ SETTINGS: tuple[Setting, ...] = (
         Section.SERVER,
         "Without PUBLIC_URL, the host names (comma-separated, no port) a request's Host header may "
         "name for it to be used in the URLs this server gives out; any other Host is ignored, so that "
-        "a forged one is never reflected.",
+        "a forged one is never reflected. By default the loopback names and HOST.",
         default_doc="localhost, 127.0.0.1, ::1 and HOST",
     ),
     Setting(
@@ -408,8 +408,9 @@ SETTINGS: tuple[Setting, ...] = (
         Section.SERVER,
         "How many paid requests one client address may have refused (402, or 400, 408, 413 before "
         "payment) per minute, in a burst or spread out; past it, its paid requests get 429 "
-        "rate_limited with Retry-After until the minute has refilled. Paid requests that succeed "
-        "never count. IPv6 addresses count by /64. 0 turns the limit off (`dev` does).",
+        "rate_limited, with Retry-After, until it is under the limit again (one more refusal is "
+        "allowed every 60/N seconds). Paid requests that succeed never count. IPv6 addresses count "
+        "by /64. 0 turns the limit off (`dev` does).",
         default="60",
     ),
     Setting(

@@ -1,7 +1,7 @@
 """The paid endpoints: POST /v1/chat/completions and POST /v1/completions, JSON or streamed.
 
 A request costs the server in proportion to its body only once it has shown a voucher that may
-pay for it (docs/PROTOCOL.md, "Errors", for the order of the answers):
+pay for it (docs/PROTOCOL.md, "The order of the answers"):
 
 1. the client's limit on refused payments (api/clients.py), before anything is read;
 2. the body, bounded in size and time, parsed and validated (api/body.py, openai_format): a bad
