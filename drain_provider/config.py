@@ -12,6 +12,7 @@ can print one line and exit 2. Secret values are never part of a message or a re
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import textwrap
@@ -31,6 +32,9 @@ from .protocol import DEPLOYMENTS, SECP256K1_N
 from .states import SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1"), ipaddress.ip_network("::1"))
 
 
 class ConfigError(Exception):
@@ -66,6 +70,10 @@ class Settings:
     min_channel_ttl: int = 600
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 30.0
+    payment_failures_per_minute: int = 60
+    trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    allowed_hosts: tuple[str, ...] | None = None  # None: the loopback names and HOST
     default_max_tokens: int = 4096
     min_output_tokens: int = 16
     log_level: str = "INFO"
@@ -190,6 +198,39 @@ def _admin_token(name: str, raw: str) -> str:
 
 def _text(name: str, raw: str) -> str:
     return raw
+
+
+def _networks(name: str, raw: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated addresses or networks (10.0.0.0/8); `none` for none."""
+    if raw.lower() == "none":
+        return ()
+    networks = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {part[:60]!r} is not an IP address or network (like 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _hostnames(name: str, raw: str) -> tuple[str, ...]:
+    """Comma-separated host names or IP addresses, without ports, as a Host header names them
+    (lower case; an IPv6 address with or without its brackets)."""
+    hosts = []
+    for part in filter(None, (p.strip().lower() for p in raw.split(","))):
+        host = part[1:-1] if part.startswith("[") and part.endswith("]") else part
+        try:
+            hosts.append(str(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"{name}: {part[:60]!r} is not a host name or IP address (no scheme, no port)")
+        hosts.append(host)
+    return tuple(hosts)
 
 
 def _path(name: str, raw: str) -> Path:
@@ -350,17 +391,60 @@ SETTINGS: tuple[Setting, ...] = (
         _url,
         Section.SERVER,
         "The base URL clients reach this server at, such as https://llm.example.com, used in the 402 "
-        "discovery headers and `/v1/docs`. Default: the scheme and Host header of each request, which "
-        "is wrong behind a proxy that rewrites them.",
-        default_doc="each request's Host",
+        "discovery headers and `/v1/docs`. Default: the scheme and Host header of each request when "
+        "`ALLOWED_HOSTS` names that host, else the address the request came in on.",
+        default_doc="each request's Host, if allowed",
+    ),
+    Setting(
+        "ALLOWED_HOSTS",
+        "allowed_hosts",
+        _hostnames,
+        Section.SERVER,
+        "Without PUBLIC_URL, the host names (comma-separated, no port) a request's Host header may "
+        "name for it to be used in the URLs this server gives out; any other Host is ignored, so that "
+        "a forged one is never reflected. By default the loopback names and HOST.",
+        default_doc="localhost, 127.0.0.1, ::1 and HOST",
     ),
     Setting(
         "MAX_BODY_BYTES",
         "max_body_bytes",
         _whole(1024),
         Section.SERVER,
-        "The largest request body accepted, in bytes (1048576 = 1 MiB; at least 1024); a larger one gets 413.",
+        "The largest request body accepted, in bytes (1048576 = 1 MiB; at least 1024); a larger one gets "
+        "413, and one whose Content-Length says it is larger gets it before it is read.",
         default="1048576",
+    ),
+    Setting(
+        "BODY_TIMEOUT",
+        "body_timeout",
+        _seconds(),
+        Section.SERVER,
+        "Seconds a client has to send a request's body: a slower one gets 408 request_timeout and the "
+        "connection is closed.",
+        default="30",
+    ),
+    Setting(
+        "PAYMENT_FAILURES_PER_MINUTE",
+        "payment_failures_per_minute",
+        _whole(0, 1_000_000),
+        Section.SERVER,
+        "How many paid requests one client address may have refused (402, or 400, 408, 413 before "
+        "payment) per minute, in a burst or spread out; past it, its paid requests get 429 "
+        "rate_limited, with Retry-After, until it is under the limit again (one more refusal is "
+        "allowed every 60/N seconds). Paid requests that succeed never count. IPv6 addresses count "
+        "by /64. 0 turns the limit off (`dev` does).",
+        default="60",
+    ),
+    Setting(
+        "TRUSTED_PROXIES",
+        "trusted_proxies",
+        _networks,
+        Section.SERVER,
+        "The reverse proxies (addresses or networks, comma-separated; `none` for none) whose "
+        "X-Forwarded-For header names the client: from them the client is the rightmost address "
+        "that is not a trusted proxy. A proxy on another machine must be listed, or every client "
+        "behind it is one client to `PAYMENT_FAILURES_PER_MINUTE`.",
+        default="127.0.0.1, ::1",
     ),
     Setting(
         "LOG_LEVEL",

@@ -106,10 +106,8 @@ class DrainConsumer:
         """The exact voucher for the chat completion `body` at `price`: the charged total plus
         the request's worst case (input counted as the provider counts it, plus `max_tokens`, or
         `default_max_tokens`, the provider's DEFAULT_MAX_TOKENS, when the body sets none)."""
-        request = openai_format.parse_chat(
-            body, {body["model"]: price}, _counter(), default_max_tokens=default_max_tokens
-        )
-        worst_case = request.plan(min_output_tokens).worst_case
+        request = openai_format.parse_chat(body, {body["model"]: price}, default_max_tokens=default_max_tokens)
+        worst_case = request.plan(request.input_tokens(_counter()), min_output_tokens).worst_case
         amount = min(max(self.amount, self.next_min, self.charged + worst_case), self.deposit)
         return self.sign(amount)
 

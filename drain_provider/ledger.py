@@ -221,6 +221,25 @@ def _voucher(row: sqlite3.Row) -> Voucher:
     return Voucher(row["channel_id"], row["amount"], int(row["nonce"]), bytes.fromhex(row["signature"][2:]))
 
 
+def reservation_fit(
+    voucher: Voucher, plan: ReservationPlan, *, last_nonce: int, last_amount: int, in_use: int
+) -> tuple[int, int] | Refusal:
+    """What `voucher` may reserve for `plan` on an open channel whose last voucher and charged
+    plus reserved total (`in_use`) are these: (amount, output tokens), or why not. The checks that
+    race (docs/DESIGN.md, rule 1): inside `authorize`'s transaction they decide; outside, on a
+    read (`PaymentGate.precheck`), they can only refuse early what it would refuse."""
+    if voucher.nonce <= last_nonce:
+        return Refusal("invalid_nonce", f"The voucher nonce must be above {last_nonce}, the last accepted nonce.")
+    if voucher.amount < last_amount:
+        return Refusal(
+            "invalid_amount", f"The voucher amount must be at least {last_amount}, the last accepted amount."
+        )
+    fit = plan.fit(voucher.amount - in_use)
+    if fit is None:
+        return Refusal.insufficient(required=in_use + plan.worst_case, provided=voucher.amount)
+    return fit
+
+
 @dataclass(frozen=True)
 class Reservation:
     usage_id: int
@@ -561,19 +580,15 @@ class Ledger:
             ).fetchone()
             if row is None or row["status"] != ChannelStatus.OPEN:
                 return Refusal("channel_not_found", "The channel does not exist on chain or is closed.")
-            if voucher.nonce <= int(row["last_nonce"]):
-                return Refusal(
-                    "invalid_nonce", f"The voucher nonce must be above {row['last_nonce']}, the last accepted nonce."
-                )
-            if voucher.amount < row["last_amount"]:
-                return Refusal(
-                    "invalid_amount",
-                    f"The voucher amount must be at least {row['last_amount']}, the last accepted amount.",
-                )
-            in_use = row["charged"] + row["reserved"]
-            fit = plan.fit(voucher.amount - in_use)
-            if fit is None:
-                return Refusal.insufficient(required=in_use + plan.worst_case, provided=voucher.amount)
+            fit = reservation_fit(
+                voucher,
+                plan,
+                last_nonce=int(row["last_nonce"]),
+                last_amount=row["last_amount"],
+                in_use=row["charged"] + row["reserved"],
+            )
+            if isinstance(fit, Refusal):
+                return fit
             amount, output_tokens = fit
             voucher_id = conn.execute(
                 "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)",

@@ -2,9 +2,9 @@
 
 Pure functions and records over parsed JSON, no I/O: request parsing for chat and legacy
 completions (validated completely before a voucher is looked at, so a bad body never reaches the
-ledger), the body sent upstream, the usage an upstream reports, the text a completion or a
-stream chunk carries, a completion cut to a token budget, and the few chunks the provider
-writes itself.
+ledger; its input tokens are counted only after, as counting costs in proportion to the text),
+the body sent upstream, the usage an upstream reports, the text a completion or a stream chunk
+carries, a completion cut to a token budget, and the few chunks the provider writes itself.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ class Usage:
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A validated chat or legacy completion request, with what it may cost."""
+    """A validated chat or legacy completion request, and what its output may cost. Its input
+    is counted on demand (`input_tokens`): that is the part that costs in proportion to the body."""
 
     endpoint: str  # CHAT or LEGACY, the path under the upstream's base URL
     body: dict[str, Any]
     model: str
     price: ModelPrice
-    input_tokens: int
     choices: int  # outputs generated per request (n, or best_of, times the prompts)
     per_choice_tokens: int  # output tokens asked for per choice (or the default)
 
@@ -70,11 +70,28 @@ class CompletionRequest:
         """Whether the client asked for the usage chunk of a stream (we always ask upstream)."""
         return bool((self.body.get("stream_options") or {}).get("include_usage"))
 
-    def plan(self, min_output_tokens: int) -> ReservationPlan:
+    def input_tokens(self, counter: TokenCounter) -> int:
+        """The input's tokens, counted as OpenAI counts them (tiktoken: milliseconds per 100 kB;
+        thread-safe, so it may run off the event loop)."""
+        if self.chat:
+            return counter.count_messages(self.model, self.body["messages"], tools=self._tools)
+        return counter.count_prompt(self.model, self.body["prompt"])
+
+    def least_input_tokens(self, counter: TokenCounter) -> int:
+        """A bound `input_tokens` never goes below, without encoding anything."""
+        if self.chat:
+            return counter.least_messages(self.model, self.body["messages"], tools=self._tools)
+        return counter.least_prompt(self.model, self.body["prompt"])
+
+    @property
+    def _tools(self) -> Any:
+        return self.body.get("tools") or self.body.get("functions")
+
+    def plan(self, input_tokens: int, min_output_tokens: int) -> ReservationPlan:
         """The worst case to reserve, and the least a voucher must leave room for."""
         return ReservationPlan(
             self.price,
-            self.input_tokens,
+            input_tokens,
             self.per_choice_tokens * self.choices,
             min(min_output_tokens, self.per_choice_tokens) * self.choices,
         )
@@ -137,31 +154,26 @@ def _common(body: dict[str, Any]) -> tuple[int, int | None]:
     return n, requested_output_tokens(body)
 
 
-def parse_chat(
-    body: dict[str, Any], prices: Mapping[str, ModelPrice], counter: TokenCounter, *, default_max_tokens: int
-) -> CompletionRequest:
+def parse_chat(body: dict[str, Any], prices: Mapping[str, ModelPrice], *, default_max_tokens: int) -> CompletionRequest:
     model, price = _model_price(body, prices)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise RequestError("'messages' must be a non-empty array of message objects.")
     n, wanted = _common(body)
-    tools = body.get("tools") or body.get("functions")
-    input_tokens = counter.count_messages(model, messages, tools=tools)
-    return CompletionRequest(CHAT, body, model, price, input_tokens, n, wanted or default_max_tokens)
+    return CompletionRequest(CHAT, body, model, price, n, wanted or default_max_tokens)
 
 
-def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice], counter: TokenCounter) -> CompletionRequest:
+def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice]) -> CompletionRequest:
     model, price = _model_price(body, prices)
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
         raise RequestError("'prompt' must be a string or a non-empty array.")
     n, wanted = _common(body)
     best_of = _positive_int(body, "best_of", MAX_CHOICES) or 1
-    input_tokens = counter.count_prompt(model, prompt)
     # A list of strings (or of token arrays) is that many prompts; a list of ints is one prompt.
     prompts = len(prompt) if isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt) else 1
     choices = max(n, best_of) * prompts
-    return CompletionRequest(LEGACY, body, model, price, input_tokens, choices, wanted or LEGACY_DEFAULT_MAX_TOKENS)
+    return CompletionRequest(LEGACY, body, model, price, choices, wanted or LEGACY_DEFAULT_MAX_TOKENS)
 
 
 # --- reading answers --------------------------------------------------------------------------

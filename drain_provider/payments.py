@@ -4,12 +4,16 @@
 CPU), the channel (memory, then the ledger, then one chain read for a channel never seen), its
 provider, consumer, deposit and expiry. The chain is read only for a new channel. A channel
 within MIN_CHANNEL_TTL of its expiry (chain time) is refused: after expiry its consumer may
-close it and take back whatever was not claimed. Closings are noticed by the claimer.
+close it and take back whatever was not claimed. Closings are noticed by the claimer. It runs
+before the request's input is counted: nothing that costs in proportion to a body is spent on a
+request that does not carry a voucher for one of our channels. `PaymentGate.precheck` refuses,
+on a ledger read, a voucher the reservation would surely refuse, before a large input is counted.
 
 `Charge` is the only owner of a reservation, from the ledger transaction that makes it to the one
 that ends it (docs/DESIGN.md, "Rules of money"):
 
-    async with gate.charge(header, plan, encoding=..., endpoint=..., model=...) as charge:
+    voucher = await gate.accept(header)
+    async with gate.charge(voucher, plan, encoding=..., endpoint=..., model=...) as charge:
         ...call the upstream, capped at charge.output_tokens...
         await charge.committed()      # before the client is sent a byte (rule 4)
         ...relay, metering what reaches the client into charge.meter...
@@ -29,14 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import assert_never
 
 import tiktoken
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
-from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement
+from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
 from .openai_format import Usage
 from .pricing import ReservationPlan, affordable_output_tokens, cost
 from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
@@ -80,6 +84,13 @@ def usage_status(ending: StreamEnding) -> UsageStatus:
             assert_never(ending)
 
 
+def _refused(refusal: Refusal) -> PaymentError:
+    headers = {}
+    if refusal.required is not None:
+        headers = {"X-DRAIN-Required": str(refusal.required), "X-DRAIN-Provided": str(refusal.provided)}
+    return PaymentError(refusal.code, refusal.message, headers)
+
+
 def _log_if_failed(future: asyncio.Future[Reservation | Refusal] | asyncio.Future[Settlement]) -> None:
     """Look at a ledger write's failure, so that a future nobody awaits any more (its request was
     cancelled) does not end as 'exception was never retrieved'."""
@@ -93,7 +104,7 @@ class Charge:
     def __init__(
         self,
         gate: PaymentGate,
-        header: str | None,
+        voucher: Voucher,
         plan: ReservationPlan,
         *,
         encoding: tiktoken.Encoding,
@@ -101,14 +112,13 @@ class Charge:
         model: str,
     ) -> None:
         self._gate = gate
-        self._header = header
+        self.voucher = voucher  # accepted by the gate
         self.plan = plan
         self.endpoint = endpoint
         self.model = model
         self._durable: asyncio.Future[Reservation | Refusal] | None = None
         self._ending: StreamEnding | None = None
         self._reported: Usage | None = None
-        self.voucher: Voucher | None = None
         self.reservation: Reservation | None = None
         self.meter = TokenMeter(encoding, 0)  # its limit is set once the reservation is known
         self.settlement: Settlement | None = None
@@ -132,7 +142,6 @@ class Charge:
 
     @property
     def channel_id(self) -> str:
-        assert self.voucher is not None
         return self.voucher.channel_id
 
     @property
@@ -144,10 +153,9 @@ class Charge:
         return self.settlement.next_min(cost(self.plan.price, 0, self.plan.min_output_tokens))
 
     async def __aenter__(self) -> Charge:
-        """Accept the voucher and reserve the worst case, or raise PaymentError. Returns as soon
+        """Store the voucher and reserve the worst case, or raise PaymentError. Returns as soon
         as the reservation is known; its COMMIT (an fsync) may still be running."""
         ledger = self._gate.ledger
-        self.voucher = await self._gate.accept(self._header)
         before_commit: asyncio.Future[Reservation | Refusal] = asyncio.get_running_loop().create_future()
         self._durable = ledger.authorize(
             self.voucher, self.plan, endpoint=self.endpoint, model=self.model, before_commit=before_commit
@@ -161,10 +169,7 @@ class Charge:
             self._durable.add_done_callback(self._release_orphan)
             raise
         if isinstance(outcome, Refusal):
-            headers = {}
-            if outcome.required is not None:
-                headers = {"X-DRAIN-Required": str(outcome.required), "X-DRAIN-Provided": str(outcome.provided)}
-            raise PaymentError(outcome.code, outcome.message, headers)
+            raise _refused(outcome)
         self.reservation = outcome
         self.meter.limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
         return self
@@ -285,10 +290,35 @@ class PaymentGate:
         self._fetch_locks: dict[str, asyncio.Lock] = {}
 
     def charge(
-        self, header: str | None, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
+        self, voucher: Voucher, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
     ) -> Charge:
-        """The request's charge, to be entered with `async with`."""
-        return Charge(self, header, plan, encoding=encoding, endpoint=endpoint, model=model)
+        """The charge of a request whose `voucher` was accepted, to be entered with `async with`."""
+        return Charge(self, voucher, plan, encoding=encoding, endpoint=endpoint, model=model)
+
+    async def precheck(self, voucher: Voucher, plan: ReservationPlan) -> None:
+        """Refuse, on one ledger read, an accepted voucher the reservation would surely refuse
+        for `plan`: a nonce or amount already passed, or a headroom short of the plan's minimum.
+        For a large body, before its input is counted: `plan` then holds a lower bound of the
+        input, so a refusal's X-DRAIN-Required is a lower bound too (the count could only raise
+        it). A stale read can only let through what the reservation then refuses."""
+        channel = await self.ledger.get_channel(voucher.channel_id)
+        if channel is None or channel.status is not ChannelStatus.OPEN:
+            raise PaymentError("channel_not_found", f"Channel {voucher.channel_id} is closed.")
+        fit = reservation_fit(
+            voucher,
+            plan,
+            last_nonce=channel.last_nonce,
+            last_amount=channel.last_amount,
+            in_use=channel.charged + channel.reserved,
+        )
+        if isinstance(fit, Refusal):
+            if fit.required is not None:
+                fit = replace(
+                    fit,
+                    message=f"This request needs a voucher for at least {fit.required} base units (cumulative; "
+                    f"more once its input is counted); the voucher gives {fit.provided}.",
+                )
+            raise _refused(fit)
 
     async def accept(self, header: str | None) -> Voucher:
         """The voucher of `header`, if it may pay on one of our channels; PaymentError if not.

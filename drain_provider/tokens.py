@@ -12,10 +12,11 @@ that is what is billed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tiktoken
@@ -106,45 +107,73 @@ class TokenCounter:
 
     def count_messages(self, model: str, messages: list[Any], tools: Any = None) -> int:
         """Input tokens of a chat request, as OpenAI counts them (close enough to reserve on)."""
-        total = REPLY_PRIMING_TOKENS
-        for message in messages:
-            total += TOKENS_PER_MESSAGE
-            if not isinstance(message, dict):
-                continue
-            for key, value in message.items():
-                if key == "name":
-                    total += TOKENS_PER_NAME
-                total += self._count_value(model, value)
-        if tools:
-            total += self.count_text(model, json.dumps(tools, separators=(",", ":")))
-        return total
+        return _messages_tokens(messages, tools, functools.partial(self.count_text, model))
 
-    def _count_value(self, model: str, value: Any) -> int:
-        if isinstance(value, str):
-            return self.count_text(model, value)
-        if isinstance(value, list):  # content parts
-            total = 0
-            for part in value:
-                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
-                    total += IMAGE_TOKENS
-                elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += self.count_text(model, part["text"])
-                else:
-                    total += self.count_text(model, json.dumps(part, separators=(",", ":")))
-            return total
-        if value is None or isinstance(value, (bool, int, float)):
-            return 0
-        return self.count_text(model, json.dumps(value, separators=(",", ":")))  # tool_calls and the like
+    def least_messages(self, model: str, messages: list[Any], tools: Any = None) -> int:
+        """A lower bound of `count_messages`, without encoding: each text as if made of the
+        encoding's longest tokens, at most `longest_token_bytes` bytes (so characters) each."""
+        return _messages_tokens(messages, tools, _least_text(self.encoding(model)))
 
     def count_prompt(self, model: str, prompt: Any) -> int:
         """Input tokens of a legacy completions prompt: a string, strings, or token arrays."""
-        if isinstance(prompt, str):
-            return self.count_text(model, prompt)
-        if isinstance(prompt, list):
-            if all(isinstance(item, int) for item in prompt):
-                return len(prompt)
-            return sum(self.count_prompt(model, item) for item in prompt)
+        return _prompt_tokens(prompt, functools.partial(self.count_text, model))
+
+    def least_prompt(self, model: str, prompt: Any) -> int:
+        """A lower bound of `count_prompt`, without encoding (as `least_messages`)."""
+        return _prompt_tokens(prompt, _least_text(self.encoding(model)))
+
+
+TextTokens = Callable[[str], int]
+
+
+def _least_text(encoding: tiktoken.Encoding) -> TextTokens:
+    longest = longest_token_bytes(encoding)
+    return lambda text: -(-len(text) // longest)  # a character is at least a byte
+
+
+def _messages_tokens(messages: list[Any], tools: Any, text_tokens: TextTokens) -> int:
+    """OpenAI's recipe over a chat request, with `text_tokens` for each text in it."""
+    total = REPLY_PRIMING_TOKENS
+    for message in messages:
+        total += TOKENS_PER_MESSAGE
+        if not isinstance(message, dict):
+            continue
+        for key, value in message.items():
+            if key == "name":
+                total += TOKENS_PER_NAME
+            total += _value_tokens(value, text_tokens)
+    if tools:
+        total += text_tokens(json.dumps(tools, separators=(",", ":")))
+    return total
+
+
+def _value_tokens(value: Any, text_tokens: TextTokens) -> int:
+    if isinstance(value, str):
+        return text_tokens(value)
+    if isinstance(value, list):  # content parts
+        total = 0
+        for part in value:
+            if isinstance(part, dict) and part.get("type") in ("image_url", "input_image"):
+                total += IMAGE_TOKENS
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += text_tokens(part["text"])
+            else:
+                total += text_tokens(json.dumps(part, separators=(",", ":")))
+        return total
+    if value is None or isinstance(value, (bool, int, float)):
         return 0
+    return text_tokens(json.dumps(value, separators=(",", ":")))  # tool_calls and the like
+
+
+def _prompt_tokens(prompt: Any, text_tokens: TextTokens) -> int:
+    """A legacy prompt: a string, strings, or token arrays (whose tokens are their length)."""
+    if isinstance(prompt, str):
+        return text_tokens(prompt)
+    if isinstance(prompt, list):
+        if all(isinstance(item, int) for item in prompt):
+            return len(prompt)
+        return sum(_prompt_tokens(item, text_tokens) for item in prompt)
+    return 0
 
 
 _longest: dict[str, int] = {}

@@ -34,6 +34,7 @@ from drain_provider.chain import ChainClient
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_STATS, create_demo_upstream
 from drain_provider.devtools.devchain import DevChain, attach_dev_node, start_embedded_chain
+from drain_provider.tokens import TokenCounter
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
 
@@ -64,15 +65,20 @@ async def provider_factory(
     started: list[Provider] = []
 
     async def start(
-        chain_client: ChainClient | None = None, on: DevChain | None = None, fund: bool = True, **overrides: Any
+        chain_client: ChainClient | None = None,
+        on: DevChain | None = None,
+        fund: bool = True,
+        counter: TokenCounter | None = None,
+        **overrides: Any,
     ) -> Provider:
         """A provider app served on a free port, for the contracts of `on` (default: the embedded
-        chain) read through `chain_client` (default: directly); `overrides` replace Settings fields."""
+        chain) read through `chain_client` (default: directly), counting tokens with `counter`
+        (default: its own); `overrides` replace Settings fields."""
         dev_chain = on or chain
         settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
         if fund:  # gas money for claims
             await dev_chain.fund(settings.provider_address)
-        app = create_app(settings, chain=chain_client or dev_chain.client())
+        app = create_app(settings, chain=chain_client or dev_chain.client(), counter=counter)
         # TestServer always cancels handlers on disconnect, as RUNNER_OPTIONS asks; a short
         # shutdown_timeout lets a test stop a server mid-request.
         assert RUNNER_OPTIONS["handler_cancellation"]

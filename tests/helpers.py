@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import tiktoken
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from eth_account import Account
@@ -160,10 +162,12 @@ class CountingEncoding:
         self.calls = 0
         self.name = self.inner.name
         self.encoded_bytes = 0  # the UTF-8 bytes of every text encoded
+        self.threads: set[str] = set()  # the threads that encoded
 
     def encode(self, text: str, disallowed_special: tuple[str, ...] = ()) -> list[int]:
         self.calls += 1
         self.encoded_bytes += len(text.encode())
+        self.threads.add(threading.current_thread().name)
         return self.inner.encode(text, disallowed_special=disallowed_special)
 
     def decode_bytes(self, tokens: list[int]) -> bytes:
@@ -171,6 +175,18 @@ class CountingEncoding:
 
     def token_byte_values(self) -> list[bytes]:
         return self.inner.token_byte_values()
+
+
+class CountingCounter(TokenCounter):
+    """The provider's real token counter, for every model with the CountingEncoding above: what
+    a provider app counts, how much, and on which threads, can be seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spy = CountingEncoding()
+
+    def encoding(self, model: str) -> tiktoken.Encoding:
+        return self.spy  # type: ignore[return-value]
 
 
 async def refused_chat(client: AsyncOpenAI, consumer: DrainConsumer, **kwargs: Any) -> openai.APIStatusError:

@@ -103,7 +103,7 @@ async def test_next_min_lets_a_client_sign_exactly_what_a_request_needs(
     careful = await open_channel(provider)
     body: dict[str, Any] = {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 40}
     input_cost = cost(
-        DEMO_PRICE, parse_chat(body, {DEMO_MODEL: DEMO_PRICE}, TokenCounter(), default_max_tokens=1).input_tokens, 0
+        DEMO_PRICE, parse_chat(body, {DEMO_MODEL: DEMO_PRICE}, default_max_tokens=1).input_tokens(TokenCounter()), 0
     )
     for _ in range(3):
         raw = await client.chat.completions.with_raw_response.create(

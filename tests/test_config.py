@@ -120,6 +120,18 @@ def test_table_defaults_are_the_settings_defaults() -> None:
     assert settings() == expected
 
 
+def test_proxies_and_hosts() -> None:
+    s = settings(
+        TRUSTED_PROXIES="10.0.0.0/8, 192.168.1.7,2001:db8::/32", ALLOWED_HOSTS="API.example.com, [::1], 10.1.2.3"
+    )
+    assert [str(n) for n in s.trusted_proxies] == ["10.0.0.0/8", "192.168.1.7/32", "2001:db8::/32"]
+    assert s.allowed_hosts == ("api.example.com", "::1", "10.1.2.3")
+    assert settings(TRUSTED_PROXIES="none").trusted_proxies == ()
+    default = settings()
+    assert [str(n) for n in default.trusted_proxies] == ["127.0.0.1/32", "::1/128"] and default.allowed_hosts is None
+    assert (default.payment_failures_per_minute, default.body_timeout) == (60, 30.0)
+
+
 def test_values_are_stripped() -> None:
     s = settings(HOST=" 127.0.0.1 ", PORT=" 8080\n", LOG_LEVEL=" debug ")
     assert (s.host, s.port, s.log_level) == ("127.0.0.1", 8080, "DEBUG")
@@ -188,6 +200,14 @@ BAD_VALUES = [
     ("MIN_CHANNEL_TTL", "1e3"),
     ("DEFAULT_MAX_TOKENS", "0"),
     ("MIN_OUTPUT_TOKENS", "10000001"),
+    ("BODY_TIMEOUT", "0"),
+    ("PAYMENT_FAILURES_PER_MINUTE", "-1"),
+    ("PAYMENT_FAILURES_PER_MINUTE", "1000001"),
+    ("TRUSTED_PROXIES", "10.0.0.0/33"),
+    ("TRUSTED_PROXIES", "proxy.example.com"),
+    ("ALLOWED_HOSTS", "https://api.example.com"),
+    ("ALLOWED_HOSTS", "api.example.com:443"),
+    ("ALLOWED_HOSTS", "bad host"),
 ]
 
 

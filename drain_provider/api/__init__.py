@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -22,12 +24,28 @@ from ..ledger import Ledger, LedgerMismatch
 from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..protocol import Domain
+from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from ..upstream import Upstream
 from . import completions, info
 from .admin import create_admin_app
+from .body import declared_size
 from .errors import error_middleware
-from .state import CHAIN, CLAIMER, CLOCK, COUNTER, GATE, LEDGER, PRICES, SETTINGS, STOPPING, UPSTREAM, WATCHER
+from .state import (
+    CHAIN,
+    CLAIMER,
+    CLOCK,
+    COUNTER,
+    COUNTING,
+    GATE,
+    LEDGER,
+    LIMITER,
+    PRICES,
+    SETTINGS,
+    STOPPING,
+    UPSTREAM,
+    WATCHER,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +63,11 @@ def create_app(
 ) -> web.Application:
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
     chain; otherwise the app connects to `settings.rpc_url` and owns that connection."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware, declared_size])
     app[PRICES] = prices = PriceBook(settings.prices)
     app[SETTINGS] = replace(settings, prices=prices)
     app[COUNTER] = counter or TokenCounter()
+    app[LIMITER] = FailureLimiter(settings.payment_failures_per_minute)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(
@@ -201,7 +220,12 @@ async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
     # Loading an encoding may download it: do it once, off the event loop, before serving.
     await asyncio.to_thread(app[COUNTER].warm_up, app[SETTINGS].prices)
+    # Large inputs are counted on threads of their own (tiktoken releases the GIL), all cores but
+    # the event loop's: not the default executor, which aiohttp's DNS lookups queue on.
+    pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="counting")
+    app[COUNTING] = pool
     yield
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def reload_prices(app: web.Application, env: Mapping[str, str]) -> None:

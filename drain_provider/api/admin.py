@@ -31,7 +31,9 @@ async def require_admin_token(request: web.Request, handler: Handler) -> web.Str
             "and restart, then send it as 'Authorization: Bearer <token>'.",
         )
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # The bytes the client sent: aiohttp hands undecodable ones over as lone surrogates.
+    sent = given.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(sent, token.encode("utf-8", "surrogateescape")):
         raise ApiError(
             "unauthorized", "Send 'Authorization: Bearer <ADMIN_TOKEN>'.", headers={"WWW-Authenticate": "Bearer"}
         )

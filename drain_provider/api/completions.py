@@ -1,13 +1,22 @@
 """The paid endpoints: POST /v1/chat/completions and POST /v1/completions, JSON or streamed.
 
-A request is parsed and validated completely (openai_format) before its voucher is looked at,
-so a bad body never touches the ledger. Then its Charge (payments) takes the money: the handler
-only calls the upstream, relays, and reports the figures (headers for JSON, SSE comments before
-[DONE] for streams).
+A request costs the server in proportion to its body only once it has shown a voucher that may
+pay for it (docs/PROTOCOL.md, "The order of the answers"):
+
+1. the client's limit on refused payments (api/clients.py), before anything is read;
+2. the body, bounded in size and time, parsed and validated (api/body.py, openai_format): a bad
+   body never touches the ledger;
+3. the voucher accepted by the gate (format, signature, channel, deposit, expiry; payments);
+4. the input counted: inline when the body is small, else on the counting threads, after a
+   ledger read has refused what the reservation surely would (`PaymentGate.precheck`, with a
+   lower bound of the input that costs no encoding);
+5. the Charge (payments) takes the money: the handler only calls the upstream, relays, and
+   reports the figures (headers for JSON, SSE comments before [DONE] for streams).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -17,52 +26,47 @@ from aiohttp import web
 from .. import openai_format, safejson
 from ..openai_format import CompletionRequest, Usage
 from ..payments import Charge
-from ..protocol import VOUCHER_HEADER
+from ..pricing import ReservationPlan
+from ..protocol import VOUCHER_HEADER, Voucher
 from ..relay import StreamRelay
 from ..states import StreamEnding, UsageSource
-from .errors import ApiError
-from .state import COUNTER, GATE, SETTINGS, UPSTREAM
+from .body import parse_json_object, read_body
+from .clients import limit_payment_failures
+from .state import COUNTER, COUNTING, GATE, SETTINGS, UPSTREAM
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
-
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # bounded by client_max_size: larger bodies raise 413
-    try:
-        body = safejson.loads(raw)
-    except safejson.TooDeep:
-        raise ApiError(
-            "invalid_request", f"The request body is nested deeper than {safejson.MAX_DEPTH} levels."
-        ) from None
-    except ValueError:
-        raise ApiError("invalid_request", "The request body is not valid JSON.") from None
-    if not isinstance(body, dict):
-        raise ApiError("invalid_request", "The request body must be a JSON object.")
-    return body
+# A body up to this size is counted on the event loop: well under a millisecond, less than a
+# trip to a thread and back. A larger one is counted on the counting threads.
+COUNT_ON_LOOP_BYTES = 8192
 
 
 @routes.post("/v1/chat/completions")
+@limit_payment_failures
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
-    body = await read_json_object(request)
+    raw = await read_body(request)
     paid = openai_format.parse_chat(
-        body, settings.prices, request.app[COUNTER], default_max_tokens=settings.default_max_tokens
+        parse_json_object(raw), settings.prices, default_max_tokens=settings.default_max_tokens
     )
-    return await _serve(request, paid)
+    return await _serve(request, paid, len(raw))
 
 
 @routes.post("/v1/completions")
+@limit_payment_failures
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await read_json_object(request)
-    return await _serve(request, openai_format.parse_legacy(body, request.app[SETTINGS].prices, request.app[COUNTER]))
+    raw = await read_body(request)
+    paid = openai_format.parse_legacy(parse_json_object(raw), request.app[SETTINGS].prices)
+    return await _serve(request, paid, len(raw))
 
 
-async def _serve(request: web.Request, paid: CompletionRequest) -> web.StreamResponse:
+async def _serve(request: web.Request, paid: CompletionRequest, body_bytes: int) -> web.StreamResponse:
     app = request.app
+    voucher = await app[GATE].accept(request.headers.get(VOUCHER_HEADER))
     charge = app[GATE].charge(
-        request.headers.get(VOUCHER_HEADER),
-        paid.plan(app[SETTINGS].min_output_tokens),
+        voucher,
+        await _plan(request, paid, voucher, body_bytes),
         encoding=app[COUNTER].encoding(paid.model),
         endpoint=paid.endpoint,
         model=paid.model,
@@ -70,6 +74,18 @@ async def _serve(request: web.Request, paid: CompletionRequest) -> web.StreamRes
     if paid.stream:
         return await _serve_stream(request, paid, charge)
     return await _serve_json(request, paid, charge)
+
+
+async def _plan(request: web.Request, paid: CompletionRequest, voucher: Voucher, body_bytes: int) -> ReservationPlan:
+    """The reservation plan, the input counted: what a paid request's counting costs must not
+    hold up the event loop, nor be spent on a voucher that cannot pay for it."""
+    app = request.app
+    counter, min_output_tokens = app[COUNTER], app[SETTINGS].min_output_tokens
+    if body_bytes <= COUNT_ON_LOOP_BYTES:
+        return paid.plan(paid.input_tokens(counter), min_output_tokens)
+    await app[GATE].precheck(voucher, paid.plan(paid.least_input_tokens(counter), min_output_tokens))
+    input_tokens = await asyncio.get_running_loop().run_in_executor(app[COUNTING], paid.input_tokens, counter)
+    return paid.plan(input_tokens, min_output_tokens)
 
 
 def _figures(charge: Charge) -> dict[str, str]:
@@ -99,13 +115,13 @@ async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Cha
         if fits:
             charge.finish(StreamEnding.DONE, reported)
         else:  # the upstream ignored max_tokens: the answer is cut where the reservation ends
-            relayed = _cut_at_budget(answer.data, reported, paid, charge)
+            relayed = _cut_at_budget(answer.data, reported, charge)
             charge.finish(StreamEnding.BUDGET, None)
     headers = {**_figures(charge), "X-DRAIN-Channel": charge.channel_id}
     return web.Response(body=relayed, content_type="application/json", headers=headers)
 
 
-def _cut_at_budget(data: dict[str, Any], reported: Usage | None, paid: CompletionRequest, charge: Charge) -> bytes:
+def _cut_at_budget(data: dict[str, Any], reported: Usage | None, charge: Charge) -> bytes:
     """The answer as a model cut at max_tokens would have sent it: each choice's text cut to what
     the reservation pays for, finish_reason "length", and our own counts as its usage, which is
     what the request is charged on (as for a stream cut at the budget)."""
@@ -113,7 +129,7 @@ def _cut_at_budget(data: dict[str, Any], reported: Usage | None, paid: Completio
     assert meter.limit is not None and meter.tokens == 0  # with no limit, everything fits
     trimmed = openai_format.trim_completion(data, meter.encoding, meter.limit)
     meter.add(openai_format.generated_text(trimmed, "message"))
-    trimmed["usage"] = openai_format.usage_object(Usage(paid.input_tokens, meter.tokens, UsageSource.LOCAL))
+    trimmed["usage"] = openai_format.usage_object(Usage(charge.plan.input_tokens, meter.tokens, UsageSource.LOCAL))
     log.warning(
         "answer_cut_at_budget channel=%s reported_out=%s limit=%d delivered_out=%d",
         charge.channel_id,
@@ -149,7 +165,7 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
             ending = await relay.run()
             if ending is StreamEnding.BUDGET:
                 response.close()
-                await relay.stop_for_budget(paid.input_tokens)
+                await relay.stop_for_budget(charge.plan.input_tokens)
             charge.finish(ending, relay.upstream_usage)
     if ending is not StreamEnding.CLIENT_GONE:
         comments = [f"{name}: {value}" for name, value in _figures(charge).items()]

@@ -11,9 +11,11 @@ get our body, and anything unexpected is logged with its traceback and answered 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -26,6 +28,7 @@ from .state import SETTINGS
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ ERRORS: dict[str, ErrorSpec] = {
     "not_found": ErrorSpec(404, _REQUEST, "No such endpoint."),
     "method_not_allowed": ErrorSpec(405, _REQUEST, "Method not allowed on this endpoint."),
     "request_too_large": ErrorSpec(413, _REQUEST, "The request body is too large."),
+    "request_timeout": ErrorSpec(408, _REQUEST, "The request body did not arrive in time."),
+    "rate_limited": ErrorSpec(429, "rate_limit_error", "Too many refused payments from this address; retry later."),
     # 502, or 504 when the upstream timed out: the status tells the two apart.
     "upstream_error": ErrorSpec(502, "upstream_error", "The upstream model provider failed; you were not charged."),
     "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
@@ -78,12 +83,39 @@ class ApiError(Exception):
         super().__init__(self.message)
 
 
+# Answered while the body is still (partly) unread: the connection is closed after the answer.
+CLOSING_STATUSES = frozenset({408, 413})
+
+
+class _ClosingResponse(web.Response):
+    """A response after which the server sends no more on its connection: our side is shut
+    (FIN) as soon as the answer is written, so the client sees the end at once. The rest of a
+    body still on its way is read and dropped by aiohttp for a few seconds (a socket closed with
+    unread data would be reset, and the client might lose the answer), then the connection goes."""
+
+    def __init__(self, transport: asyncio.Transport | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._transport = transport
+        self.force_close()  # Connection: close
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+
 def error_response(request: web.Request, error: ApiError) -> web.Response:
     headers = {"X-DRAIN-Error": error.code, **error.headers}
     if error.status == 402:
         headers.update(discovery_headers(request))
-    body = error_body(error.message, error.code, ERRORS[error.code].type)
-    return web.json_response(body, status=error.status, headers=headers)
+    # The standard library's encoder: a message may quote header text, whose undecodable bytes
+    # aiohttp hands over as lone surrogates, which it escapes (orjson refuses them).
+    text = json.dumps(error_body(error.message, error.code, ERRORS[error.code].type))
+    kwargs: dict[str, Any] = {"text": text, "status": error.status, "headers": headers, "content_type": JSON}
+    if error.status in CLOSING_STATUSES:
+        return _ClosingResponse(request.transport, **kwargs)
+    return web.Response(**kwargs)
 
 
 # The codes aiohttp's own HTTP errors are answered with.
@@ -98,8 +130,11 @@ def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError:
     return ApiError(code, message, status=exc.status if exc.status in HTTP_CODES else 400)
 
 
-def _as_api_error(exc: Exception) -> ApiError | None:
-    """Our modules' client-visible errors, as the API answers them."""
+def client_error(request: web.Request, exc: BaseException) -> ApiError | None:
+    """What the client is answered for `exc`, if it is one of the errors a client can cause or
+    meet (ours, and aiohttp's HTTP errors); None for anything unexpected."""
+    if isinstance(exc, web.HTTPException):
+        return _from_http(request, exc) if exc.status >= 400 else None
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, PaymentError):
@@ -122,7 +157,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        error = _as_api_error(exc)
+        error = client_error(request, exc)
         if error is None:
             log.exception("unhandled_error method=%s path=%s", request.method, request.path)
             error = ApiError("internal_error")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
@@ -13,6 +14,7 @@ from ..config import Settings
 from ..ledger import Ledger
 from ..payments import PaymentGate
 from ..pricing import PriceBook
+from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from ..upstream import Upstream
 
@@ -27,5 +29,8 @@ PRICES = web.AppKey("prices", PriceBook)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)
 WATCHER = web.AppKey("watcher", ChainWatcher)
+LIMITER = web.AppKey("limiter", FailureLimiter)
+# The threads that count large inputs, off the event loop (api/completions.py).
+COUNTING = web.AppKey("counting", ThreadPoolExecutor)
 # Set when the server begins to stop: a request cancelled after that was not left by its client.
 STOPPING = web.AppKey("stopping", asyncio.Event)

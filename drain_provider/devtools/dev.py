@@ -55,6 +55,8 @@ def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upst
         "RPC_URL": chain.rpc_url or "http://embedded.invalid",
         "HOST": env.get("HOST") or "127.0.0.1",
         "DATABASE_PATH": env.get("DATABASE_PATH") or DEV_DATABASE,
+        # One developer on loopback, whose mistakes are refused payments: no limit on them.
+        "PAYMENT_FAILURES_PER_MINUTE": env.get("PAYMENT_FAILURES_PER_MINUTE") or "0",
     }
     if upstream_url is not None:
         overrides["UPSTREAM_BASE_URL"] = upstream_url
