@@ -10,6 +10,7 @@ to call it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -125,9 +126,22 @@ def save_dev_consumer(consumer: DrainConsumer, path: str | Path = DEV_FILE) -> N
 
 def _forget_last_dev_ledger() -> None:
     """A new chain: the ledger of the last dev run means nothing (a few small unlinks, before
-    anything is served)."""
+    anything is served). A file where data/ should be is left for the ledger's own one-line error."""
     for suffix in ("", "-wal", "-shm"):
-        Path(DEV_DATABASE + suffix).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            Path(DEV_DATABASE + suffix).unlink()
+
+
+async def _start_chain(rpc_url: str | None) -> DevChain:
+    """The embedded chain, or the contracts deployed on the dev node at `rpc_url`."""
+    if rpc_url is None:
+        return await start_embedded_chain()
+    try:
+        return await attach_dev_node(rpc_url)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: web3's answer to a non-node
+        raise ConfigError(
+            f"--rpc-url: no dev node with an unlocked account answers there ({type(exc).__name__})"
+        ) from None
 
 
 async def run_dev(
@@ -135,29 +149,34 @@ async def run_dev(
 ) -> int:
     started = started or time.monotonic()
     logging.basicConfig(level=env.get("LOG_LEVEL", "WARNING").upper(), format="%(levelname)s %(name)s %(message)s")
-    chain = await (attach_dev_node(rpc_url) if rpc_url else start_embedded_chain())
-    provider_key = bytes(Account.create().key)
-    consumer_key = bytes(Account.create().key)
-    use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
-    demo_runner, demo_url = await _serve_demo_upstream() if use_demo else (None, None)
+    chain = await _start_chain(rpc_url)
+    async with contextlib.AsyncExitStack() as stack:  # whatever fails, what was started is stopped
+        stack.push_async_callback(chain.close)
+        provider_key = bytes(Account.create().key)
+        consumer_key = bytes(Account.create().key)
+        use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
+        demo_url = None
+        if use_demo:
+            demo_runner, demo_url = await _serve_demo_upstream()
+            stack.push_async_callback(demo_runner.cleanup)
 
-    if not env.get("DATABASE_PATH"):
-        _forget_last_dev_ledger()
-    settings = dev_settings(env, chain, provider_key, demo_url)
-    if port is not None:
-        settings = replace(settings, port=port)
-    await chain.fund(settings.provider_address)
-    consumer_address = Account.from_key(consumer_key).address
-    await chain.fund(consumer_address, usdc=CONSUMER_USDC)
+        if not env.get("DATABASE_PATH"):
+            _forget_last_dev_ledger()
+        settings = dev_settings(env, chain, provider_key, demo_url)
+        if port is not None:
+            settings = replace(settings, port=port)
+        await chain.fund(settings.provider_address)
+        consumer_address = Account.from_key(consumer_key).address
+        await chain.fund(consumer_address, usdc=CONSUMER_USDC)
 
-    runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None, **RUNNER_OPTIONS)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, settings.host, settings.port).start()
-    except OSError as exc:
-        raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
-    api = f"http://{settings.host}:{settings.port}/v1"
-    try:
+        runner = web.AppRunner(create_app(settings, chain=chain.client()), access_log=None, **RUNNER_OPTIONS)
+        stack.push_async_callback(runner.cleanup)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.host, settings.port).start()
+        except OSError as exc:
+            raise ConfigError(f"PORT: cannot listen on {settings.host}:{settings.port} ({exc.strerror})") from None
+        api = f"http://{settings.host}:{settings.port}/v1"
         consumer = await DrainConsumer.open_channel(
             chain.client(),
             chain.token,
@@ -173,11 +192,6 @@ async def run_dev(
         print(_banner(api, chain, settings, consumer, model, call, ready))
         if serve:
             await _wait_for_signal()
-    finally:
-        await runner.cleanup()
-        if demo_runner is not None:
-            await demo_runner.cleanup()
-        await chain.close()
     return 0
 
 
