@@ -67,5 +67,6 @@ def render(rows: list[Check]) -> str:
             lines.append(f"{indent}fix: {row.fix}")
     failed = sum(row.result is Result.FAIL for row in rows)
     warned = sum(row.result is Result.WARN for row in rows)
-    lines += ["", f"{failed} failed, {warned} warnings" if failed or warned else "all checks passed"]
+    summary = [f"{failed} failed"] * bool(failed) + [f"{warned} warnings"] * bool(warned)
+    lines += ["", ", ".join(summary) or "all checks passed"]
     return "\n".join(lines)
