@@ -48,8 +48,9 @@ class Check:
 def redact_url(url: str) -> str:
     """Scheme, host and port: a URL's path or query may carry an API key."""
     parsed = urlparse(url)
+    host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
     port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.hostname}{port}"
+    return f"{parsed.scheme}://{host}{port}"
 
 
 # --- the ledger -------------------------------------------------------------------------------
@@ -95,12 +96,14 @@ def inspect_ledger(settings: Settings) -> Check:
     contract the operator is still fixing."""
     path = settings.database_path
     if not path.exists():
-        parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), Path("."))
-        if parent.is_dir() and os.access(parent, os.W_OK):
-            return Check("ledger", Result.OK, f"{path} does not exist yet: the server creates it at its first start")
-        return Check("ledger", Result.FAIL, f"{path} cannot be created", "make its directory writable", "DATABASE_PATH")
+        if any(parent.is_file() for parent in path.parents):
+            return Check("ledger", Result.FAIL, f"{path}: a file stands where its directory should be", "move it")
+        nearest = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+        if not os.access(nearest, os.W_OK):
+            return Check("ledger", Result.FAIL, f"{path} cannot be created", "make its directory writable")
+        return Check("ledger", Result.OK, f"{path} does not exist yet: the server creates it at its first start")
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             meta = dict(conn.execute("SELECT key, value FROM ledger_meta")) if "ledger_meta" in tables else {}
     except (sqlite3.Error, OSError) as exc:

@@ -137,6 +137,13 @@ def test_every_command_says_what_is_wrong_with_the_ledger_in_one_line(tmp_path: 
     one_line(run, "DATABASE_PATH: is a directory")
 
 
+def test_dev_says_what_is_wrong_in_one_line_too(tmp_path: Path) -> None:
+    """A dev node that does not answer; a file where data/ (the dev ledger's directory) should be."""
+    one_line(cli(["dev", "--rpc-url", "http://127.0.0.1:9", "--no-serve"], {}, tmp_path), "--rpc-url: no dev node")
+    (tmp_path / "data").write_text("not a directory")
+    one_line(cli(["dev", "--no-serve"], {}, tmp_path), "DATABASE_PATH: a file stands where its directory should be")
+
+
 @contextlib.contextmanager
 def shared_directory() -> Iterator[Path]:
     """A directory outside pytest's private tmp, which nobody can reach."""
