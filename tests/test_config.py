@@ -141,6 +141,10 @@ def test_max_fee_is_read_in_gwei_and_kept_in_wei() -> None:
     assert settings(MAX_FEE_GWEI="30").max_fee_per_gas == 30 * 10**9
 
 
+def test_low_gas_claims() -> None:
+    assert (settings().low_gas_claims, settings(LOW_GAS_CLAIMS="0").low_gas_claims) == (10, 0)
+
+
 def test_claim_interval_zero_turns_claims_off() -> None:
     assert settings(CLAIM_INTERVAL="0").claim_interval == 0
 
@@ -188,6 +192,8 @@ BAD_VALUES = [
     ("MIN_CHANNEL_TTL", "1e3"),
     ("DEFAULT_MAX_TOKENS", "0"),
     ("MIN_OUTPUT_TOKENS", "10000001"),
+    ("LOW_GAS_CLAIMS", "-1"),
+    ("LOW_GAS_CLAIMS", "ten"),
 ]
 
 

@@ -14,13 +14,24 @@ from typing import Any
 import aiohttp
 import pytest
 from eth_utils.address import to_checksum_address
-from helpers import ChannelFactory, Provider, ProviderFactory, RpcProxy, paid_chat, refused_chat, wait_for
+from helpers import (
+    ChannelFactory,
+    Provider,
+    ProviderFactory,
+    RpcProxy,
+    free_port,
+    paid_chat,
+    refused_chat,
+    wait_for,
+)
 
+import drain_provider.api
 from drain_provider.api import health as health_module
 from drain_provider.api.state import UPSTREAM
 from drain_provider.chain import ChainClient
+from drain_provider.devtools.demo_upstream import create_demo_upstream
 from drain_provider.devtools.devchain import DevChain
-from drain_provider.gas import CLAIM_GAS
+from drain_provider.gas import CLAIM_GAS, GasGauge, GasLevel, format_gas
 
 
 async def get(provider: Provider, path: str) -> tuple[int, Any]:
@@ -213,3 +224,31 @@ async def test_start_up_warns_of_what_may_fix_itself(
     assert 'detail="priced but not listed by the upstream: gpt-4o"' in caplog.text  # the demo lists "demo" only
     assert await alerts(provider) == {"insufficient_gas_funds"}
     assert await alerts(down) == {"upstream_failing"}
+
+
+async def test_an_upstream_that_comes_up_later_clears_its_alert_without_traffic(
+    provider_factory: ProviderFactory, aiohttp_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(drain_provider.api, "UPSTREAM_PROBE_INTERVAL", 0.05)
+    port = free_port()
+    provider = await provider_factory(upstream_base_url=f"http://127.0.0.1:{port}/v1")
+    body = await eventually_alerts(provider, {"upstream_failing"})
+    assert body["upstream"]["lastError"] == "ClientConnectorError"
+    await aiohttp_server(create_demo_upstream(), port=port)
+    await eventually_alerts(provider, set())
+
+
+def test_low_gas_claims_draws_the_line() -> None:
+    """LOW_GAS_CLAIMS claims' worth at the fee a claim would offer; 0 turns `low` off, never `empty`."""
+    fee = 30 * 10**9
+    for low_claims, balance, level in [
+        (10, 9 * CLAIM_GAS * fee, GasLevel.LOW),
+        (10, 10 * CLAIM_GAS * fee, GasLevel.OK),
+        (0, CLAIM_GAS * fee, GasLevel.OK),
+        (0, CLAIM_GAS * fee - 1, GasLevel.EMPTY),
+    ]:
+        gauge = GasGauge("0x" + "12" * 20, low_claims)
+        assert gauge.level is None  # not read yet: no alert either way
+        gauge.observe(balance, fee)
+        assert gauge.level is level, (low_claims, balance)
+    assert (format_gas(1_234_567_890_123_456_789), format_gas(10**18), format_gas(0)) == ("1.234567", "1", "0")
