@@ -11,13 +11,17 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+from aiohttp import web
 from eth_account import Account
 from helpers import Upstream
 
-from drain_provider.checks import Result, inspect_ledger, open_ledger
+from drain_provider.checks import Result, check_upstream, inspect_ledger, open_ledger
 from drain_provider.config import Settings
 from drain_provider.devtools.devchain import DevChain
+from drain_provider.upstream import Upstream as UpstreamClient
 
 SECRET = "SECRET-0123456789abcdef"
 
@@ -115,3 +119,21 @@ async def test_the_ledger_is_looked_at_not_opened(tmp_path: Path) -> None:
     assert check.result is Result.FAIL and f"belongs to chain 31337 contract 0x{'ab' * 20}" in check.detail
     assert "DATABASE_PATH" in check.fix
     assert settings.database_path.read_bytes() == before
+
+
+async def test_an_upstream_that_refuses_the_key_fails(aiohttp_server: Any) -> None:
+    """Every paid request would fail: unlike an upstream that is down, this will not fix itself."""
+
+    async def models(request: web.Request) -> web.Response:
+        assert request.headers["Authorization"] == f"Bearer sk-{SECRET}"
+        return web.json_response({"error": {"message": f"Incorrect API key provided: sk-{SECRET}"}}, status=401)
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        upstream = UpstreamClient(session, str(server.make_url("/v1")), f"sk-{SECRET}", timeout=5)
+        (check,) = await check_upstream(upstream, ["gpt-4o"])
+    assert (check.result, check.fix) == (Result.FAIL, "check OPENAI_API_KEY")
+    assert check.detail.endswith("refuses the key (status 401)") and SECRET not in check.detail
+    assert upstream.health.last_error == "status 401"

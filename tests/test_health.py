@@ -32,6 +32,7 @@ from drain_provider.chain import ChainClient
 from drain_provider.devtools.demo_upstream import create_demo_upstream
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.gas import CLAIM_GAS, GasGauge, GasLevel, format_gas
+from drain_provider.protocol import keccak
 
 
 async def get(provider: Provider, path: str) -> tuple[int, Any]:
@@ -104,6 +105,46 @@ async def test_rpc_down_is_an_alert_until_it_answers(
     rpc_proxy.fail_next = 0
     body = await eventually_alerts(provider, set())
     assert body["rpc"]["reachable"] is True
+
+
+async def test_a_poll_that_crashes_does_not_stop_the_watcher(
+    anvil_chain: DevChain,
+    rpc_proxy: RpcProxy,
+    provider_factory: ProviderFactory,
+    open_channel: ChannelFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ChannelClosed log of ours that does not decode (a lying RPC) fails the poll with
+    something else than ChainUnavailable: /health says so, and the next good poll clears it."""
+    chain_client = ChainClient.over_http(rpc_proxy.url, anvil_chain.contract)
+    provider = await provider_factory(chain_client=chain_client, on=anvil_chain, chain_poll_interval=0.05)
+    consumer = await open_channel(provider, on=anvil_chain)
+    await paid_chat(provider.client(), consumer)
+    await wait_for(lambda: provider.watcher.reachable is True)
+    block = hex(int(await anvil_chain.w3.eth.block_number))
+    bogus = {
+        "address": anvil_chain.contract,
+        "topics": [
+            "0x" + keccak(b"ChannelClosed(bytes32,address,uint256)").hex(),
+            consumer.channel_id,
+            "0x" + "00" * 32,
+        ],
+        "data": "0x",  # the refund is missing
+        "blockNumber": block,
+        "blockHash": "0x" + "11" * 32,
+        "transactionHash": "0x" + "22" * 32,
+        "transactionIndex": "0x0",
+        "logIndex": "0x0",
+        "removed": False,
+    }
+    with caplog.at_level(logging.ERROR, logger="drain_provider.chainwatch"):
+        rpc_proxy.answers["eth_getLogs"] = [bogus]
+        await anvil_chain.w3.provider.make_request("evm_mine", [])
+        body = await eventually_alerts(provider, {"rpc_unreachable"})
+    assert body["rpc"]["lastError"] and "chain_watch_crashed" in caplog.text
+    del rpc_proxy.answers["eth_getLogs"]
+    await eventually_alerts(provider, set())
+    assert provider.watcher.reachable is True
 
 
 async def set_balance(chain: DevChain, address: str, wei: int) -> None:
