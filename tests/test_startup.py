@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -128,13 +129,10 @@ ENV = {
 }
 
 
-@pytest.mark.parametrize("command", ["serve", "status", "claim", "dev"])
+@pytest.mark.parametrize("command", ["serve", "status", "claim"])  # dev: below
 def test_every_command_says_what_is_wrong_with_the_ledger_in_one_line(tmp_path: Path, command: str) -> None:
     (tmp_path / "ledger.db").mkdir()
-    run = cli(
-        [command, "--no-serve"] if command == "dev" else [command], {**ENV, "DATABASE_PATH": "ledger.db"}, tmp_path
-    )
-    one_line(run, "DATABASE_PATH: is a directory")
+    one_line(cli([command], {**ENV, "DATABASE_PATH": "ledger.db"}, tmp_path), "DATABASE_PATH: is a directory")
 
 
 def test_dev_says_what_is_wrong_in_one_line_too(tmp_path: Path) -> None:
@@ -169,10 +167,8 @@ def test_a_read_only_ledger_or_directory_is_one_line() -> None:
     with shared_directory() as directory:
         directory.chmod(0o777)
         ledger = directory / "ledger.db"
-        first = cli(["status"], {**ENV, "DATABASE_PATH": str(ledger)}, directory)  # creates it (RPC down: fine)
-        assert first.returncode == 0, first.stderr
-        for suffix in ("-wal", "-shm"):
-            Path(f"{ledger}{suffix}").unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(ledger)) as conn:
+            conn.execute("CREATE TABLE t (x)")
         ledger.chmod(0o444)
         run = cli(["serve"], {**ENV, "DATABASE_PATH": str(ledger)}, directory, prefix=unprivileged())
         one_line(run, "DATABASE_PATH: is not writable")
