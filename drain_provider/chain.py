@@ -213,6 +213,20 @@ class ChainClient:
         block = await self._rpc("eth_getBlockByNumber", self.w3.eth.get_block("latest"))
         return int(block["number"]), int(block["timestamp"])
 
+    async def has_code(self) -> bool:
+        """Whether anything is deployed at the contract's address: without it every call of it
+        fails like an RPC that is down, so the server checks it once at start."""
+        code = await self._rpc("eth_getCode", self.w3.eth.get_code(self.contract.address))
+        return len(bytes(code)) > 0
+
+    async def looks_like_v2(self) -> bool:
+        """Whether the contract answers V2's `feeBps()` (V1 has no such function)."""
+        try:
+            await self._rpc("feeBps", self.contract.functions.feeBps().call())
+        except ContractReverted:
+            return False
+        return True
+
     async def fee_bps(self) -> int:
         """The protocol fee in basis points (V2); 0 for a contract without one (V1)."""
         try:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
+from .gas import GasGauge
 from .ledger import ChannelRecord, Ledger
 from .protocol import ChannelClose
 
@@ -42,37 +43,53 @@ class ChainWatcher:
         *,
         poll_interval: float,
         on_closed: Callable[[str], None] | None = None,
+        gas: GasGauge | None = None,
     ) -> None:
         self.ledger = ledger
         self.chain = chain
         self.clock = clock
         self.poll_interval = poll_interval
+        self.gas = gas  # the provider's gas, read at every poll
         self.fee_bps: int | None = None  # the contract's protocol fee, read at start
-        self.last_poll_at: float | None = None
+        # What /health says of the RPC: None until the first poll, then whether the last answered.
+        self.reachable: bool | None = None
+        self.last_poll_at: float | None = None  # the last poll that succeeded
+        self.head: tuple[int, int] | None = None  # the latest block's number and timestamp read
+        self.last_error: str | None = None  # the last poll's failure (never a URL)
+        self.last_error_at: float | None = None
         self._on_closed = on_closed  # told of each channel found closed (the gate drops its cache)
         self._next_block: int | None = None  # the first block whose logs are not read yet
-        self._failing = False
 
     async def run(self) -> None:
         """Poll forever (owned by the app)."""
         while True:
             try:
                 await self.poll()
-                if self._failing:
+                if self.reachable is False:
                     log.info("chain_watch_recovered block=%s", self.clock.block)
-                self._failing = False
-            except ChainUnavailable as exc:
-                if not self._failing:  # once per outage, not every few seconds
-                    log.warning("chain_watch_failed reason=%s", exc)
-                self._failing = True
+                self.reachable = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the loop outlives any one poll, or /health would go stale
+                if self.reachable is not False:  # once per outage, not every few seconds
+                    if isinstance(exc, ChainUnavailable):
+                        log.warning("chain_watch_failed reason=%s", exc)
+                    else:
+                        log.exception("chain_watch_crashed")
+                self.reachable = False
+                self.last_error = str(exc) if isinstance(exc, ChainUnavailable) else type(exc).__name__
+                self.last_error_at = time.time()
             await asyncio.sleep(self.poll_interval)
 
     async def poll(self) -> list[ChannelClose]:
-        """The chain clock, then the closes since the last poll; returns the closes booked."""
+        """The chain clock and the gas, then the closes since the last poll; returns the closes booked."""
         number, timestamp = await self.chain.head()
         self.clock.observe(number, timestamp)
+        self.head = (number, timestamp)
         if self.fee_bps is None:
             self.fee_bps = await self.chain.fee_bps()
+        if self.gas is not None:
+            await self.gas.read(self.chain)
         self.last_poll_at = time.time()
         start = self._next_block
         if start is None:  # where the last run stopped reading (a close while down is found)

@@ -14,7 +14,13 @@ happen twice or be forgotten:
 
 Failures back off exponentially per channel (CLAIM_RETRY_SECONDS, doubling, at most an hour).
 A claim that reverts because the chain already holds that amount is reconciled from the chain
-and not retried. An empty gas account is an alert (logs, /health, /v1/admin/stats), not a loop.
+and not retried. An empty gas account is an alert (logs, /health, /v1/admin/stats), not a loop;
+it clears when the chain watcher reads a balance that pays for the claim (gas.py).
+
+A claim that is due and does not happen is `overdue` (/health's claims_overdue): a channel over
+the threshold or past its cut-off while no cycle has succeeded for OVERDUE_CYCLES cycles (the RPC
+is down), or whose last OVERDUE_CYCLES claims failed (gas, fees, reverts). It is read from the
+ledger alone, so it is known while the chain is not.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from .chain import (
 from .chainwatch import ChainWatcher
 from .claim_policy import ClaimReason, claim_reason, gas_in_usdc, worth_its_gas
 from .config import Settings
+from .gas import GasGauge, GasLevel
 from .ledger import ClaimRecord, ClaimTarget, Ledger
 from .protocol import ClaimPaid
 from .states import ClaimStatus
@@ -44,6 +51,7 @@ from .states import ClaimStatus
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 3600.0
+OVERDUE_CYCLES = 2
 
 
 @dataclass(frozen=True)
@@ -73,16 +81,24 @@ class Claimer:
         self.settings = settings
         self.watcher = watcher
         self.clock = watcher.clock
-        self.alert: str | None = None  # why claims cannot go through, until one does
-        self.last_cycle_at: float | None = None
+        self.gas = watcher.gas or GasGauge(account.address, settings.low_gas_claims)
+        self.started_at = time.time()
+        self.last_cycle_at: float | None = None  # the last cycle that ended, well or not
+        self.last_success_at: float | None = None  # the last cycle that went through
         self._submit = asyncio.Lock()  # one transaction signed and sent at a time: nonces in order
         self._next_nonce: int | None = None
         self._in_flight: set[int] = set()  # claim ids this process is working on
 
     # --- the loop ----------------------------------------------------------------------------
 
+    @property
+    def alert(self) -> str | None:
+        """Why claims cannot go through: the gas account cannot pay for one (until it can)."""
+        return "insufficient_gas_funds" if self.gas.level is GasLevel.EMPTY else None
+
     async def run(self) -> None:
         """Cycle forever (owned by the app); the first cycle reconciles what a previous run left."""
+        self.started_at = time.time()
         while True:
             await self._guarded(self.cycle())
             await asyncio.sleep(self.settings.claim_interval)
@@ -102,12 +118,39 @@ class Claimer:
             log.exception("claimer_cycle_crashed")
 
     async def cycle(self, *, force: bool = False) -> list[ClaimOutcome]:
-        await self.clock.sync(self.chain)
-        await self.watcher.refresh_stale(synced_before=time.time() - self.settings.claim_interval)
-        outcomes = await self.reconcile()
-        outcomes += await self.claim_due(force=force)
-        self.last_cycle_at = time.time()
+        try:
+            await self.clock.sync(self.chain)
+            await self.watcher.refresh_stale(synced_before=time.time() - self.settings.claim_interval)
+            outcomes = await self.reconcile()
+            outcomes += await self.claim_due(force=force)
+        finally:
+            self.last_cycle_at = time.time()
+        self.last_success_at = self.last_cycle_at
         return outcomes
+
+    async def overdue(self) -> dict[str, int]:
+        """The channels whose claim is overdue, with their unclaimed earnings (see the module's
+        docstring). Without automatic claims (CLAIM_INTERVAL=0) only failed claims count."""
+        now = time.time()
+        interval = self.settings.claim_interval
+        stalled = interval > 0 and (self.last_success_at or self.started_at) < now - OVERDUE_CYCLES * interval
+        rows = await self.ledger.fetchall(
+            """SELECT c.channel_id, c.charged - c.claimed FROM channels c
+               WHERE c.provider = ? AND c.status = 'open' AND c.charged > c.claimed
+                 AND (c.charged - c.claimed >= ? OR c.expiry <= ?)
+                 AND (? OR c.claim_attempts >= ?)
+                 AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id AND k.status = ?
+                                 AND k.id = (SELECT MAX(id) FROM claims WHERE channel_id = c.channel_id))""",
+            (
+                self.account.address,
+                self.settings.claim_threshold,
+                self.clock.now() + self.settings.min_channel_ttl,  # past the cut-off: the final claim
+                stalled,
+                OVERDUE_CYCLES,
+                ClaimStatus.HELD,  # not worth its gas yet: a decision, not a failure
+            ),
+        )
+        return {channel_id: unclaimed for channel_id, unclaimed in rows}
 
     # --- claiming ----------------------------------------------------------------------------
 
@@ -147,6 +190,7 @@ class Claimer:
 
     async def _submit_claim(self, target: ClaimTarget, record: ClaimRecord, reason: ClaimReason) -> ClaimOutcome:
         claim_id = record.id
+        balance, needed = 0, 1
         try:
             async with self._submit:
                 balance = await self.chain.balance(self.account.address)
@@ -158,6 +202,7 @@ class Claimer:
                     nonce=await self._nonce(),
                     max_fee_per_gas=self.settings.max_fee_per_gas,
                 )
+                needed = prepared.max_cost
                 if balance < prepared.max_cost:
                     raise InsufficientGasFunds(f"balance {balance} wei, the claim may cost {prepared.max_cost} wei")
                 payout = target.voucher.amount - target.claimed
@@ -183,7 +228,7 @@ class Claimer:
             return await self._close(record, ClaimStatus.REVERTED, exc.error, retry_after=MAX_BACKOFF)
         except InsufficientGasFunds as exc:
             self._next_nonce = None
-            self.alert = "insufficient_gas_funds"
+            self.gas.blocked(balance, needed)
             log.error(
                 "claim_blocked reason=insufficient_gas_funds provider=%s channel=%s detail=%s",
                 self.account.address,
@@ -226,7 +271,7 @@ class Claimer:
         await self.watcher.refresh(record.channel_id)
         if not result.succeeded:
             return await self._close(record, ClaimStatus.REVERTED, "reverted on chain", retry_after=MAX_BACKOFF)
-        self.alert = None
+        self.gas.cleared()
         return await self._close(
             record, ClaimStatus.CONFIRMED, paid=self.chain.claim_paid(result.receipt, record.channel_id)
         )

@@ -1,4 +1,5 @@
-"""The command line: `serve` (the default) runs the provider, `dev` runs everything locally."""
+"""The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
+`doctor` checks what the provider depends on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import sys
 import time
 
+from . import __version__
 from .config import ConfigError, Settings, load_settings, read_environment
 from .logs import setup_logging
 
@@ -17,6 +19,7 @@ log = logging.getLogger("drain_provider")
 
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m drain_provider", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"drain-provider {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the provider (the default)")
     dev = commands.add_parser("dev", help="embedded chain + contracts + demo consumer + provider, nothing to configure")
@@ -26,6 +29,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     claim = commands.add_parser("claim", help="claim what is due now, with or without the server running")
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
+    commands.add_parser("doctor", help="check the settings, ledger, chain, contract, gas and upstream; print a table")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
@@ -35,6 +39,12 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             return asyncio.run(
                 run_dev(env, rpc_url=args.rpc_url, port=args.port, serve=not args.no_serve, started=started)
             )
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            settings = load_settings(env)
+            setup_logging("DEBUG" if settings.log_level == "DEBUG" else "ERROR")  # the table says the rest
+            return asyncio.run(run_doctor(settings))
         if args.command in ("claim", "status"):
             settings = load_settings(env)
             setup_logging(settings.log_level)
@@ -89,18 +99,17 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
 
     from .chain import ChainClient, ChainClock, ChainUnavailable
     from .chainwatch import ChainWatcher
+    from .checks import open_ledger, require_chain
     from .claimer import Claimer
-    from .ledger import Ledger, LedgerMismatch
     from .reports import claim_json, cycle_report, status_report
     from .states import ClaimStatus
 
     assert settings.rpc_url is not None
-    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
-    await ledger.open()
+    ledger = await open_ledger(settings)
     chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
     watcher = ChainWatcher(ledger, chain, ChainClock(), poll_interval=settings.chain_poll_interval)
     try:
-        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
+        await require_chain(chain, settings)
         if not claim:
             report = await status_report(settings, ledger, chain, None, watcher)
             report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]
@@ -114,8 +123,6 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
             return 1
         print(json.dumps(cycle_report(outcomes, force=force, alert=claimer.alert), indent=2))
         return 1 if any(o.status is ClaimStatus.FAILED for o in outcomes) else 0
-    except LedgerMismatch as exc:
-        raise ConfigError(f"DATABASE_PATH: {exc}") from None
     finally:
         await chain.close()
         await ledger.close()

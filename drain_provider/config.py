@@ -6,8 +6,10 @@ README's settings table are generated from, so that the code, the example file a
 cannot drift apart. `load_settings` reads the table, then applies the few rules that tie one
 setting to another.
 
-Every problem is a `ConfigError` whose message names the variable and what is wrong, so the CLI
-can print one line and exit 2. Secret values are never part of a message or a repr.
+Every problem is a `ConfigError` whose message names the variable and the rule its value breaks,
+so the CLI can print one line and exit 2. No message quotes the value it refuses: a secret
+pasted on the wrong line (an API key as PORT) must not end up in a log, so none is echoed,
+whichever variable it was set as. Secret values are not in a repr either.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Settings:
     claim_retry_seconds: float = 30.0  # first backoff after a failed claim; doubles up to an hour
     claim_receipt_timeout: float = 180.0
     max_fee_per_gas: int = 1000 * 10**9  # wei; a claim waits rather than pay more
+    low_gas_claims: int = 10  # warn when the gas balance pays for fewer claims than this
     min_channel_ttl: int = 600
     admin_token: str | None = field(default=None, repr=False)
     max_body_bytes: int = 1024 * 1024
@@ -96,7 +99,8 @@ def read_environment(env_file: str | os.PathLike[str] | None = ".env") -> dict[s
 # --- parsers ----------------------------------------------------------------------------------
 # A parser takes the variable's name (the one actually set, which may be an alias) and its
 # stripped, non-empty value, and returns the typed value or raises a ConfigError naming the
-# variable. A parser that may see a secret or a URL never puts the value in its message.
+# variable and the rule the value breaks, never the value: any variable may hold a secret
+# pasted on the wrong line.
 
 T = TypeVar("T")
 S = TypeVar("S", bound=str)
@@ -108,14 +112,13 @@ _YEAR = 365 * 86400
 
 def _whole(minimum: int = 0, maximum: int = _MAX_INT) -> Parser[int]:
     def parse(name: str, raw: str) -> int:
+        rule = f"must be a whole number from {minimum} to {maximum}"
         if not (raw.isascii() and raw.isdigit()):
-            raise ConfigError(f"{name}: must be a whole number, got {raw[:40]!r}")
-        if len(raw) > 19:  # before int(), which refuses more than 4300 digits with its own error
-            raise ConfigError(f"{name}: must be between {minimum} and {maximum}")
-        value = int(raw)
-        if not minimum <= value <= maximum:
-            raise ConfigError(f"{name}: must be between {minimum} and {maximum}, got {value}")
-        return value
+            raise ConfigError(f"{name}: {rule}, digits only")
+        # len first: int() refuses more than 4300 digits with its own error
+        if len(raw) > 19 or not minimum <= int(raw) <= maximum:
+            raise ConfigError(f"{name}: {rule}")
+        return int(raw)
 
     return parse
 
@@ -127,12 +130,13 @@ def _gwei(name: str, raw: str) -> int:
 
 def _seconds(*, allow_zero: bool = False) -> Parser[float]:
     def parse(name: str, raw: str) -> float:
+        rule = f"must be a number of seconds, {'0 or ' if allow_zero else ''}above 0 and below 86400"
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{name}: must be a number of seconds, got {raw[:40]!r}") from None
+            raise ConfigError(f"{name}: {rule}") from None
         if not (0 < value < 86400 or (allow_zero and value == 0)):  # NaN fails both
-            raise ConfigError(f"{name}: must be between 0 and 86400 seconds, got {raw[:40]!r}")
+            raise ConfigError(f"{name}: {rule}")
         return value
 
     return parse
@@ -148,7 +152,7 @@ def _choice(*choices: S) -> Parser[S]:
         try:
             return by_key[raw.lower()]
         except KeyError:
-            raise ConfigError(f"{name}: must be {expected}, got {raw[:20]!r}") from None
+            raise ConfigError(f"{name}: must be {expected}") from None
 
     return parse
 
@@ -160,8 +164,7 @@ def _url(name: str, raw: str) -> str:
     except ValueError:  # e.g. "http://[abc": an unclosed IPv6 bracket
         raise ConfigError(f"{name}: is not a valid URL") from None
     if not valid:
-        # The URL may carry an API key in its path or query; show only its scheme.
-        raise ConfigError(f"{name}: must be an http:// or https:// URL (got scheme {parsed.scheme or 'none'!r})")
+        raise ConfigError(f"{name}: must be an http:// or https:// URL with a host")
     return raw.rstrip("/")
 
 
@@ -177,7 +180,7 @@ def parse_private_key(name: str, raw: str) -> bytes:
 
 def _address(name: str, raw: str) -> str:
     if not is_hex_address(raw):
-        raise ConfigError(f"{name}: must be a 0x-prefixed 20-byte address, got {raw[:60]!r}")
+        raise ConfigError(f"{name}: must be a 0x-prefixed 20-byte address (40 hex digits)")
     return str(to_checksum_address(raw))
 
 
@@ -205,11 +208,11 @@ def _networks(name: str, raw: str) -> tuple[IPNetwork, ...]:
     if raw.lower() == "none":
         return ()
     networks = []
-    for part in filter(None, (p.strip() for p in raw.split(","))):
+    for position, part in enumerate(filter(None, (p.strip() for p in raw.split(","))), 1):
         try:
             networks.append(ipaddress.ip_network(part, strict=False))
         except ValueError:
-            raise ConfigError(f"{name}: {part[:60]!r} is not an IP address or network (like 10.0.0.0/8)") from None
+            raise ConfigError(f"{name}: entry {position} is not an IP address or network (like 10.0.0.0/8)") from None
     return tuple(networks)
 
 
@@ -220,7 +223,7 @@ def _hostnames(name: str, raw: str) -> tuple[str, ...]:
     """Comma-separated host names or IP addresses, without ports, as a Host header names them
     (lower case; an IPv6 address with or without its brackets)."""
     hosts = []
-    for part in filter(None, (p.strip().lower() for p in raw.split(","))):
+    for position, part in enumerate(filter(None, (p.strip().lower() for p in raw.split(","))), 1):
         host = part[1:-1] if part.startswith("[") and part.endswith("]") else part
         try:
             hosts.append(str(ipaddress.ip_address(host)))
@@ -228,7 +231,7 @@ def _hostnames(name: str, raw: str) -> tuple[str, ...]:
         except ValueError:
             pass
         if not _HOSTNAME.fullmatch(host):
-            raise ConfigError(f"{name}: {part[:60]!r} is not a host name or IP address (no scheme, no port)")
+            raise ConfigError(f"{name}: entry {position} is not a host name or IP address (no scheme, no port)")
         hosts.append(host)
     return tuple(hosts)
 
@@ -562,6 +565,16 @@ SETTINGS: tuple[Setting, ...] = (
         Section.CLAIMS,
         "The fee ceiling, in gwei per gas: a claim waits rather than pay more.",
         default="1000",
+    ),
+    Setting(
+        "LOW_GAS_CLAIMS",
+        "low_gas_claims",
+        _whole(0, 1_000_000),
+        Section.CLAIMS,
+        "Warn (a WARNING log line and the low_gas alert of /health) when the provider's gas balance "
+        "pays for fewer claims than this, at the chain's current fees; 0 turns the warning off. Below "
+        "one claim's worth the alert is insufficient_gas_funds whatever this is.",
+        default="10",
     ),
     Setting(
         "MIN_CHANNEL_TTL",

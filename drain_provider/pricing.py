@@ -89,7 +89,8 @@ def env_names(model: str) -> tuple[str, ...]:
 
 
 class PricingError(ValueError):
-    """A price setting is wrong; the message names the variable or file and the problem."""
+    """A price setting is wrong; the message names the variable or file and the problem, never
+    the value (nor the file's path): a secret on the wrong line must not reach a log."""
 
 
 def parse_price_value(name: str, raw: object) -> int:
@@ -98,9 +99,7 @@ def parse_price_value(name: str, raw: object) -> int:
     else:
         text = raw.strip() if isinstance(raw, str) else ""
         if not (text.isascii() and text.isdigit() and len(text) <= 19):
-            raise PricingError(
-                f"{name}: must be a whole number of USDC base units per 1k tokens (7500 = $0.0075), got {raw!r}"
-            )
+            raise PricingError(f"{name}: must be a whole number of USDC base units per 1k tokens (7500 = $0.0075)")
         value = int(text)
     if value < 0 or value >= 2**63:
         raise PricingError(f"{name}: out of range")
@@ -108,15 +107,17 @@ def parse_price_value(name: str, raw: object) -> int:
 
 
 def load_pricing_file(path: Path) -> dict[str, ModelPrice]:
-    """A JSON object {"model": {"input": 7500, "output": 22500}, ...} that adds or replaces models."""
+    """A JSON object {"model": {"input": 7500, "output": 22500}, ...} that adds or replaces models.
+
+    Model names are quoted in errors: they are what /v1/models publishes."""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
-        raise PricingError(f"PRICING_FILE: cannot read {path}: {exc.strerror}") from None
+        raise PricingError(f"PRICING_FILE: cannot read the file ({exc.strerror})") from None
     except ValueError:
-        raise PricingError(f"PRICING_FILE: {path} is not valid JSON") from None
+        raise PricingError("PRICING_FILE: the file is not valid JSON") from None
     if not isinstance(data, dict):
-        raise PricingError(f'PRICING_FILE: {path} must hold an object {{"model": {{"input": N, "output": N}}}}')
+        raise PricingError('PRICING_FILE: the file must hold an object {"model": {"input": N, "output": N}}')
     prices: dict[str, ModelPrice] = {}
     for model, entry in data.items():
         if not isinstance(entry, dict) or set(entry) != {"input", "output"}:

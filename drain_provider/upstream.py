@@ -5,12 +5,16 @@ by the app's cleanup context). Its errors are `UpstreamError`s whose messages ar
 to a client: they never contain the API key, and an upstream's own message is passed on only
 for request errors the client can fix (400, 404, 422). No answer is read past
 `max_answer_bytes` (MAX_ANSWER_BYTES): an upstream cannot make us hold an answer of any size.
+
+Each call's outcome is kept in `health` for /health: when the upstream last answered, when it
+last failed and how (the kind of failure and the status only: no URL, no key, no body).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +25,8 @@ from . import safejson
 log = logging.getLogger(__name__)
 
 _FORWARDED_UPSTREAM_STATUSES = {400, 404, 413, 422}
+_CLIENT_STATUSES = {400, 413, 422}  # the request's fault, not the upstream's: not a failure of it
+MODELS_TIMEOUT = 5.0  # GET /models, at start and by `doctor`: an upstream that takes longer is down
 _KEY_PATTERN = re.compile(r"(sk|pk|key)[-_][A-Za-z0-9_\-*]{6,}")
 
 
@@ -32,6 +38,26 @@ class UpstreamError(Exception):
         self.message = message
         self.status = status
         self.upstream_status = upstream_status
+
+
+@dataclass
+class UpstreamHealth:
+    """The last outcome of the calls to the upstream."""
+
+    last_ok_at: float | None = None
+    last_error_at: float | None = None
+    last_error: str | None = None  # "status 503", "timeout", "ClientConnectorError", ...
+
+    def ok(self) -> None:
+        self.last_ok_at = time.time()
+
+    def failed(self, what: str) -> None:
+        self.last_error_at, self.last_error = time.time(), what
+
+    @property
+    def failing(self) -> bool:
+        """The last call failed."""
+        return self.last_error_at is not None and (self.last_ok_at is None or self.last_error_at > self.last_ok_at)
 
 
 @dataclass(frozen=True)
@@ -60,6 +86,7 @@ class Upstream:
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout)
         self.max_tokens_field = max_tokens_field
         self.max_answer_bytes = max_answer_bytes  # the relay bounds a stream with it too
+        self.health = UpstreamHealth()
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -82,7 +109,7 @@ class Upstream:
                 self.base_url + path, data=safejson.dumps(body), headers=headers, timeout=timeout
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _transport_error(exc, path) from None
+            raise self._transport_error(exc, path) from None
 
     async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST a JSON body and return the parsed JSON answer, or raise UpstreamError."""
@@ -90,7 +117,7 @@ class Upstream:
         try:
             raw = await read_capped(resp, self.max_answer_bytes)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _transport_error(exc, path) from None
+            raise self._transport_error(exc, path) from None
         finally:
             resp.release()  # it closes the connection if the body was not read to its end
         if resp.status != 200:
@@ -104,7 +131,9 @@ class Upstream:
             data = None
         if not isinstance(data, dict):
             log.warning("upstream_bad_json path=%s bytes=%d", path, len(raw))
+            self.health.failed("invalid answer")
             raise UpstreamError("The upstream model provider sent an invalid answer; you were not charged.")
+        self.health.ok()
         return UpstreamResponse(resp.status, raw, data)
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> aiohttp.ClientResponse:
@@ -120,12 +149,43 @@ class Upstream:
                 resp.release()
             if resp.status == 200:
                 log.warning("upstream_not_streaming content_type=%s", resp.content_type)
+                self.health.failed("not streaming")
                 raise UpstreamError("The upstream model provider did not stream; you were not charged.")
             raise self._status_error(resp.status, raw)
+        self.health.ok()
         return resp
+
+    async def models(self) -> list[str]:
+        """The ids of GET {base}/models, within MODELS_TIMEOUT: whether the upstream answers,
+        takes our key, and serves what we price. Raises UpstreamError (`upstream_status` set
+        when it answered with an error)."""
+        timeout = aiohttp.ClientTimeout(total=MODELS_TIMEOUT)
+        try:
+            async with self.session.get(self.base_url + "/models", headers=self._headers(), timeout=timeout) as resp:
+                raw = await read_capped(resp, self.max_answer_bytes)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._transport_error(exc, "/models") from None
+        if resp.status != 200:
+            raise self._status_error(resp.status, raw or b"")
+        try:
+            data = safejson.loads(raw or b"")
+        except ValueError:
+            data = None
+        listed = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(listed, list):
+            self.health.failed("invalid answer")
+            raise UpstreamError("The upstream's /models answer is not an OpenAI model list.")
+        self.health.ok()
+        return [str(m["id"]) for m in listed if isinstance(m, dict) and "id" in m]
+
+    def _transport_error(self, exc: BaseException, path: str) -> UpstreamError:
+        self.health.failed("timeout" if isinstance(exc, TimeoutError) else type(exc).__name__)
+        return _transport_error(exc, path)
 
     def _status_error(self, status: int, raw: bytes) -> UpstreamError:
         log.warning("upstream_status status=%d bytes=%d", status, len(raw))
+        if status not in _CLIENT_STATUSES:
+            self.health.failed(f"status {status}")
         message = f"The upstream model provider answered {status}; you were not charged."
         if status in _FORWARDED_UPSTREAM_STATUSES:
             detail = _error_message(raw)

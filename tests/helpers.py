@@ -205,6 +205,7 @@ class RpcProxy:
     fail_next: int = 0  # answer 502 without forwarding
     lose_next: int = 0  # forward, then answer 502: the node acted, the caller cannot know
     hold: set[str] = field(default_factory=set)  # methods that get no answer until released
+    answers: dict[str, Any] = field(default_factory=dict)  # method -> a result given instead of the node's
     released: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
@@ -223,6 +224,9 @@ class RpcProxy:
             return web.Response(status=502, text="proxy: injected failure")
         if self.hold.intersection(methods):
             await self.released.wait()
+        if isinstance(payload, dict) and payload["method"] in self.answers:
+            result = self.answers[payload["method"]]
+            return web.json_response({"jsonrpc": "2.0", "id": payload["id"], "result": result})
         async with (
             aiohttp.ClientSession() as session,
             session.post(self.target, data=body, headers={"Content-Type": "application/json"}) as resp,

@@ -3,10 +3,13 @@ chain over HTTP only for channels it does not know yet."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,16 +84,21 @@ async def test_rpc_down_for_a_new_channel_is_503(
     assert int(raw.headers["X-DRAIN-Cost"]) > 0
 
 
-@pytest.mark.parametrize("problem", ["chain_id", "port", "ledger"])
-def test_a_start_up_error_is_one_line_and_exit_code_2(anvil_url: str, tmp_path: Path, problem: str) -> None:
+@pytest.mark.parametrize("problem", ["chain_id", "port", "ledger", "contract"])
+async def test_a_start_up_error_is_one_line_and_exit_code_2(
+    anvil_chain: DevChain, tmp_path: Path, problem: str
+) -> None:
     """Whatever fails while starting, after the ledger is open: one line, exit 2, nothing left running."""
     ledger = tmp_path / "drain.db"
+    key = Account.create()
+    await anvil_chain.fund(key.address)  # or the first poll logs, rightly, that it has no gas
     env = {
         "PATH": "/usr/bin:/bin",
-        "PROVIDER_PRIVATE_KEY": "0x" + "11" * 32,
+        "PYTHONPATH": os.environ["PYTHONPATH"],  # this checkout
+        "PROVIDER_PRIVATE_KEY": "0x" + bytes(key.key).hex(),
         "CHAIN_ID": "31337",
-        "DRAIN_CONTRACT": "0x" + "ab" * 20,
-        "RPC_URL": anvil_url,
+        "DRAIN_CONTRACT": anvil_chain.contract,
+        "RPC_URL": anvil_chain.rpc_url or "",
         "UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
         "DATABASE_PATH": str(ledger),
         "HOST": "127.0.0.1",
@@ -104,16 +112,26 @@ def test_a_start_up_error_is_one_line_and_exit_code_2(anvil_url: str, tmp_path: 
             busy.bind(("127.0.0.1", 0))
             busy.listen()
             env["PORT"] = str(busy.getsockname()[1])
+        elif problem == "contract":
+            env["DRAIN_CONTRACT"] = "0x" + "ab" * 20  # nothing deployed there
         else:  # a ledger made for another contract
-            first = subprocess.run(
-                [sys.executable, "-m", "drain_provider", "status"],
-                env={**env, "DRAIN_CONTRACT": "0x" + "cd" * 20}, cwd=tmp_path, capture_output=True, timeout=60,
+            other = await anvil_chain.fresh_contract()
+            first = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "drain_provider", "status"],
+                env={**env, "DRAIN_CONTRACT": other.contract}, cwd=tmp_path, capture_output=True, timeout=60,
             )  # fmt: skip
             assert first.returncode == 0, first.stderr
-        run = subprocess.run(
-            [sys.executable, "-m", "drain_provider"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30
-        )
+        started = time.monotonic()
+        run = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "drain_provider"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
     assert run.returncode == 2, run.stderr
     (line,) = run.stderr.strip().splitlines()
     assert line.startswith("drain-provider: configuration error: ")
-    assert {"chain_id": "CHAIN_ID", "port": "PORT", "ledger": "DATABASE_PATH"}[problem] in line
+    assert {"chain_id": "CHAIN_ID", "port": "PORT", "ledger": "DATABASE_PATH", "contract": "DRAIN_CONTRACT"}[
+        problem
+    ] in line
+    if problem == "contract":  # found at start, not as a 503 "RPC unavailable" on every new channel
+        assert "no contract at its address on chain 31337" in line and "0x" + "ab" * 20 not in line.lower()
+        assert time.monotonic() - started < 20  # no RPC timeout waited for (mostly Python's start-up, under load)

@@ -5,7 +5,7 @@
 - Every bad value is a `ConfigError` whose message names the variable; secrets (private key,
   OpenAI key, admin token) are in no message and not in `repr(settings)`.
 - The table (`SETTINGS`): its defaults are the `Settings` defaults, an alias is read when the
-  name is unset, LEDGER_SYNC gives a `SyncMode`, and no secret or URL entry echoes its value.
+  name is unset, LEDGER_SYNC gives a `SyncMode`, and no message quotes the value it refuses.
 - `python -m drain_provider` with a bad configuration exits 2 with exactly one stderr line, no
   traceback and no secret; it reads `.env` from the working directory, and the real environment
   wins over `.env`.
@@ -153,6 +153,10 @@ def test_max_fee_is_read_in_gwei_and_kept_in_wei() -> None:
     assert settings(MAX_FEE_GWEI="30").max_fee_per_gas == 30 * 10**9
 
 
+def test_low_gas_claims() -> None:
+    assert (settings().low_gas_claims, settings(LOW_GAS_CLAIMS="0").low_gas_claims) == (10, 0)
+
+
 def test_claim_interval_zero_turns_claims_off() -> None:
     assert settings(CLAIM_INTERVAL="0").claim_interval == 0
 
@@ -208,6 +212,8 @@ BAD_VALUES = [
     ("ALLOWED_HOSTS", "https://api.example.com"),
     ("ALLOWED_HOSTS", "api.example.com:443"),
     ("ALLOWED_HOSTS", "bad host"),
+    ("LOW_GAS_CLAIMS", "-1"),
+    ("LOW_GAS_CLAIMS", "ten"),
 ]
 
 
@@ -290,19 +296,23 @@ def test_url_credentials_are_not_echoed() -> None:
     assert "RPC_URL" in message and "rpc-api-key-123" not in message
 
 
-# Every entry whose value may be a secret: the table's secrets, and the URLs (an RPC or upstream
-# URL often carries an API key in its path or query).
+# No message quotes the value it refuses, whichever variable it was set as: an operator who
+# pastes an API key on the wrong line (as PORT, as LOG_LEVEL) must not find it in a log.
 URL_SETTINGS = {"RPC_URL", "UPSTREAM_BASE_URL", "PUBLIC_URL"}
-NEVER_ECHOED = sorted({s.name for s in SETTINGS if s.secret} | URL_SETTINGS)
-MARK = "Zq7xWv"
+EVERY_NAME = sorted(
+    {name for s in SETTINGS for name in (s.name, *s.aliases)} | {"PRICE_GPT_4O_INPUT", "PRICE_GPT4O_OUTPUT"}
+)
+MARK = "SECRET"
 HOSTILE_VALUES = [
-    MARK,
-    f"0x{MARK}" + "ab" * 29,
-    f"{MARK}-0123456789abcdef",
-    f"ftp://user:{MARK}@example.com/",
-    f"http://[{MARK}",
-    f"https://example.com/{MARK}?key={MARK}:",
-    f"{MARK} " * 1000,
+    "sk-SECRET-123abc",
+    "sk-SECRET-123abc:x",  # a URL parser reads "sk-secret-123abc" as its scheme
+    "0xSECRET" + "ab" * 29,
+    "SECRET-0123456789abcdef",
+    "ftp://user:SECRET@example.com/",
+    "http://[SECRET",
+    "https://example.com/SECRET?key=SECRET:",
+    "SECRET " * 1000,
+    "9" * 30 + "SECRET",
 ]
 
 
@@ -311,14 +321,35 @@ def test_the_secrets_are_the_ones_we_know() -> None:
     assert URL_SETTINGS.issubset(s.name for s in SETTINGS)
 
 
-@pytest.mark.parametrize("name", NEVER_ECHOED)
-def test_no_message_echoes_a_secret_or_url(name: str) -> None:
+@pytest.mark.parametrize("name", EVERY_NAME)
+def test_no_message_quotes_the_value(name: str) -> None:
+    refused = 0
     for value in HOSTILE_VALUES:
         try:
             load_settings({**BASE, name: value})
         except ConfigError as exc:
+            refused += 1
             assert name in str(exc)
             assert MARK.lower() not in str(exc).lower(), value
+    # Free text (HOST, a key, a path) takes anything; every other variable refuses something.
+    assert refused or name in {"HOST", "OPENAI_API_KEY", "ADMIN_TOKEN", "DATABASE_PATH", "STORAGE_PATH"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"m": {"input": "sk-SECRET-123abc", "output": 1}}',
+        '{"m": {"input": 1, "output": "SECRET"}}',
+        "OPENAI_API_KEY=sk-SECRET-123abc",  # a .env given as the pricing file
+        '["sk-SECRET-123abc"]',
+    ],
+)
+def test_no_pricing_file_message_quotes_its_contents_or_path(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "sk-SECRET-123abc.json"
+    path.write_text(content)
+    for env in ({"PRICING_FILE": str(path)}, {"PRICING_FILE": str(tmp_path / "SECRET-missing.json")}):
+        message = config_error({**BASE, **env})
+        assert message.startswith("PRICING_FILE") and MARK not in message
 
 
 def test_secret_entries_are_hidden_from_repr() -> None:
@@ -353,7 +384,7 @@ def test_read_environment_without_file(tmp_path: Path) -> None:
 
 # --- the CLI ---------------------------------------------------------------------------------
 
-PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
+PASSTHROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT", "PYTHONPATH")  # PYTHONPATH: this checkout
 
 
 def run_cli(cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -405,10 +436,10 @@ def test_cli_bad_url_is_one_line(tmp_path: Path) -> None:
 def test_cli_reads_dotenv(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"PROVIDER_PRIVATE_KEY=0x{KEY_HEX}\nOPENAI_API_KEY={OPENAI_KEY}\nPORT=abc\n")
     line = assert_one_line_error(run_cli(tmp_path, {}), "PORT", KEY_HEX)
-    assert "abc" in line
+    assert "digits only" in line  # abc, from .env
 
 
 def test_cli_environment_wins_over_dotenv(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text(f"PROVIDER_PRIVATE_KEY=0x{KEY_HEX}\nOPENAI_API_KEY={OPENAI_KEY}\nPORT=abc\n")
     line = assert_one_line_error(run_cli(tmp_path, {"PORT": "70000"}), "PORT", KEY_HEX)
-    assert "70000" in line and "abc" not in line
+    assert "from 1 to 65535" in line and "digits only" not in line  # 70000, from the environment

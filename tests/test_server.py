@@ -158,7 +158,9 @@ async def test_malformed_requests_are_quiet_bounded_lines_and_the_server_still_s
         async with aiohttp.ClientSession() as session, session.get(f"{listener.url}/v1/models") as resp:
             assert resp.status == 200
 
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # What the requests caused (the app's own start-up may log: an unfunded provider's gas_empty).
+    about_requests = [r for r in caplog.records if r.name.startswith(("aiohttp", "drain_provider.logs"))]
+    assert not [r for r in about_requests if r.levelno >= logging.ERROR], caplog.text
     assert not [r for r in caplog.records if r.exc_info], caplog.text
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bad_http_request")]
     assert 1 <= len(lines) <= BAD_REQUEST_LINES, lines

@@ -16,18 +16,19 @@ import aiohttp
 from aiohttp import web
 from eth_account import Account
 
-from ..chain import ChainClient, ChainClock, ChainUnavailable
+from .. import checks
+from ..chain import ChainClient, ChainClock
 from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
 from ..config import OPENAI_BASE_URL, ConfigError, Settings, load_prices
-from ..ledger import Ledger, LedgerMismatch
+from ..gas import GasGauge
 from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..protocol import Domain
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from ..upstream import Upstream
-from . import completions, info
+from . import completions, health, info
 from .admin import create_admin_app
 from .body import declared_size
 from .errors import error_middleware
@@ -56,6 +57,9 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 # a client that disconnects cancels its handler at once, which is how a stream learns to drop its
 # upstream; shutdown_timeout: how long in-flight requests get to finish on a stop.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 15.0}
+# While the upstream's last call failed, GET /models is tried this often, so that /health
+# clears its alert when the upstream is back, even with no traffic.
+UPSTREAM_PROBE_INTERVAL = 30.0
 
 
 def create_app(
@@ -77,6 +81,7 @@ def create_app(
     )
     app.add_routes(completions.routes)
     app.add_routes(info.routes)
+    app.add_routes(health.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
     return app
 
@@ -107,14 +112,7 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
-    await ledger.open()
-    try:
-        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
-    except LedgerMismatch as exc:
-        await ledger.close()
-        raise ConfigError(f"DATABASE_PATH: {exc}") from None
+    ledger = await checks.open_ledger(app[SETTINGS])
     await ledger.release_abandoned()
     app[LEDGER] = ledger
     yield
@@ -125,24 +123,19 @@ def _chain_ctx(given: ChainClient | None) -> Context:
     async def chain_ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         if given is not None:
+            await checks.require_chain(given, settings)
             app[CHAIN] = given
             yield
             return
         assert settings.rpc_url is not None
         client = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
         try:
-            chain_id = await client.chain_id()
-        except asyncio.CancelledError:  # a stop signal during start-up
+            # An RPC that is down is a warning: known channels are served from the ledger, and
+            # new ones get a clear 503 until it answers again.
+            await checks.require_chain(client, settings)
+        except BaseException:
             await client.close()
             raise
-        except ChainUnavailable:
-            # Start anyway: known channels are served from the ledger, and new ones get a
-            # clear 503 until the RPC answers again.
-            log.warning("chain_unreachable_at_start chain_id=%d", settings.chain_id)
-        else:
-            if chain_id != settings.chain_id:
-                await client.close()
-                raise ConfigError(f"CHAIN_ID: set to {settings.chain_id}, but RPC_URL serves chain {chain_id}")
         app[CHAIN] = client
         yield
         await client.close()
@@ -158,7 +151,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens); most
     # OpenAI-compatible servers know only max_tokens.
     field = "max_completion_tokens" if settings.upstream_base_url == OPENAI_BASE_URL else "max_tokens"
-    app[UPSTREAM] = Upstream(
+    upstream = Upstream(
         session,
         settings.upstream_base_url,
         settings.openai_api_key,
@@ -166,8 +159,23 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         max_tokens_field=field,
         max_answer_bytes=settings.max_answer_bytes,
     )
+    app[UPSTREAM] = upstream
+    probe = asyncio.create_task(_probe_upstream(upstream, sorted(settings.prices)), name="upstream-probe")
     yield
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
     await session.close()
+
+
+async def _probe_upstream(upstream: Upstream, priced: list[str]) -> None:
+    """GET /models at start, in the background (an upstream that is down must not hold the
+    start up, nor stop it: it may come up later), then again while the last call failed."""
+    checks.log_checks(await checks.check_upstream(upstream, priced))
+    while True:
+        await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
+        if upstream.health.failing:
+            await checks.check_upstream(upstream, priced)
 
 
 async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +198,12 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     """The chain watcher: the chain clock and the channels closed on chain, every few seconds."""
     settings = app[SETTINGS]
     watcher = ChainWatcher(
-        app[LEDGER], app[CHAIN], app[CLOCK], poll_interval=settings.chain_poll_interval, on_closed=app[GATE].forget
+        app[LEDGER],
+        app[CHAIN],
+        app[CLOCK],
+        poll_interval=settings.chain_poll_interval,
+        on_closed=app[GATE].forget,
+        gas=GasGauge(settings.provider_address, settings.low_gas_claims),
     )
     app[WATCHER] = watcher
     task = asyncio.create_task(watcher.run(), name="chain-watcher")

@@ -1,20 +1,17 @@
-"""The free endpoints: models, pricing, health, the agent guide and the signing parameters."""
+"""The free endpoints: models, pricing, the agent guide and the signing parameters (health:
+api/health.py)."""
 
 from __future__ import annotations
 
-import sqlite3
 import textwrap
 import time
-from typing import Any
 
 from aiohttp import web
 
-from .. import __version__
 from ..protocol import EIP712_TYPES, format_usdc
-from ..reports import totals_json
 from .discovery import base_url
 from .errors import ERRORS
-from .state import CLAIMER, GATE, LEDGER, SETTINGS, WATCHER
+from .state import GATE, SETTINGS
 
 STARTED_AT = int(time.time())
 routes = web.RouteTableDef()
@@ -49,34 +46,6 @@ async def pricing(request: web.Request) -> web.Response:
                 for name, price in sorted(settings.prices.items())
             },
         }
-    )
-
-
-@routes.get("/health")
-async def health(request: web.Request) -> web.Response:
-    """200 while requests can be served: "degraded" (still 200) when claims are blocked, so a
-    load balancer keeps the server in while its operator gets told; 503 without a ledger."""
-    settings = request.app[SETTINGS]
-    try:
-        books: dict[str, Any] | None = totals_json(await request.app[LEDGER].totals(), request.app[WATCHER].fee_bps)
-    except sqlite3.Error:
-        books = None
-    ledger_ok = books is not None
-    claimer = request.app[CLAIMER]
-    return web.json_response(
-        {
-            "status": "ok" if ledger_ok and claimer.alert is None else "degraded",
-            "alert": claimer.alert if ledger_ok else "ledger_unavailable",
-            "books": books,
-            "claimerLastCycleAt": claimer.last_cycle_at,
-            "chainLastPollAt": request.app[WATCHER].last_poll_at,
-            "version": __version__,
-            "provider": settings.provider_address,
-            "chainId": settings.chain_id,
-            "contract": settings.drain_contract,
-            "models": len(settings.prices),
-        },
-        status=200 if ledger_ok else 503,
     )
 
 

@@ -9,6 +9,7 @@ to call it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,7 +22,7 @@ from aiohttp import web
 from eth_account import Account
 
 from ..api import create_app
-from ..config import Settings, load_settings
+from ..config import ConfigError, Settings, load_settings
 from ..consumer import DrainConsumer
 from ..logs import setup_logging
 from ..pricing import ModelPrice
@@ -141,9 +142,22 @@ def save_dev_consumer(consumer: DrainConsumer, path: str | Path = DEV_FILE) -> N
 
 def _forget_last_dev_ledger() -> None:
     """A new chain: the ledger of the last dev run means nothing (a few small unlinks, before
-    anything is served)."""
+    anything is served). A file where data/ should be is left for the ledger's own one-line error."""
     for suffix in ("", "-wal", "-shm"):
-        Path(DEV_DATABASE + suffix).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            Path(DEV_DATABASE + suffix).unlink()
+
+
+async def _start_chain(rpc_url: str | None) -> DevChain:
+    """The embedded chain, or the contracts deployed on the dev node at `rpc_url`."""
+    if rpc_url is None:
+        return await start_embedded_chain()
+    try:
+        return await attach_dev_node(rpc_url)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: web3's answer to a non-node
+        raise ConfigError(
+            f"--rpc-url: no dev node with an unlocked account answers there ({type(exc).__name__})"
+        ) from None
 
 
 async def run_dev(
@@ -151,31 +165,36 @@ async def run_dev(
 ) -> int:
     started = started or time.monotonic()
     setup_logging(env.get("LOG_LEVEL", "WARNING").upper(), fmt="%(levelname)s %(name)s %(message)s")
-    chain = await (attach_dev_node(rpc_url) if rpc_url else start_embedded_chain())
-    provider_key = bytes(Account.create().key)
-    consumer_key = bytes(Account.create().key)
-    use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
-    demo_runner, demo_url = await _serve_demo_upstream() if use_demo else (None, None)
+    chain = await _start_chain(rpc_url)
+    async with contextlib.AsyncExitStack() as stack:  # whatever fails, what was started is stopped
+        stack.push_async_callback(chain.close)
+        provider_key = bytes(Account.create().key)
+        consumer_key = bytes(Account.create().key)
+        use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
+        demo_url = None
+        if use_demo:
+            demo_runner, demo_url = await _serve_demo_upstream()
+            stack.push_async_callback(demo_runner.cleanup)
 
-    if not env.get("DATABASE_PATH"):
-        _forget_last_dev_ledger()
-    settings = dev_settings(env, chain, provider_key, demo_url)
-    if port is not None:
-        settings = replace(settings, port=port)
-    await chain.fund(settings.provider_address)
-    consumer_address = Account.from_key(consumer_key).address
-    await chain.fund(consumer_address, usdc=CONSUMER_USDC)
+        if not env.get("DATABASE_PATH"):
+            _forget_last_dev_ledger()
+        settings = dev_settings(env, chain, provider_key, demo_url)
+        if port is not None:
+            settings = replace(settings, port=port)
+        await chain.fund(settings.provider_address)
+        consumer_address = Account.from_key(consumer_key).address
+        await chain.fund(consumer_address, usdc=CONSUMER_USDC)
 
-    listener = Listener(
-        create_app(settings, chain=chain.client()),
-        settings.host,
-        settings.port,
-        max_connections=settings.max_connections,
-        header_timeout=settings.header_timeout,
-    )
-    api = f"http://{settings.host}:{settings.port}/v1"
-    try:
+        listener = Listener(
+            create_app(settings, chain=chain.client()),
+            settings.host,
+            settings.port,
+            max_connections=settings.max_connections,
+            header_timeout=settings.header_timeout,
+        )
+        stack.push_async_callback(listener.stop)
         await listener.start()
+        api = f"http://{settings.host}:{settings.port}/v1"
         consumer = await DrainConsumer.open_channel(
             chain.client(),
             chain.token,
@@ -192,11 +211,6 @@ async def run_dev(
         if serve:
             with Signals() as signals:  # SIGINT, SIGTERM or a terminal's SIGHUP
                 await signals.wait()
-    finally:
-        await listener.stop()
-        if demo_runner is not None:
-            await demo_runner.cleanup()
-        await chain.close()
     return 0
 
 

@@ -1,0 +1,179 @@
+"""GET /health, /health/live and /health/ready: for the operator, and for a load balancer.
+
+- live: the process serves HTTP (200, nothing else looked at): restart it when this fails.
+- ready: requests can be served: the ledger answers a read and a write, and the server is not
+  stopping. An RPC that is down does not make it unready: known channels are served from the
+  ledger, and new ones get a clear 503 chain_unavailable until it answers again. 503 with the
+  reasons when not ready.
+- /health: ready's status code, plus what is wrong as `alerts` (status "degraded") and the facts
+  behind them: the RPC, the claimer, the gas, the upstream, the books.
+
+Every alert is recomputed from the current state at each request, so it clears as soon as its
+cause is gone (a refilled gas account at the next chain poll, a recovered RPC, a claim that went
+through), without a restart. No field shows a URL, a key or an upstream's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .. import __version__
+from ..gas import GasLevel
+from ..reports import money, totals_json
+from .state import CLAIMER, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
+
+routes = web.RouteTableDef()
+
+LEDGER_TIMEOUT = 2.0  # a ledger that takes longer to answer a no-op write cannot serve requests
+
+
+@dataclass(frozen=True)
+class Alert:
+    code: str
+    message: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+async def _ledger_answers(app: web.Application) -> bool:
+    """A no-op write through the writer thread (an empty transaction: no fsync) and a read."""
+    ledger = app[LEDGER]
+    try:
+        async with asyncio.timeout(LEDGER_TIMEOUT):
+            await ledger.write(lambda conn: None)
+            await ledger.fetchone("SELECT 1")
+    except (sqlite3.Error, OSError, TimeoutError):  # OSError: a writer that could not reopen its file
+        return False
+    return True
+
+
+async def _readiness(app: web.Application) -> list[Alert]:
+    """Why requests cannot be served now; empty when they can."""
+    reasons = []
+    if app[STOPPING].is_set():
+        reasons.append(Alert("stopping", "The server is shutting down."))
+    if not await _ledger_answers(app):
+        reasons.append(Alert("ledger_unavailable", "The ledger does not answer: no paid request can be taken."))
+    return reasons
+
+
+def _ago(at: float | None) -> str:
+    return "since the start" if at is None else f"for {max(0, int(time.time() - at))} s"
+
+
+def _alerts(app: web.Application, overdue: dict[str, int] | None) -> list[Alert]:
+    """What is wrong besides readiness, from the state of each part now."""
+    alerts = []
+    watcher, gas, upstream = app[WATCHER], app[WATCHER].gas, app[UPSTREAM].health
+    if watcher.reachable is False:
+        alerts.append(
+            Alert(
+                "rpc_unreachable",
+                f"The chain RPC has not answered {_ago(watcher.last_poll_at)} ({watcher.last_error}): known "
+                "channels are served, new ones get 503 chain_unavailable, claims wait.",
+            )
+        )
+    if gas is not None and gas.level is GasLevel.EMPTY:
+        alerts.append(
+            Alert(
+                "insufficient_gas_funds",
+                f"The provider account {gas.address} cannot pay for a claim's gas: send it gas tokens.",
+            )
+        )
+    elif gas is not None and gas.level is GasLevel.LOW:
+        alerts.append(
+            Alert(
+                "low_gas",
+                f"The provider account {gas.address} holds gas for about {gas.claims_left} claims "
+                f"(LOW_GAS_CLAIMS={gas.low_claims}): send it gas tokens.",
+            )
+        )
+    if overdue:
+        alerts.append(
+            Alert(
+                "claims_overdue",
+                f"{len(overdue)} channel(s) hold {money(sum(overdue.values()))['usdc']} USDC due for a claim "
+                "that has not happened: see the RPC, the gas and the claimer's log.",
+            )
+        )
+    if upstream.failing:
+        alerts.append(Alert("upstream_failing", f"The upstream's last call failed ({upstream.last_error})."))
+    return alerts
+
+
+@routes.get("/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"live": True})
+
+
+@routes.get("/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    reasons = await _readiness(request.app)
+    body = {"ready": not reasons, "reasons": [r.as_json() for r in reasons]}
+    return web.json_response(body, status=503 if reasons else 200)
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    app = request.app
+    settings, watcher, claimer, upstream = app[SETTINGS], app[WATCHER], app[CLAIMER], app[UPSTREAM].health
+    reasons = await _readiness(app)
+    books: dict[str, Any] | None = None
+    overdue: dict[str, int] | None = None
+    if not any(r.code == "ledger_unavailable" for r in reasons):
+        try:
+            books = totals_json(await app[LEDGER].totals(), watcher.fee_bps)
+            overdue = await claimer.overdue()
+        except sqlite3.Error:
+            reasons.append(Alert("ledger_unavailable", "The ledger does not answer: no paid request can be taken."))
+    alerts = reasons + _alerts(app, overdue)
+    gas = watcher.gas
+    block, block_time = watcher.head or (None, None)
+    return web.json_response(
+        {
+            "status": "degraded" if alerts else "ok",
+            "ready": not reasons,
+            "alert": alerts[0].code if alerts else None,
+            "alerts": [a.as_json() for a in alerts],
+            "rpc": {
+                "reachable": watcher.reachable,
+                "lastPollAt": watcher.last_poll_at,
+                "lastBlock": block,
+                "lastBlockAgeSeconds": None if block_time is None else max(0, int(time.time() - block_time)),
+                "lastError": watcher.last_error,
+                "lastErrorAt": watcher.last_error_at,
+            },
+            "claimer": {
+                "automatic": settings.claim_interval > 0,
+                "lastCycleAt": claimer.last_cycle_at,
+                "lastSuccessAt": claimer.last_success_at,
+                "overdue": None
+                if overdue is None
+                else {"channels": len(overdue), "unclaimed": money(sum(overdue.values()))},
+            },
+            "gas": {
+                "balanceWei": None if gas is None or gas.balance is None else str(gas.balance),
+                "claimsLeft": None if gas is None else gas.claims_left,
+                "lowGasClaims": settings.low_gas_claims,
+            },
+            "upstream": {
+                "lastOkAt": upstream.last_ok_at,
+                "lastErrorAt": upstream.last_error_at,
+                "lastError": upstream.last_error,
+            },
+            "books": books,
+            "version": __version__,
+            "provider": settings.provider_address,
+            "chainId": settings.chain_id,
+            "contract": settings.drain_contract,
+            "models": len(settings.prices),
+        },
+        status=503 if reasons else 200,
+    )

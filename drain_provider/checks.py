@@ -1,0 +1,218 @@
+"""What the provider depends on, checked: by `serve` (and `claim`, `status`, `dev`) at start, and
+all of them, as a table, by `python -m drain_provider doctor`.
+
+A problem the operator must fix before anything can work (a ledger that cannot be opened, an RPC
+that serves another chain, no contract at DRAIN_CONTRACT) stops the start with one line naming
+the setting (`ConfigError`). What may fix itself (an RPC or an upstream that is down, low gas)
+is a warning: the server starts, serves known channels from the ledger, and /health says what is
+wrong until it is not. Each check is a `Check` row, so the start-up log and `doctor` say the
+same things. No check shows more of a URL than its scheme and host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .chain import ChainClient, ChainUnavailable
+from .config import ConfigError, Settings
+from .gas import GasGauge, GasLevel, format_gas
+from .ledger import Ledger, LedgerMismatch
+from .upstream import Upstream, UpstreamError
+
+log = logging.getLogger(__name__)
+
+
+class Result(StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: Result
+    detail: str
+    fix: str = ""
+    setting: str = ""  # the variable a failure is blamed on, when it stops the start
+
+
+def redact_url(url: str) -> str:
+    """Scheme, host and port: a URL's path or query may carry an API key."""
+    parsed = urlparse(url)
+    host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}"
+
+
+# --- the ledger -------------------------------------------------------------------------------
+
+
+def _ledger_problem(path: Path, exc: BaseException) -> str:
+    """What is wrong with DATABASE_PATH, in words, without its value."""
+    message = str(exc).lower()
+    if path.is_dir():
+        return "is a directory; name a file in it, such as data/drain.db"
+    if isinstance(exc, OSError) and not path.parent.is_dir():
+        if any(parent.is_file() for parent in path.parents):
+            return "a file stands where its directory should be"
+        return f"its directory cannot be created ({exc.strerror})"
+    if isinstance(exc, OSError) and not path.exists():
+        return f"cannot be opened or created: check that its directory is writable ({exc.strerror})"
+    if isinstance(exc, PermissionError) or "readonly" in message or "read-only" in message:
+        return "is not writable: the server must write the file and its directory (the WAL files live beside it)"
+    if "not a database" in message:
+        return "is not a SQLite database: move the file away or name another one"
+    if "unable to open" in message:
+        return "cannot be opened or created: check that its directory exists and is writable"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+    return f"cannot be opened ({reason})"
+
+
+async def open_ledger(settings: Settings) -> Ledger:
+    """The ledger, open and bound to this chain and contract, or a ConfigError naming
+    DATABASE_PATH: never a traceback, and nothing left running."""
+    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
+    try:
+        await ledger.open()
+        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
+    except LedgerMismatch as exc:
+        await ledger.close()
+        raise ConfigError(f"DATABASE_PATH: {exc}") from None
+    except (sqlite3.Error, OSError) as exc:
+        await ledger.close()
+        raise ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}") from None
+    return ledger
+
+
+def inspect_ledger(settings: Settings) -> Check:
+    """`doctor`'s look at the ledger, read-only: it must not create the file, nor bind it to a
+    contract the operator is still fixing."""
+    path = settings.database_path
+    if not path.exists():
+        if any(parent.is_file() for parent in path.parents):
+            return Check("ledger", Result.FAIL, f"{path}: a file stands where its directory should be", "move it")
+        nearest = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+        if not os.access(nearest, os.W_OK):
+            return Check("ledger", Result.FAIL, f"{path} cannot be created", "make its directory writable")
+        return Check("ledger", Result.OK, f"{path} does not exist yet: the server creates it at its first start")
+    try:
+        with contextlib.closing(sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            meta = dict(conn.execute("SELECT key, value FROM ledger_meta")) if "ledger_meta" in tables else {}
+    except (sqlite3.Error, OSError) as exc:
+        problem = _ledger_problem(path, exc)
+        return Check("ledger", Result.FAIL, f"{path} {problem}", "set DATABASE_PATH to the ledger's file")
+    bound = (meta.get("chain_id"), meta.get("contract"))
+    if bound != (None, None) and bound != (str(settings.chain_id), settings.drain_contract.lower()):
+        return Check(
+            "ledger",
+            Result.FAIL,
+            f"{path} belongs to chain {bound[0]} contract {bound[1]}",
+            "set DATABASE_PATH to another file, or CHAIN_ID and DRAIN_CONTRACT to the ledger's",
+        )
+    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        return Check("ledger", Result.FAIL, f"{path} is read-only", "let the server write the file and its directory")
+    where = "not bound yet" if bound == (None, None) else "bound to this chain and contract"
+    return Check("ledger", Result.OK, f"{path}: {where}")
+
+
+# --- the chain --------------------------------------------------------------------------------
+
+
+async def check_chain(chain: ChainClient, settings: Settings) -> list[Check]:
+    """The RPC answers, serves CHAIN_ID, and has a contract at DRAIN_CONTRACT of the version
+    DRAIN_CONTRACT_VERSION says. Stops at the first failure: the next checks would mean nothing."""
+    where = redact_url(settings.rpc_url) if settings.rpc_url else "the chain"  # dev and tests pass a client
+    try:
+        chain_id = await chain.chain_id()
+        number, timestamp = await chain.head()
+    except ChainUnavailable as exc:
+        fix = "check RPC_URL and that the node is up; known channels are still served from the ledger"
+        return [Check("rpc", Result.WARN, f"{where} does not answer ({exc})", fix)]
+    age = max(0, int(time.time() - timestamp))
+    checks = [Check("rpc", Result.OK, f"{where} answers: block {number}, {age} s old")]
+    if chain_id != settings.chain_id:
+        detail = f"set to {settings.chain_id}, but RPC_URL serves chain {chain_id}"
+        return [*checks, Check("chain id", Result.FAIL, detail, "set CHAIN_ID or RPC_URL so they agree", "CHAIN_ID")]
+    checks.append(Check("chain id", Result.OK, str(chain_id)))
+    try:
+        if not await chain.has_code():
+            detail = f"no contract at its address on chain {chain_id}"
+            fix = "set DRAIN_CONTRACT to the DrainChannel address on this chain, or check CHAIN_ID and RPC_URL"
+            return [*checks, Check("contract", Result.FAIL, detail, fix, "DRAIN_CONTRACT")]
+        v2 = await chain.looks_like_v2()
+    except ChainUnavailable as exc:
+        return [*checks, Check("contract", Result.WARN, f"could not be read ({exc})", "check the RPC")]
+    found = "v2" if v2 else "v1 (or not a DrainChannel: no feeBps())"
+    if ("v2" if v2 else "v1") != settings.contract_version:
+        detail = f"{chain.address} looks like {found}, DRAIN_CONTRACT_VERSION says {settings.contract_version}"
+        return [*checks, Check("contract", Result.WARN, detail, "check DRAIN_CONTRACT and DRAIN_CONTRACT_VERSION")]
+    return [*checks, Check("contract", Result.OK, f"{chain.address}, {found}")]
+
+
+async def require_chain(chain: ChainClient, settings: Settings) -> None:
+    """At start: a chain that cannot work is a ConfigError; an RPC that is down or a contract
+    that looks odd is a warning (the server starts: known channels are served from the ledger,
+    new ones get a clear 503 until the RPC answers)."""
+    checks = await check_chain(chain, settings)
+    for check in checks:
+        if check.result is Result.FAIL:
+            raise ConfigError(f"{check.setting}: {check.detail} ({check.fix})")
+    log_checks(checks)
+
+
+def gas_check(gauge: GasGauge) -> Check:
+    """The provider's gas, from a gauge that has been read."""
+    balance, left = gauge.balance or 0, gauge.claims_left
+    detail = f"{format_gas(balance)} ({balance} wei)" + ("" if left is None else f", about {left} claims' worth")
+    fix = f"send gas tokens (POL on Polygon) to {gauge.address}"
+    if gauge.level is GasLevel.EMPTY:
+        return Check("gas", Result.FAIL, f"{detail}: not enough for one claim", fix)
+    if gauge.level is GasLevel.LOW:
+        return Check("gas", Result.WARN, f"{detail}, below LOW_GAS_CLAIMS={gauge.low_claims}", fix)
+    return Check("gas", Result.OK, detail)
+
+
+# --- the upstream -----------------------------------------------------------------------------
+
+
+async def check_upstream(upstream: Upstream, priced: list[str]) -> list[Check]:
+    """GET /models answers with our key, and lists the models we price (a priced model it does
+    not list may be named otherwise there: a warning). An upstream that does not answer is a
+    warning (it may come up later); one that refuses the key is a failure."""
+    where = redact_url(upstream.base_url)
+    try:
+        listed = set(await upstream.models())
+    except UpstreamError as exc:
+        status = exc.upstream_status
+        if status in (401, 403):
+            detail = f"{where} refuses the key (status {status})"
+            return [Check("upstream", Result.FAIL, detail, "check OPENAI_API_KEY")]
+        what = f"status {status}" if status else upstream.health.last_error
+        return [Check("upstream", Result.WARN, f"{where} /models fails ({what})", "check UPSTREAM_BASE_URL")]
+    checks = [Check("upstream", Result.OK, f"{where} answers, {len(listed)} models listed")]
+    missing = sorted(set(priced) - listed)
+    if missing:
+        detail = f"priced but not listed by the upstream: {', '.join(missing)}"
+        fix = "price the upstream's model names (PRICING_FILE), or drop these"
+        checks.append(Check("models", Result.WARN, detail, fix))
+    return checks
+
+
+def log_checks(checks: list[Check]) -> None:
+    """The start-up log of checks that did not pass: one line each."""
+    for check in checks:
+        if check.result is not Result.OK:
+            name = check.name.replace(" ", "_")
+            log.warning(
+                'start_check name=%s result=%s detail="%s" fix="%s"', name, check.result, check.detail, check.fix
+            )
