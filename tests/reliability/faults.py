@@ -88,14 +88,9 @@ async def run(
             lanes = [lane(session, rig, c, random.Random(f"{seed}-{i}"), per_lane) for i, c in enumerate(rig.consumers)]
             outcomes = [o for batch in await asyncio.gather(*lanes) for o in batch]
         seconds = time.perf_counter() - started
-        # The faults stop; a start that only reconciles the claims left pending (no new claim
-        # begins), so that the chain and the ledger are compared at rest.
-        upstream.enabled = rpc.enabled = False
+        upstream.enabled = rpc.enabled = False  # the faults stop; a start that only finishes what was left
         rig.stop_provider()
-        await rig.start_provider(CLAIM_INTERVAL="0")
-        deadline = time.monotonic() + 30
-        while rig.query("SELECT COUNT(*) FROM claims WHERE status = 'pending'")[0][0] and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await rig.start_at_rest()
         rig.stop_provider()
         result = await _result(rig, outcomes, upstream, rpc)
         result["figures"]["seconds"] = round(seconds, 1)

@@ -92,22 +92,13 @@ async def run(
             await asyncio.sleep(1.0)  # a last stretch of load with no kill
             done.set()
             await asyncio.gather(*lanes)
-        # A last kill, then a start that only reconciles the claims left pending (no new claim
-        # begins), so that the chain and the ledger are compared at rest.
-        rig.kill_provider()
-        await rig.start_provider(CLAIM_INTERVAL="0")
+        rig.kill_provider()  # a last kill, then a start that only finishes what was left
+        await rig.start_at_rest()
         left_at_restart += audit.reserved_rows(rig)
-        await _claims_reconciled(rig)
         rig.stop_provider()
         return await _result(rig, outcomes, left_at_restart, restarts, rounds=rounds, clients=clients, seed=seed)
     finally:
         await rig.close(keep=keep)
-
-
-async def _claims_reconciled(rig: Rig, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while rig.query("SELECT COUNT(*) FROM claims WHERE status = 'pending'")[0][0] and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
 
 
 async def _result(

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,18 @@ class Rig:
             return subprocess.Popen(
                 [sys.executable, "-m", "drain_provider"], env=self.env, cwd=REPO, stdout=log, stderr=log
             )
+
+    async def start_at_rest(self, timeout: float = 30.0) -> None:
+        """Start the provider so that it only finishes what earlier runs left: its claim cycles
+        reconcile pending claims, and its threshold is out of reach, so that no claim begins.
+        Returns once no claim is pending (or after `timeout`: the audit then shows it), so that
+        the chain and the ledger are compared at rest."""
+        await self.start_provider(CLAIM_THRESHOLD=str(10**15), CLAIM_INTERVAL="0.5")
+        deadline = time.monotonic() + timeout
+        while self.query("SELECT COUNT(*) FROM claims WHERE status = 'pending'")[0][0]:
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(0.1)
 
     def kill_provider(self) -> None:
         """SIGKILL: no shutdown code runs, exactly like a crash or the OOM killer."""
