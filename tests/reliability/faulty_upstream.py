@@ -74,9 +74,12 @@ class FaultyUpstream:
             f"{self.target}/{request.match_info['endpoint']}", data=raw, headers={"Content-Type": "application/json"}
         )
         async with upstream:
-            if stream:
-                return await self._stream(request, upstream, fault, after)
-            return await self._json(request, upstream, fault)
+            try:
+                if stream:
+                    return await self._stream(request, upstream, fault, after)
+                return await self._json(request, upstream, fault)
+            except ConnectionResetError:  # the provider stopped reading, as it should past its limit
+                return web.Response()
 
     async def _json(self, request: web.Request, upstream: aiohttp.ClientResponse, fault: str) -> web.StreamResponse:
         data = await upstream.json()

@@ -9,7 +9,7 @@ traceback in an answer, nor a traceback or an ERROR record in the server's log; 
 not paid (a 2xx is allowed only for a POST carrying a valid voucher, or a GET or HEAD of a free
 endpoint); nothing written for the channel whose consumer the fuzzer never was; the ledger's
 books; and, in a long run, RSS flat: at the end no more than 10% above its size after the first
-tenth of the inputs.
+tenth of the inputs (its size after each tenth is reported, to tell a leak from a cache filling).
 
 The random engine counts every violation and goes on; Hypothesis stops at the first and shrinks
 it to a small request, reported as `figures.falsifying`.
@@ -173,14 +173,14 @@ async def run_random(
     rig: Rig, session: aiohttp.ClientSession, target: Target, inputs: int, *, seed: int, concurrency: int,
     family: str | None, tally: Tally, rss: list[float],
 ) -> None:  # fmt: skip
-    warm_at = max(inputs // 10, 1)
+    tenth = max(inputs // 10, 1)
 
     async def worker(w: int) -> None:
         draw = RandomDraw(random.Random(f"{seed}-{w}"))
         for _ in range(w, inputs, concurrency):
             await one(rig, session, probe(draw, target, family), target, tally)
-            if tally.inputs == warm_at and not rss:
-                rss.append(_rss(rig))
+            if tally.inputs % tenth == 0 and len(rss) < tally.inputs // tenth:
+                rss.append(_rss(rig))  # after each tenth of the inputs
 
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
 
@@ -246,7 +246,8 @@ async def run(
                     rss=rss,
                 )  # fmt: skip
         seconds = time.perf_counter() - started
-        rss.append(_rss(rig))
+        if not rss or engine == "hypothesis":
+            rss.append(_rss(rig))
         rig.stop_provider()
         watch.problems()
         parameters = {"engine": engine, "inputs": inputs, "family": family or "all", "seed": seed}
@@ -289,6 +290,7 @@ def _result(
         "rss_mb_after_warm_up": rss[0] if len(rss) > 1 else None,
         "rss_mb_at_end": rss[-1],
         "rss_growth_mb": round(growth, 1),
+        "rss_mb_after_each_tenth": rss if len(rss) > 1 else None,
         "examples": tally.examples,
         "log_problems": log[:10],
     }

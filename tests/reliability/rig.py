@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,7 @@ class Rig:
         self.starts += 1
         with self.log_path.open("ab") as log:
             log.write(f"--- reliability rig: start {self.starts}\n".encode())
-            log.flush()
-            return subprocess.Popen(
-                [sys.executable, "-m", "drain_provider"], env=self.env, cwd=REPO, stdout=log, stderr=log
-            )
+        return spawn([sys.executable, "-m", "drain_provider"], self.log_path, self.env)
 
     async def start_at_rest(self, timeout: float = 30.0) -> None:
         """Start the provider so that it only finishes what earlier runs left: its claim cycles
@@ -124,18 +122,26 @@ class Rig:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def spawn(args: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """A process of the repository (its cwd), its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=log)
+
+
 async def build(channels: int, *, deposit: int = 100_000_000, env: dict[str, str] | None = None) -> Rig:
     """anvil, the demo upstream and `channels` funded channels; the provider is not started yet
     (`Rig.start_provider`). `env` sets provider settings."""
     owned: list[Server] = []
     try:
+        workdir = Path(tempfile.mkdtemp(prefix="drain-reliability-"))
         anvil_port, demo_port = free_port(), free_port()
         owned.append(start("anvil", [str(ANVIL), "--port", str(anvil_port), "--silent"], anvil_port))
         demo_args = [sys.executable, "-m", "drain_provider.devtools.demo_upstream", "--port", str(demo_port)]
-        owned.append(start("upstream", demo_args, demo_port))
+        demo = spawn(demo_args, workdir / "demo-upstream.log", os.environ)  # the streams faults cut short log there
+        owned.append(Server("upstream", demo, demo_port))
+        await asyncio.to_thread(wait_for_port, demo_port, demo)
         chain = await attach_dev_node(owned[0].url)
         provider_key = bytes(Account.create().key)
-        workdir = Path(tempfile.mkdtemp(prefix="drain-reliability-"))
         (workdir / "pricing.json").write_text(json.dumps(DEMO_PRICES))
         port = free_port()
         settings = {
