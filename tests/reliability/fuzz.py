@@ -149,9 +149,9 @@ class Tally:
             self.upstream_errors += answer.code == "upstream_error"
             for name in found:
                 self.violations[name] += 1
-                self.examples.setdefault(name, [])
-                if len(self.examples[name]) < 5:
-                    self.examples[name].append(p.brief())
+                examples = self.examples.setdefault(f"{name} ({p.family})", [])
+                if len(examples) < 5:
+                    examples.append(p.brief())
         return found
 
 
