@@ -163,14 +163,16 @@ async def _build_rig(servers: list[Server], channels: int, ledger: Path | None, 
     return rig
 
 
-async def open_channels(chain: DevChain, provider: str, count: int) -> list[DrainConsumer]:
+async def open_channels(
+    chain: DevChain, provider: str, count: int, *, deposit: int = 100_000_000
+) -> list[DrainConsumer]:
     keys = [bytes(Account.create().key) for _ in range(count)]
     for key in keys:  # the funder's transactions, one after another
-        await chain.fund(Account.from_key(key).address, usdc=100_000_000)
+        await chain.fund(Account.from_key(key).address, usdc=deposit)
 
     async def open_one(key: bytes) -> DrainConsumer:
         return await DrainConsumer.open_channel(
-            chain.client(), chain.token, key, provider, deposit=100_000_000, duration=86_400
+            chain.client(), chain.token, key, provider, deposit=deposit, duration=86_400
         )
 
     consumers: list[DrainConsumer] = []

@@ -170,6 +170,7 @@ def cited_sources() -> Iterator[Path]:
     yield from python_files(PACKAGE, REPO / "tests", REPO / "bench")
     yield from sorted(PACKAGE.rglob("*.sol"))
     yield from [REPO / "README.md", REPO / "CHANGELOG.md", REPO / "env.example", REPO / "bench" / "README.md"]
+    yield REPO / "RELIABILITY.md"
     yield from sorted((REPO / "docs").glob("*.md"))
 
 
