@@ -263,6 +263,23 @@ async def test_a_body_that_cannot_be_decoded_is_400(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def test_expect_headers_are_answered_by_us(provider: Provider, caplog: pytest.LogCaptureFixture) -> None:
+    """100-continue for a body that would be read; a 413 instead of the 100 for one declared too
+    large; any other expectation (not UTF-8 either) a 417 with our error body, never a 500."""
+    quiet_bad_requests()
+    too_big = request_head("/v1/chat/completions", Content_Length=str(10**9), Expect="100-continue")
+    answer = await raw_exchange(provider, too_big)
+    assert answer.status == 413 and answer.headers["x-drain-error"] == "request_too_large"
+    for path in ("/v1/chat/completions", "/v1/models", "/v1/admin/stats", "/health"):
+        head = request_head(path, Content_Length="2").replace(b"\r\n\r\n", b"\r\nExpect: \xff\xfe\r\n\r\n")
+        answer = await raw_exchange(provider, head, b"{}")
+        assert answer.status == 417 and answer.headers["x-drain-error"] == "expectation_failed", path
+    head = request_head("/v1/chat/completions", Content_Length="2", Expect="100-continue")
+    answer = await raw_exchange(provider, head, b"{}", body_after=0.2)
+    assert answer.status == 100  # then the answer to the request itself
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # --- the limit on failed payments -------------------------------------------------------------
 
 

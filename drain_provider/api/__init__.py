@@ -30,7 +30,7 @@ from ..tokens import TokenCounter
 from ..upstream import Upstream
 from . import completions, health, info
 from .admin import create_admin_app
-from .body import declared_size
+from .body import answer_expect_headers, declared_size
 from .errors import error_middleware
 from .state import (
     CHAIN,
@@ -83,6 +83,7 @@ def create_app(
     app.add_routes(info.routes)
     app.add_routes(health.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
+    answer_expect_headers(app)
     return app
 
 

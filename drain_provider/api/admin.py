@@ -15,6 +15,7 @@ from aiohttp import web
 from .. import reports
 from ..chain import ChainUnavailable
 from ..states import ClaimStatus
+from .body import answer_expect_headers
 from .errors import ApiError, Handler
 from .state import CHAIN, CLAIMER, LEDGER, SETTINGS, WATCHER
 
@@ -82,4 +83,5 @@ async def claims(request: web.Request) -> web.Response:
 def create_admin_app() -> web.Application:
     app = web.Application(middlewares=[require_admin_token])
     app.add_routes(routes)
+    answer_expect_headers(app)
     return app

@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from .. import safejson
-from .errors import ApiError, Handler
+from .errors import ApiError, Handler, error_response
 from .state import SETTINGS
 
 
@@ -62,3 +62,43 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError("invalid_request", "The request body must be a JSON object.")
     return body
+
+
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` is answered "100 Continue" only for a body that would be read: one
+    whose declared length is over MAX_BODY_BYTES is refused first, so the client never sends it.
+    Any other expectation is a 417 with our error body. (aiohttp's own handler answers before the
+    size is looked at, and puts the header's text in its 417, which fails on bytes that are not
+    UTF-8: a 500.) It runs before the middlewares, so it answers with a response, not an error."""
+    expect = request.headers.get("Expect", "")
+    limit = request.config_dict[SETTINGS].max_body_bytes
+    if expect.lower() != "100-continue":
+        return error_response(request, ApiError("expectation_failed"))
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(request, ApiError("request_too_large", f"The request body is larger than {limit} bytes."))
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the 100 is not part of the answer
+    return None
+
+
+async def unrouted(request: web.Request) -> web.StreamResponse:
+    """What no route of the app takes: 404, or 405 where another route has the path, as aiohttp
+    would answer, but from a route of ours, so that its Expect header is ours to answer too."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()
+
+
+def answer_expect_headers(app: web.Application) -> None:
+    """Give every request to `app`, routed or not, `expect_continue`: a last route takes what no
+    other does (`unrouted`), and each route gets the handler. aiohttp takes an expect handler only
+    as an argument of each route's registration, and routes come from RouteTableDefs: setting it
+    afterwards is one private attribute (tests/test_unpaid.py fails if aiohttp renames it)."""
+    app.router.add_route("*", "/{unrouted:.*}", unrouted)
+    for route in app.router.routes():
+        route._expect_handler = expect_continue  # type: ignore[attr-defined]

@@ -58,6 +58,7 @@ ERRORS: dict[str, ErrorSpec] = {
     "not_found": ErrorSpec(404, _REQUEST, "No such endpoint."),
     "method_not_allowed": ErrorSpec(405, _REQUEST, "Method not allowed on this endpoint."),
     "request_too_large": ErrorSpec(413, _REQUEST, "The request body is too large."),
+    "expectation_failed": ErrorSpec(417, _REQUEST, "Only the expectation 100-continue is supported."),
     "request_timeout": ErrorSpec(408, _REQUEST, "The request body did not arrive in time."),
     "rate_limited": ErrorSpec(429, "rate_limit_error", "Too many refused payments from this address; retry later."),
     # 502, or 504 when the upstream timed out: the status tells the two apart.

@@ -84,14 +84,18 @@ def flood_body(seed: int = 1) -> bytes:
 
 async def flood(port: int, clients: int, seconds: float, stats: dict[str, int]) -> None:
     """`clients` clients POSTing ~1 MiB chat bodies with no voucher, one after another; `stats`
-    counts their answers by status."""
+    counts their answers by status. Each is its own address, as a reverse proxy on loopback (a
+    trusted proxy by default) names it in X-Forwarded-For: the paid client, loopback itself, is
+    another, and is not limited for their refusals."""
     body = flood_body()
     deadline = time.monotonic() + seconds
 
-    async def one(session: aiohttp.ClientSession) -> None:
+    async def one(session: aiohttp.ClientSession, address: str) -> None:
         while time.monotonic() < deadline:
             try:
-                async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body) as resp:
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions", data=body, headers={"X-Forwarded-For": address}
+                ) as resp:
                     await resp.read()
                     stats[str(resp.status)] = stats.get(str(resp.status), 0) + 1
             except (aiohttp.ClientError, OSError):
@@ -100,7 +104,7 @@ async def flood(port: int, clients: int, seconds: float, stats: dict[str, int]) 
 
     headers = {"Content-Type": "application/json"}
     async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0)) as session:
-        await asyncio.gather(*(one(session) for _ in range(clients)))
+        await asyncio.gather(*(one(session, f"198.51.100.{i + 1}") for i in range(clients)))
 
 
 def attack(kind: str, port: int, connections: int, seconds: float) -> None:

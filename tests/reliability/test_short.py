@@ -2,9 +2,9 @@
 the long runs of RELIABILITY.md, with small parameters. Each test starts its own processes
 (anvil, the demo upstream, drain-provider), so xdist spreads them over its workers.
 
-Two fuzz families fail on the code before issue 11's fixes (an admin token that is not UTF-8 is
-a 500; malformed HTTP logs aiohttp's ERROR traceback): they are marked xfail(strict), and pass
-once the dos and proc branches are merged, when the marks go.
+The admin and malformed-HTTP fuzz families, and the Expect finding, failed on the code before
+issue 11's fixes (an admin token or an Expect header that is not UTF-8 was a 500; malformed HTTP
+logged aiohttp's ERROR traceback).
 """
 
 from __future__ import annotations
@@ -62,19 +62,16 @@ async def test_fuzz_free_endpoints_and_made_up_paths() -> None:
     assert result["ok"], why(result)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 11: fixed by the dos/proc branches")
 async def test_fuzz_admin_api() -> None:
     result = await fuzz.run(50, engine="hypothesis", family="admin", shrink=False)
     assert result["ok"], why(result)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 11: fixed by the dos/proc branches")
 async def test_fuzz_malformed_http() -> None:
     result = await fuzz.run(50, engine="hypothesis", family="http", shrink=False)
     assert result["ok"], why(result)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="issue 11: found by the fuzzer, not fixed yet")
 async def test_fuzz_finding_an_expect_header_not_utf8_is_no_500() -> None:
     """Found by the long fuzz run: aiohttp's default Expect handler puts the header in its 417's
     text and fails to encode it (UnicodeEncodeError: a 500 and a traceback in the log)."""
