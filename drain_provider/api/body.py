@@ -101,4 +101,4 @@ def answer_expect_headers(app: web.Application) -> None:
     afterwards is one private attribute (tests/test_unpaid.py fails if aiohttp renames it)."""
     app.router.add_route("*", "/{unrouted:.*}", unrouted)
     for route in app.router.routes():
-        route._expect_handler = expect_continue  # type: ignore[attr-defined]
+        route._expect_handler = expect_continue

@@ -140,7 +140,8 @@ to what it pays for. Failed upstream calls are not charged.
 
 Errors: JSON {{"error": {{"message", "type", "code"}}}} plus header X-DRAIN-Error.
 insufficient_funds comes with X-DRAIN-Required (the cumulative amount needed) and
-X-DRAIN-Provided; channel_expiring means: open a new channel. Codes by status:
+X-DRAIN-Provided; channel_expiring means: open a new channel; rate_limited (429: too many
+refused payments from your address) comes with Retry-After, the seconds to wait. Codes by status:
 {errors}
 
 Other endpoints: GET {root}/v1/models, GET {root}/v1/pricing, GET {root}/v1/signing, GET {root}/health.
