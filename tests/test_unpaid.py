@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 from eth_account import Account
 from helpers import ChannelFactory, CountingCounter, Provider, ProviderFactory, paid_chat, wait_for
 
+from drain_provider.api.clients import LIMITED_ANSWER_DELAY
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL
 from drain_provider.devtools.dev import dev_settings
@@ -218,19 +220,39 @@ async def test_declared_oversize_is_refused_before_the_body_is_sent(provider: Pr
         assert answer.headers["connection"] == "close" and answer.closed
 
 
-async def test_a_chunked_body_past_the_limit_is_413(provider_factory: ProviderFactory) -> None:
+async def test_a_refused_voucher_is_answered_before_the_body_is_read(provider: Provider) -> None:
+    """No voucher, or one that cannot pay on any channel of ours: the 402 comes without a byte of
+    the body read (and the connection is closed, the body still on its way)."""
+    for voucher in (None, '{"channelId": "0x' + "ab" * 32 + '", "amount": "1", "nonce": "1", "signature": "0x00"}'):
+        extra = {} if voucher is None else {"X_DRAIN_Voucher": voucher}
+        head = request_head("/v1/chat/completions", Content_Length="500000", Content_Type="application/json", **extra)
+        answer = await raw_exchange(provider, head)  # and not a byte of the body
+        assert answer.status == 402, answer
+        assert answer.headers["x-drain-error"] in ("voucher_required", "invalid_voucher_format")
+        assert answer.headers["connection"] == "close" and answer.closed
+
+
+async def test_a_chunked_body_past_the_limit_is_413(
+    provider_factory: ProviderFactory, open_channel: ChannelFactory
+) -> None:
     provider = await provider_factory(max_body_bytes=4096)
+    voucher = (await open_channel(provider)).next_voucher(10**5).header_value()
     chunk = b"x" * 1000
-    head = request_head("/v1/chat/completions", Transfer_Encoding="chunked")
+    head = request_head("/v1/chat/completions", Transfer_Encoding="chunked", X_DRAIN_Voucher=voucher)
     body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
     answer = await raw_exchange(provider, head, body)
     assert answer.status == 413 and answer.headers["x-drain-error"] == "request_too_large"
     assert answer.closed
 
 
-async def test_a_slow_body_is_408_and_the_connection_closed(provider_factory: ProviderFactory) -> None:
+async def test_a_slow_body_is_408_and_the_connection_closed(
+    provider_factory: ProviderFactory, open_channel: ChannelFactory
+) -> None:
     provider = await provider_factory(body_timeout=0.3)
-    head = request_head("/v1/chat/completions", Content_Length="100", Content_Type="application/json")
+    voucher = (await open_channel(provider)).next_voucher(10**5).header_value()
+    head = request_head(
+        "/v1/chat/completions", Content_Length="100", Content_Type="application/json", X_DRAIN_Voucher=voucher
+    )
     answer = await raw_exchange(provider, head, b"{")  # 1 of the 100 bytes it declared
     assert answer.status == 408 and answer.headers["x-drain-error"] == "request_timeout"
     assert json.loads(answer.body)["error"]["code"] == "request_timeout"
@@ -239,12 +261,13 @@ async def test_a_slow_body_is_408_and_the_connection_closed(provider_factory: Pr
 
 @pytest.mark.parametrize("body_after", [0.0, 0.1], ids=["with-head", "after-head"])
 async def test_a_body_that_cannot_be_decoded_is_400(
-    provider: Provider, caplog: pytest.LogCaptureFixture, body_after: float
+    provider: Provider, open_channel: ChannelFactory, caplog: pytest.LogCaptureFixture, body_after: float
 ) -> None:
     """A Content-Encoding the body does not match is the client's error: 400, never a 500 nor an
     ERROR line. aiohttp's parser refuses it itself when the body comes with the head (plain
     text); when it comes while the handler reads, the answer is ours."""
     quiet_bad_requests()  # as the serving loop does
+    voucher = (await open_channel(provider)).next_voucher(10**5).header_value()
     for encoding in ("gzip", "deflate", "br"):
         body = b"this is not compressed at all"
         head = request_head(
@@ -252,6 +275,7 @@ async def test_a_body_that_cannot_be_decoded_is_400(
             Content_Length=str(len(body)),
             Content_Type="application/json",
             Content_Encoding=encoding,
+            X_DRAIN_Voucher=voucher,
         )
         answer = await raw_exchange(provider, head, body, body_after=body_after)
         assert answer.status == 400, encoding
@@ -292,7 +316,9 @@ async def test_failed_payments_are_limited_per_address(
     assert (await post(provider, b"{not json", consumer.next_voucher(10**5).header_value()))[0] == 400
     assert (await post(provider, chat("hi"), "{bad"))[0] == 402
     before = await ledger_state(provider)
+    asked = time.monotonic()
     status, headers, body = await post(provider, chat("hi"))
+    assert time.monotonic() - asked >= LIMITED_ANSWER_DELAY  # a client that does not wait is made to
     assert (status, headers["X-DRAIN-Error"], body["error"]["code"]) == (429, "rate_limited", "rate_limited")
     assert headers["Retry-After"] == "20"  # three a minute: one every 20 s
     # Over the limit even a good voucher is not looked at.

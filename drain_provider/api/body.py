@@ -7,9 +7,8 @@ BODY_TIMEOUT of its reading's start (its headers are in by then), or the request
 Both answers close the connection (api/errors.py): whatever the client still sends is not a
 request.
 
-Parsing a body that did arrive is cheap (orjson, in C, bounded by MAX_BODY_BYTES and by
-safejson's depth bound): it comes before the voucher is looked at, so that a body that is not
-JSON is an `invalid_request` whatever the voucher.
+A paid endpoint reads its body only after the voucher header has been accepted
+(api/completions.py): what a request that cannot pay sends is never read nor parsed.
 """
 
 from __future__ import annotations

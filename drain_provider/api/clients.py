@@ -13,6 +13,7 @@ before anything of its request is read, and each request that fails payment (any
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -28,8 +29,8 @@ from .state import LIMITER, SETTINGS
 log = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-# What failing payment means: refused for the voucher (402), or for the body before the voucher
-# was looked at (400, 408, 413). Not 503 (our RPC) nor 5xx: those are not the client's doing.
+# What failing payment means: refused for the voucher (402), or for the body (400, 408, 413).
+# Not 503 (our RPC) nor 5xx: those are not the client's doing.
 FAILED_PAYMENT_STATUSES = frozenset({400, 402, 408, 413})
 MAX_FORWARDED_HOPS = 32  # a longer X-Forwarded-For is looked at from its right end only
 
@@ -79,6 +80,11 @@ def request_client(request: web.Request) -> str:
     return limit_key(client_address(request.remote, request.headers.get("X-Forwarded-For"), settings.trusted_proxies))
 
 
+# How long a request over the limit waits for its 429: it holds a connection (MAX_CONNECTIONS
+# bounds those), not the CPU. tests/reliability/slow.py measures what it is for.
+LIMITED_ANSWER_DELAY = 1.0
+
+
 def limit_payment_failures(handler: Handler) -> Handler:
     """Wrap a paid route: 429 for a client over its limit, and its refused payments counted."""
 
@@ -90,6 +96,9 @@ def limit_payment_failures(handler: Handler) -> Handler:
         client = request_client(request)
         wait = limiter.retry_after(client)
         if wait is not None:
+            # A client over its limit that does not wait as told gets its 429 only after a pause:
+            # answered at once, four such clients keep the event loop as busy as paying ones.
+            await asyncio.sleep(LIMITED_ANSWER_DELAY)
             raise ApiError(
                 "rate_limited",
                 f"Too many refused payments from this address: retry in {wait} s. Requests that pay never count.",

@@ -4,9 +4,10 @@ A request costs the server in proportion to its body only once it has shown a vo
 pay for it (docs/PROTOCOL.md, "The order of the answers"):
 
 1. the client's limit on refused payments (api/clients.py), before anything is read;
-2. the body, bounded in size and time, parsed and validated (api/body.py, openai_format): a bad
+2. the voucher accepted by the gate (format, signature, channel, deposit, expiry; payments),
+   from its header alone: the body of a request that cannot pay is never read;
+3. the body, bounded in size and time, parsed and validated (api/body.py, openai_format): a bad
    body never touches the ledger;
-3. the voucher accepted by the gate (format, signature, channel, deposit, expiry; payments);
 4. the input counted: inline when the body is small, else on the counting threads, after a
    ledger read has refused what the reservation surely would (`PaymentGate.precheck`, with a
    lower bound of the input that costs no encoding);
@@ -46,24 +47,27 @@ COUNT_ON_LOOP_BYTES = 8192
 @limit_payment_failures
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
+    voucher = await request.app[GATE].accept(request.headers.get(VOUCHER_HEADER))
     raw = await read_body(request)
     paid = openai_format.parse_chat(
         parse_json_object(raw), settings.prices, default_max_tokens=settings.default_max_tokens
     )
-    return await _serve(request, paid, len(raw))
+    return await _serve(request, voucher, paid, len(raw))
 
 
 @routes.post("/v1/completions")
 @limit_payment_failures
 async def completions(request: web.Request) -> web.StreamResponse:
+    voucher = await request.app[GATE].accept(request.headers.get(VOUCHER_HEADER))
     raw = await read_body(request)
     paid = openai_format.parse_legacy(parse_json_object(raw), request.app[SETTINGS].prices)
-    return await _serve(request, paid, len(raw))
+    return await _serve(request, voucher, paid, len(raw))
 
 
-async def _serve(request: web.Request, paid: CompletionRequest, body_bytes: int) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, voucher: Voucher, paid: CompletionRequest, body_bytes: int
+) -> web.StreamResponse:
     app = request.app
-    voucher = await app[GATE].accept(request.headers.get(VOUCHER_HEADER))
     charge = app[GATE].charge(
         voucher,
         await _plan(request, paid, voucher, body_bytes),

@@ -85,6 +85,7 @@ class ApiError(Exception):
 
 
 # Answered while the body is still (partly) unread: the connection is closed after the answer.
+# So is any error answered before the body was read (a paid request whose voucher is refused).
 CLOSING_STATUSES = frozenset({408, 413})
 
 
@@ -114,7 +115,7 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
     # aiohttp hands over as lone surrogates, which it escapes (orjson refuses them).
     text = json.dumps(error_body(error.message, error.code, ERRORS[error.code].type))
     kwargs: dict[str, Any] = {"text": text, "status": error.status, "headers": headers, "content_type": JSON}
-    if error.status in CLOSING_STATUSES:
+    if error.status in CLOSING_STATUSES or request.can_read_body:
         return _ClosingResponse(request.transport, **kwargs)
     return web.Response(**kwargs)
 
