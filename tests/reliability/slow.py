@@ -41,7 +41,9 @@ TRICKLE_EVERY = 0.5  # seconds between a slow connection's writes
 
 async def slowloris(port: int, connections: int, seconds: float, stats: dict[str, int]) -> None:
     """`connections` connections, each sending its request a few bytes at a time, and opening
-    again when the server closes it: half trickle their headers, half a declared 100 kB body."""
+    again when the server closes it: half trickle their headers, half a declared 100 kB body
+    (with no voucher: a 402 at once). Each connection is its own address (X-Forwarded-For, as
+    the flood's clients): their refusals do not count against the paying client's."""
     stats.update(connections_opened=0, closed_by_server=0)
     deadline = time.monotonic() + seconds
 
@@ -54,7 +56,10 @@ async def slowloris(port: int, connections: int, seconds: float, stats: dict[str
                 await asyncio.sleep(0.1)
                 continue
             stats["connections_opened"] += 1
-            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            head = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"X-Forwarded-For: 203.0.113.%d\r\n" % (i % 250 + 1)
+            )
             if body_first:
                 writer.write(head + b"Content-Length: 100000\r\n\r\n")
             try:
