@@ -19,17 +19,20 @@ from typing import Any
 from aiohttp import web
 
 from .. import safejson
-from .errors import ApiError, Handler, error_response
+from .errors import ApiError, Handler, error_response, too_large
 from .state import SETTINGS
+
+
+def _declared_too_large(request: web.Request) -> bool:
+    length = request.content_length
+    return length is not None and length > request.config_dict[SETTINGS].max_body_bytes
 
 
 @web.middleware
 async def declared_size(request: web.Request, handler: Handler) -> web.StreamResponse:
     """413 at once for a Content-Length above MAX_BODY_BYTES, on every route."""
-    limit = request.config_dict[SETTINGS].max_body_bytes
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ApiError("request_too_large", f"The request body is larger than {limit} bytes.")
+    if _declared_too_large(request):
+        raise too_large(request)
     return await handler(request)
 
 
@@ -69,12 +72,10 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     Any other expectation is a 417 with our error body. (aiohttp's own handler answers before the
     size is looked at, and puts the header's text in its 417, which fails on bytes that are not
     UTF-8: a 500.) It runs before the middlewares, so it answers with a response, not an error."""
-    expect = request.headers.get("Expect", "")
-    limit = request.config_dict[SETTINGS].max_body_bytes
-    if expect.lower() != "100-continue":
+    if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(request, ApiError("expectation_failed"))
-    if request.content_length is not None and request.content_length > limit:
-        return error_response(request, ApiError("request_too_large", f"The request body is larger than {limit} bytes."))
+    if _declared_too_large(request):
+        return error_response(request, too_large(request))
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the 100 is not part of the answer

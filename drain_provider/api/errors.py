@@ -124,12 +124,17 @@ def error_response(request: web.Request, error: ApiError) -> web.Response:
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+def too_large(request: web.Request) -> ApiError:
+    """413, with the limit the body passed."""
+    limit = request.config_dict[SETTINGS].max_body_bytes
+    return ApiError("request_too_large", f"The request body is larger than {limit} bytes.")
+
+
 def _from_http(request: web.Request, exc: web.HTTPException) -> ApiError:
-    code = HTTP_CODES.get(exc.status, "invalid_request")
-    message = ERRORS[code].message
     if exc.status == 413:
-        message = f"The request body is larger than {request.config_dict[SETTINGS].max_body_bytes} bytes."
-    return ApiError(code, message, status=exc.status if exc.status in HTTP_CODES else 400)
+        return too_large(request)
+    code = HTTP_CODES.get(exc.status, "invalid_request")
+    return ApiError(code, ERRORS[code].message, status=exc.status if exc.status in HTTP_CODES else 400)
 
 
 def client_error(request: web.Request, exc: BaseException) -> ApiError | None:
