@@ -20,6 +20,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +31,7 @@ from drain_provider.api import create_app
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL, create_demo_upstream
 from drain_provider.devtools.dev import dev_settings
-from drain_provider.devtools.devchain import start_embedded_chain
+from drain_provider.devtools.devchain import DevChain, start_embedded_chain
 from drain_provider.ledger import Ledger, Reservation
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
@@ -40,19 +41,33 @@ WARM_UP = 50
 PRICE = ModelPrice(1000, 2000)
 
 
-async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
+@dataclass
+class InProcess:
+    """The embedded chain, the demo upstream and the provider, in this process, with a consumer
+    whose channel holds a million USDC."""
+
+    chain: DevChain
+    upstream: TestServer
+    provider: TestServer
+    consumer: DrainConsumer
+
+    @property
+    def url(self) -> str:
+        return str(self.provider.make_url("/v1/chat/completions"))
+
+    async def close(self) -> None:
+        await self.provider.close()
+        await self.upstream.close()
+        await self.chain.close()
+
+
+async def start_in_process(**env: str) -> InProcess:
+    """Everything started; `env` adds to the dev settings (no claims, a ledger of its own)."""
     chain = await start_embedded_chain()
     upstream = TestServer(create_demo_upstream())
     await upstream.start_server()
-    ledger_path = str(Path(tempfile.mkdtemp()) / "ledger.db")
-    # No claims and no chain polls while measuring: the embedded chain runs in this process, and
-    # its py-evm calls (the watcher's gas reads every poll) would be counted as the provider's CPU.
-    settings = dev_settings(
-        {"DATABASE_PATH": ledger_path, "CLAIM_INTERVAL": "0", "CHAIN_POLL_INTERVAL": "3600"},
-        chain,
-        bytes(Account.create().key),
-        str(upstream.make_url("/v1")),
-    )
+    env = {"DATABASE_PATH": str(Path(tempfile.mkdtemp()) / "ledger.db"), "CLAIM_INTERVAL": "0", **env}
+    settings = dev_settings(env, chain, bytes(Account.create().key), str(upstream.make_url("/v1")))
     provider = TestServer(create_app(settings, chain=chain.client()))
     await provider.start_server()
     consumer_key = bytes(Account.create().key)
@@ -60,7 +75,14 @@ async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
     consumer = await DrainConsumer.open_channel(
         chain.client(), chain.token, consumer_key, settings.provider_address, deposit=10**12, duration=30 * 86_400
     )
-    url = str(provider.make_url("/v1/chat/completions"))
+    return InProcess(chain, upstream, provider, consumer)
+
+
+async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
+    # No chain polls while measuring: the embedded chain runs in this process, and its py-evm
+    # calls (the watcher's gas reads every poll) would be counted as the provider's CPU.
+    run = await start_in_process(CHAIN_POLL_INTERVAL="3600")
+    consumer, url = run.consumer, run.url
     body = {
         "model": DEMO_MODEL,
         "messages": [{"role": "user", "content": "Hello there, how are you?"}],
@@ -76,9 +98,7 @@ async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
                 assert response.status == 200, await response.text()
                 await response.read()
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    await provider.close()
-    await upstream.close()
-    await chain.close()
+    await run.close()
     return {"cpu_us_per_request": cpu / count * 1e6, "wall_us_per_request": wall / count * 1e6}
 
 

@@ -25,19 +25,14 @@ import logging
 import random
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import aiohttp
-from aiohttp.test_utils import TestServer
-from eth_account import Account
 
-from drain_provider.api import create_app
-from drain_provider.consumer import DrainConsumer
-from drain_provider.devtools.demo_upstream import DEMO_MODEL, create_demo_upstream
-from drain_provider.devtools.dev import dev_settings
-from drain_provider.devtools.devchain import start_embedded_chain
+from drain_provider.devtools.demo_upstream import DEMO_MODEL
+
+from .harness import percentile
+from .inprocess import start_in_process
 
 UNPAID_ADDRESS = "127.0.0.2"
 WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "hex")
@@ -74,29 +69,9 @@ async def attack(url: str, clients: int, size: int) -> None:
     print(json.dumps(dict(sorted(outcomes.items()))))
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 async def measure(clients: int, paid: int, size: int, limit: int) -> dict[str, object]:
-    chain = await start_embedded_chain()
-    upstream = TestServer(create_demo_upstream())
-    await upstream.start_server()
-    env = {
-        "DATABASE_PATH": str(Path(tempfile.mkdtemp()) / "ledger.db"),
-        "CLAIM_INTERVAL": "0",
-        "PAYMENT_FAILURES_PER_MINUTE": str(limit),
-    }
-    settings = dev_settings(env, chain, bytes(Account.create().key), str(upstream.make_url("/v1")))
-    provider = TestServer(create_app(settings, chain=chain.client()))
-    await provider.start_server()
-    consumer_key = bytes(Account.create().key)
-    await chain.fund(Account.from_key(consumer_key).address, usdc=10**12)
-    consumer = await DrainConsumer.open_channel(
-        chain.client(), chain.token, consumer_key, settings.provider_address, deposit=10**12, duration=30 * 86_400
-    )
-    url = str(provider.make_url("/v1/chat/completions"))
+    run = await start_in_process(PAYMENT_FAILURES_PER_MINUTE=str(limit))
+    consumer, url = run.consumer, run.url
     messages = [{"role": "user", "content": "Hello there, how are you?"}]
     body = {"model": DEMO_MODEL, "messages": messages, "max_tokens": 60}
     amount = 0
@@ -129,9 +104,7 @@ async def measure(clients: int, paid: int, size: int, limit: int) -> dict[str, o
         loaded_seconds = time.perf_counter() - started
         out, _ = await attackers.communicate(b"")  # stdin closed: they stop and report
     unpaid = json.loads(out)
-    await provider.close()
-    await upstream.close()
-    await chain.close()
+    await run.close()
     return {
         "unpaid_clients": clients,
         "unpaid_body_bytes": len(unpaid_body(size)),
