@@ -161,7 +161,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         max_answer_bytes=settings.max_answer_bytes,
     )
     app[UPSTREAM] = upstream
-    probe = asyncio.create_task(_probe_upstream(upstream, sorted(settings.prices)), name="upstream-probe")
+    probe = asyncio.create_task(_probe_upstream(upstream, app[PRICES]), name="upstream-probe")
     yield
     probe.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -169,14 +169,15 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _probe_upstream(upstream: Upstream, priced: list[str]) -> None:
+async def _probe_upstream(upstream: Upstream, prices: PriceBook) -> None:
     """GET /models at start, in the background (an upstream that is down must not hold the
-    start up, nor stop it: it may come up later), then again while the last call failed."""
-    checks.log_checks(await checks.check_upstream(upstream, priced))
+    start up, nor stop it: it may come up later), then again while the last call failed. The
+    models priced are read at each probe: SIGHUP may have changed them."""
+    checks.log_checks(await checks.check_upstream(upstream, sorted(prices)))
     while True:
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
         if upstream.health.failing:
-            await checks.check_upstream(upstream, priced)
+            await checks.check_upstream(upstream, sorted(prices))
 
 
 async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
