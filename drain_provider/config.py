@@ -44,11 +44,24 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ContractRef:
+    """One DrainChannel deployment the provider serves channels of."""
+
+    address: str  # EIP-55
+    version: str  # "v1" or "v2"
+
+    @property
+    def cooperative_close(self) -> bool:
+        """Only V2 has `cooperativeClose` (and a protocol fee)."""
+        return self.version == "v2"
+
+
+@dataclass(frozen=True)
 class Settings:
     provider_private_key: bytes = field(repr=False)
     chain_id: int
-    drain_contract: str
-    contract_version: str
+    drain_contract: str  # the primary contract: the V2 one when there is one (402 discovery)
+    contract_version: str  # the primary contract's version, "v1" or "v2"
     rpc_url: str | None  # None: the embedded chain of `dev` and the tests
     host: str = "0.0.0.0"
     port: int = 3000
@@ -80,6 +93,12 @@ class Settings:
     default_max_tokens: int = 4096
     min_output_tokens: int = 16
     log_level: str = "INFO"
+    # Every contract served, the primary first. Empty when built by hand: then the primary alone.
+    contracts: tuple[ContractRef, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.contracts:
+            object.__setattr__(self, "contracts", (ContractRef(self.drain_contract, self.contract_version),))
 
     @property
     def provider_address(self) -> str:
@@ -328,18 +347,27 @@ SETTINGS: tuple[Setting, ...] = (
         "drain_contract",
         _address,
         Section.CHAIN,
-        "The DrainChannel contract's address. Default: the deployment of DRAIN_CONTRACT_VERSION on "
-        "CHAIN_ID (see docs/PROTOCOL.md); any other chain must set it.",
-        default_doc="the chain's deployment",
+        "A custom DrainChannel contract to serve instead of the chain's known deployments: a V2 one, "
+        "or a V1 one with DRAIN_CONTRACT_VERSION=v1. Any chain without a known deployment must set it.",
+        default_doc="the chain's deployments",
+    ),
+    Setting(
+        "DRAIN_CONTRACT_V1",
+        "drain_contract_v1",
+        _address,
+        Section.CHAIN,
+        "A custom V1 DrainChannel contract, served beside DRAIN_CONTRACT (unless DRAIN_CONTRACT_VERSION=v2).",
+        default_doc="the chain's V1 deployment, unless DRAIN_CONTRACT is set",
     ),
     Setting(
         "DRAIN_CONTRACT_VERSION",
         "contract_version",
-        _choice("v1", "v2"),
+        _choice("v1", "v2", "both"),
         Section.CHAIN,
-        "v2 (what current clients use) or v1: which known deployment DRAIN_CONTRACT defaults to, and "
-        "the protocol announced in the 402 discovery headers.",
-        default="v2",
+        "Which contracts' channels are served: both (V2, which the MCP server uses, and V1, which the "
+        "SDK and the reference provider default to), v2 or v1. The 402 discovery headers announce V2 "
+        "when it is served.",
+        default="both",
     ),
     Setting(
         "CHAIN_POLL_INTERVAL",
@@ -634,15 +662,21 @@ def _read(setting: Setting, env: Mapping[str, str]) -> Any:
     return None if setting.default is None else setting.parse(setting.name, setting.default)
 
 
-def _contract(explicit: str | None, chain_id: int, version: str) -> str:
-    """The contract clients of `version` use on `chain_id`, unless the operator named one."""
-    if explicit is not None:
-        return explicit
+def _contracts(custom: str | None, custom_v1: str | None, chain_id: int, version: str) -> tuple[ContractRef, ...]:
+    """The contracts served, the primary (V2 when served) first. A custom DRAIN_CONTRACT
+    replaces the chain's deployments; DRAIN_CONTRACT_V1 names a custom V1 beside it."""
     deployment = DEPLOYMENTS.get(chain_id)
-    if deployment is None:
+    v2 = custom if custom is not None else (deployment.v2 if deployment else None)
+    if version == "v1":
+        v1 = custom_v1 or custom or (deployment.v1 if deployment else None)
+    else:
+        v1 = custom_v1 or (deployment.v1 if deployment and custom is None else None)
+    wanted = {"v1": [("v1", v1)], "v2": [("v2", v2)], "both": [("v2", v2), ("v1", v1)]}[version]
+    refs = tuple(ContractRef(address, name) for name, address in wanted if address is not None)
+    if not refs:
         known = ", ".join(map(str, DEPLOYMENTS))
         raise ConfigError(f"DRAIN_CONTRACT: not set, and chain {chain_id} has no known deployment ({known})")
-    return deployment.v2 if version == "v2" else deployment.v1
+    return refs
 
 
 def _rpc_url(explicit: str | None, chain_id: int) -> str:
@@ -683,7 +717,10 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate everything up front: a provider that starts is a provider whose settings work."""
     # Any: each entry's parser gives its field's type; the table tests pin that they match.
     values: dict[str, Any] = {setting.field: _read(setting, env) for setting in SETTINGS}
-    values["drain_contract"] = _contract(values["drain_contract"], values["chain_id"], values["contract_version"])
+    contracts = _contracts(
+        values["drain_contract"], values.pop("drain_contract_v1"), values["chain_id"], values["contract_version"]
+    )
+    values.update(contracts=contracts, drain_contract=contracts[0].address, contract_version=contracts[0].version)
     values["rpc_url"] = _rpc_url(values["rpc_url"], values["chain_id"])
     _require_openai_key(values["openai_api_key"], values["upstream_base_url"])
     values["prices"] = _prices(values["prices"], env)

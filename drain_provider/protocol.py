@@ -91,7 +91,7 @@ DEPLOYMENTS: dict[int, Deployment] = {
     80002: Deployment(
         chain_name="Polygon Amoy",
         v1="0x61f1C1E04d6Da1C92D0aF1a3d7Dc0fEFc8794d7C",
-        v2="0x73d16e39F0E4C0bfb8b3e41a2F721EcC0eDef74F",
+        v2="0x73d16E39f0e4C0BFB8b3e41a2f721eCC0EDEF74F",
         usdc="0x41E94Eb019C0762f9Bfcf9Fb1E58725BfB0e7582",
         default_rpc_url="https://rpc-amoy.polygon.technology",
     ),

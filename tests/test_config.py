@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from drain_provider.config import SETTINGS, ConfigError, Settings, load_settings, read_environment
+from drain_provider.config import SETTINGS, ConfigError, ContractRef, Settings, load_settings, read_environment
 from drain_provider.protocol import DEPLOYMENTS, SECP256K1_N
 from drain_provider.states import SyncMode
 
@@ -67,6 +67,27 @@ def test_amoy_uses_its_v2_deployment() -> None:
 @pytest.mark.parametrize("version", ["v1", "V1"])
 def test_contract_version_v1(version: str) -> None:
     assert settings(DRAIN_CONTRACT_VERSION=version).drain_contract == DEPLOYMENTS[137].v1
+
+
+def test_both_deployments_are_served_by_default_v2_first() -> None:
+    d = DEPLOYMENTS[80002]
+    assert settings(CHAIN_ID="80002").contracts == (ContractRef(d.v2, "v2"), ContractRef(d.v1, "v1"))
+    assert settings(CHAIN_ID="80002", DRAIN_CONTRACT_VERSION="v2").contracts == (ContractRef(d.v2, "v2"),)
+    assert settings(CHAIN_ID="80002", DRAIN_CONTRACT_VERSION="v1").contracts == (ContractRef(d.v1, "v1"),)
+
+
+def test_custom_contracts() -> None:
+    v2, v1 = "0x" + "12" * 20, "0x" + "34" * 20
+    custom = {"CHAIN_ID": "31337", "RPC_URL": "http://127.0.0.1:8545/"}
+    # A custom DRAIN_CONTRACT alone is a V2 one, served alone, on any chain.
+    assert [c.version for c in settings(**custom, DRAIN_CONTRACT=v2).contracts] == ["v2"]
+    assert [c.version for c in settings(DRAIN_CONTRACT=v2).contracts] == ["v2"]
+    both = settings(**custom, DRAIN_CONTRACT=v2, DRAIN_CONTRACT_V1=v1)
+    assert [(c.address.lower(), c.version) for c in both.contracts] == [(v2, "v2"), (v1, "v1")]
+    assert (both.drain_contract.lower(), both.contract_version) == (v2, "v2")
+    only_v1 = settings(**custom, DRAIN_CONTRACT=v1, DRAIN_CONTRACT_VERSION="v1")
+    assert [(c.address.lower(), c.version) for c in only_v1.contracts] == [(v1, "v1")]
+    assert only_v1.contract_version == "v1"
 
 
 def test_explicit_contract_is_checksummed() -> None:
@@ -116,6 +137,7 @@ def test_table_defaults_are_the_settings_defaults() -> None:
         contract_version="v2",
         rpc_url=d.default_rpc_url,
         openai_api_key=OPENAI_KEY,
+        contracts=(ContractRef(d.v2, "v2"), ContractRef(d.v1, "v1")),
     )
     assert settings() == expected
 
