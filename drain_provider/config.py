@@ -30,7 +30,7 @@ from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_hex_address, to_checksum_address
 
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
-from .protocol import DEPLOYMENTS, SECP256K1_N
+from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef
 from .states import SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -41,19 +41,6 @@ LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.1"), i
 
 class ConfigError(Exception):
     """A setting is missing or wrong. str() is the one line shown to the operator."""
-
-
-@dataclass(frozen=True)
-class ContractRef:
-    """One DrainChannel deployment the provider serves channels of."""
-
-    address: str  # EIP-55
-    version: str  # "v1" or "v2"
-
-    @property
-    def cooperative_close(self) -> bool:
-        """Only V2 has `cooperativeClose` (and a protocol fee)."""
-        return self.version == "v2"
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,20 @@ DEPLOYMENTS: dict[int, Deployment] = {
 
 
 @dataclass(frozen=True)
+class ContractRef:
+    """One DrainChannel deployment a provider serves channels of; its version decides what it
+    can do."""
+
+    address: str  # EIP-55
+    version: str  # "v1" or "v2"
+
+    @property
+    def cooperative_close(self) -> bool:
+        """Only V2 has `cooperativeClose` (and a protocol fee)."""
+        return self.version == "v2"
+
+
+@dataclass(frozen=True)
 class ChannelState:
     """The contract's `Channel` struct as read from chain."""
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from drain_provider.config import SETTINGS, ConfigError, ContractRef, Settings, load_settings, read_environment
-from drain_provider.protocol import DEPLOYMENTS, SECP256K1_N
+from drain_provider.config import SETTINGS, ConfigError, Settings, load_settings, read_environment
+from drain_provider.protocol import DEPLOYMENTS, SECP256K1_N, ContractRef
 from drain_provider.states import SyncMode
 
 KEY_HEX = "4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318"
