@@ -45,10 +45,15 @@ DOMAIN_VERSION = "1"
 EIP712_DOMAIN_TYPE = "EIP712Domain(string name,string version,uint256 chainId,address verifyingContract)"
 VOUCHER_TYPE = "Voucher(bytes32 channelId,uint256 amount,uint256 nonce)"
 CLOSE_AUTHORIZATION_TYPE = "CloseAuthorization(bytes32 channelId,uint256 finalAmount)"
+# Ours, not the contract's: a consumer proves to the provider that a request about its channel
+# (reading its usage, asking to close it) comes from it. `action` keeps a signature for one from
+# being replayed as the other; `timestamp` (unix seconds) keeps it from being replayed later.
+CONSUMER_REQUEST_TYPE = "ConsumerRequest(bytes32 channelId,string action,uint256 timestamp)"
 
 EIP712_DOMAIN_TYPEHASH = keccak(EIP712_DOMAIN_TYPE.encode())
 VOUCHER_TYPEHASH = keccak(VOUCHER_TYPE.encode())
 CLOSE_AUTHORIZATION_TYPEHASH = keccak(CLOSE_AUTHORIZATION_TYPE.encode())
+CONSUMER_REQUEST_TYPEHASH = keccak(CONSUMER_REQUEST_TYPE.encode())
 
 # The same types in the JSON shape wallets and eth-account take (served by GET /v1/signing).
 EIP712_TYPES: dict[str, list[dict[str, str]]] = {
@@ -66,6 +71,11 @@ EIP712_TYPES: dict[str, list[dict[str, str]]] = {
     "CloseAuthorization": [
         {"name": "channelId", "type": "bytes32"},
         {"name": "finalAmount", "type": "uint256"},
+    ],
+    "ConsumerRequest": [
+        {"name": "channelId", "type": "bytes32"},
+        {"name": "action", "type": "string"},
+        {"name": "timestamp", "type": "uint256"},
     ],
 }
 
@@ -318,6 +328,13 @@ def voucher_digest(domain_separator: bytes, channel_id: str, amount: int, nonce:
 
 def close_authorization_digest(domain_separator: bytes, channel_id: str, final_amount: int) -> bytes:
     struct_hash = keccak(CLOSE_AUTHORIZATION_TYPEHASH + bytes.fromhex(channel_id[2:]) + _word(final_amount))
+    return _typed_digest(domain_separator, struct_hash)
+
+
+def consumer_request_digest(domain_separator: bytes, channel_id: str, action: str, timestamp: int) -> bytes:
+    struct_hash = keccak(
+        CONSUMER_REQUEST_TYPEHASH + bytes.fromhex(channel_id[2:]) + keccak(action.encode()) + _word(timestamp)
+    )
     return _typed_digest(domain_separator, struct_hash)
 
 

@@ -35,6 +35,7 @@ from drain_provider.protocol import (
     VoucherFormatError,
     channel_id_for,
     close_authorization_digest,
+    consumer_request_digest,
     format_usdc,
     parse_voucher,
     recover_signer,
@@ -243,6 +244,17 @@ def test_close_authorization_digest_matches_eth_account(domain: Domain) -> None:
         message = {"channelId": bytes.fromhex(channel[2:]), "finalAmount": final_amount}
         assert close_authorization_digest(domain.separator, channel, final_amount) == eth_account_digest(
             domain, "CloseAuthorization", message
+        )
+
+
+@pytest.mark.parametrize("domain", DOMAINS, ids=lambda d: str(d.chain_id))
+def test_consumer_request_digest_matches_eth_account(domain: Domain) -> None:
+    rng = random.Random(RNG_SEED)
+    for action, timestamp in [("close", 0), ("usage", 1_800_000_000), ("", UINT256_MAX), ("é", rng.getrandbits(64))]:
+        channel = "0x" + rng.randbytes(32).hex()
+        message = {"channelId": bytes.fromhex(channel[2:]), "action": action, "timestamp": timestamp}
+        assert consumer_request_digest(domain.separator, channel, action, timestamp) == eth_account_digest(
+            domain, "ConsumerRequest", message
         )
 
 
