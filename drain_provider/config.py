@@ -80,6 +80,7 @@ class Settings:
     default_max_tokens: int = 4096
     min_output_tokens: int = 16
     log_level: str = "INFO"
+    drain_contract_v1: str | None = None  # as set; `contracts` holds what it means
     # Every contract served, the primary first. Empty when built by hand: then the primary alone.
     contracts: tuple[ContractRef, ...] = ()
 
@@ -705,7 +706,7 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     # Any: each entry's parser gives its field's type; the table tests pin that they match.
     values: dict[str, Any] = {setting.field: _read(setting, env) for setting in SETTINGS}
     contracts = _contracts(
-        values["drain_contract"], values.pop("drain_contract_v1"), values["chain_id"], values["contract_version"]
+        values["drain_contract"], values["drain_contract_v1"], values["chain_id"], values["contract_version"]
     )
     values.update(contracts=contracts, drain_contract=contracts[0].address, contract_version=contracts[0].version)
     values["rpc_url"] = _rpc_url(values["rpc_url"], values["chain_id"])

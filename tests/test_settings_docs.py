@@ -42,7 +42,7 @@ OPENAI_KEY = "sk-test-docs-0123456789"
 REQUIRED = {"PROVIDER_PRIVATE_KEY": "0x" + KEY_HEX, "OPENAI_API_KEY": OPENAI_KEY}
 
 # Fields that no environment variable sets: only code building `Settings` (the tests) changes them.
-NOT_FROM_ENVIRONMENT = {"claim_receipt_timeout"}
+NOT_FROM_ENVIRONMENT = {"claim_receipt_timeout", "contracts"}  # contracts: derived from three
 
 
 def env_example_values(*, uncomment: bool) -> dict[str, str]:
