@@ -927,7 +927,7 @@ def test_v1_claims_without_fee_and_closes_after_expiry(env: Env) -> None:
 
 def test_v1_has_no_v2_functions(env: Env) -> None:
     """feeBps() is how the provider tells V2 from V1 (checks.py): V1 has no such function."""
-    fee_bps = "0x" + selector("feeBps()").hex()
+    fee_bps = selector("feeBps()")
     assert env.w3.eth.call({"to": env.channel.address, "data": fee_bps}) == bytes(32)
     with pytest.raises(TransactionFailed) as info:
         env.w3.eth.call({"to": env.channel_v1.address, "data": fee_bps})
