@@ -30,6 +30,7 @@ from drain_provider.chain import ChainClient
 from drain_provider.checks import Result, check_chain, open_ledger
 from drain_provider.config import ConfigError
 from drain_provider.consumer import DrainConsumer
+from drain_provider.devtools.dev import dev_settings
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.ledger import MIGRATIONS, Ledger, LedgerMismatch
 from drain_provider.protocol import ChannelState, ContractRef, Domain, sign_voucher
@@ -241,3 +242,13 @@ async def test_each_contract_is_checked_at_start(chain: DevChain, tmp_path: Path
     missing = (ContractRef(chain.contract, "v2"), ContractRef("0x" + "ab" * 20, "v1"))
     rows = await check_chain([base.for_contract(c) for c in missing], settings)
     assert (rows[-1].result, rows[-1].setting) == (Result.FAIL, "DRAIN_CONTRACT_V1")
+
+
+def test_dev_serves_both_contracts(chain: DevChain, tmp_path: Path) -> None:
+    env = {"DATABASE_PATH": str(tmp_path / "dev.db")}
+    settings = dev_settings(env, chain, bytes(Account.create().key), "http://127.0.0.1:9/v1")
+    assert settings.contracts == chain.contracts
+    only_v2 = dev_settings(
+        {**env, "DRAIN_CONTRACT_VERSION": "v2"}, chain, bytes(Account.create().key), "http://127.0.0.1:9/v1"
+    )
+    assert only_v2.contracts == (ContractRef(chain.contract, "v2"),)
