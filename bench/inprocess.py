@@ -108,7 +108,9 @@ async def ledger_pairs(count: int) -> dict[str, float]:
     await ledger.open()
     channels = [f"0x{i + 1:064x}" for i in range(32)]
     for channel in channels:
-        await ledger.add_channel(channel, ChannelState("0x" + "11" * 20, "0x" + "22" * 20, 10**12, 0, 2**40))
+        await ledger.add_channel(
+            channel, ChannelState("0x" + "11" * 20, "0x" + "22" * 20, 10**12, 0, 2**40), contract="0x" + "33" * 20
+        )
 
     async def lane(channel: str) -> None:
         for i in range(count // len(channels)):

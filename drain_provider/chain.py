@@ -11,6 +11,7 @@ import ast
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from web3.providers import AsyncHTTPProvider
 from web3.providers.eth_tester import AsyncEthereumTesterProvider
 
 from .contracts import load_artifact
-from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher, keccak
+from .protocol import ChannelClose, ChannelState, ClaimPaid, ContractRef, Voucher, keccak
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,14 @@ class ChainClock:
 
 
 class ChainClient:
-    def __init__(self, w3: AsyncWeb3[Any], contract_address: str) -> None:
+    """One DrainChannel deployment (`version` "v1" or "v2") through a web3 connection. A provider
+    that serves several deployments has a client per contract, all on one connection
+    (`for_contract`): V1's functions and events are V2's with the same signatures, so every
+    client reads through V2's ABI, and `version` says what the contract has (V1: no fee)."""
+
+    def __init__(self, w3: AsyncWeb3[Any], contract_address: str, version: str = "v2") -> None:
         self.w3 = w3
+        self.version = version
         abi = load_artifact("DrainChannel")["abi"]
         self.contract = w3.eth.contract(address=to_checksum_address(contract_address), abi=abi)
         self._errors = _error_selectors(abi)
@@ -154,18 +161,30 @@ class ChainClient:
         self._cooperative_selector = keccak(b"cooperativeClose(bytes32,uint256,bytes)")[:4]
 
     @classmethod
-    def over_http(cls, rpc_url: str, contract_address: str, *, timeout: float = 10.0) -> ChainClient:
+    def over_http(
+        cls, rpc_url: str, contract_address: str, *, version: str = "v2", timeout: float = 10.0
+    ) -> ChainClient:
         provider = AsyncHTTPProvider(
             rpc_url,
             request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout)},
             exception_retry_configuration=None,
             cache_allowed_requests=True,  # eth_chainId once, not before every call
         )
-        return cls(AsyncWeb3(provider), contract_address)
+        return cls(AsyncWeb3(provider), contract_address, version)
+
+    def for_contract(self, ref: ContractRef) -> ChainClient:
+        """A client of another contract on this client's connection (no new session)."""
+        if ref.address.lower() == self.address.lower() and ref.version == self.version:
+            return self
+        return ChainClient(self.w3, ref.address, ref.version)
 
     @property
     def address(self) -> str:
         return str(self.contract.address)
+
+    @property
+    def ref(self) -> ContractRef:
+        return ContractRef(self.address, self.version)
 
     @property
     def is_embedded(self) -> bool:
@@ -229,6 +248,8 @@ class ChainClient:
 
     async def fee_bps(self) -> int:
         """The protocol fee in basis points (V2); 0 for a contract without one (V1)."""
+        if self.version == "v1":
+            return 0
         try:
             return int(await self._rpc("feeBps", self.contract.functions.feeBps().call()))
         except ContractReverted:
@@ -249,18 +270,27 @@ class ChainClient:
         events = self.contract.events
         return ClaimPaid(payout=total(events.ChannelClaimed), fee=total(events.FeePaid))
 
-    async def close_logs(self, from_block: int, to_block: int, channel_id: str | None = None) -> list[Any]:
-        """The ChannelClosed logs in a block range, of one channel or of all: one eth_getLogs."""
+    async def close_logs(
+        self, from_block: int, to_block: int, channel_id: str | None = None, *, contracts: Sequence[str] = ()
+    ) -> list[Any]:
+        """The ChannelClosed logs in a block range, of one channel or of all, emitted by this
+        contract or by all of `contracts` (V1 and V2 log the same event): one eth_getLogs."""
         topics: list[Any] = [self._closed_topic]
         if channel_id is not None:
             topics.append(channel_id)
-        query = {"address": self.contract.address, "fromBlock": from_block, "toBlock": to_block, "topics": topics}
+        address: Any = [to_checksum_address(a) for a in contracts] if contracts else self.contract.address
+        query = {"address": address, "fromBlock": from_block, "toBlock": to_block, "topics": topics}
         return list(await self._rpc("eth_getLogs", self.w3.eth.get_logs(query)))  # type: ignore[arg-type]
 
     @staticmethod
     def closed_channel(log_entry: Any) -> str:
         """The channel id a ChannelClosed log is about (its first indexed topic)."""
         return "0x" + bytes(log_entry["topics"][1]).hex()
+
+    @staticmethod
+    def log_contract(log_entry: Any) -> str:
+        """The contract that emitted a log, EIP-55."""
+        return str(to_checksum_address(log_entry["address"]))
 
     async def close_of(self, log_entry: Any) -> ChannelClose:
         """A ChannelClosed log with what its transaction paid the provider: two RPC calls, so

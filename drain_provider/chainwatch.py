@@ -3,7 +3,8 @@
 A consumer may close a channel at any time with the provider's signature (cooperative close) and
 after expiry without it; from then on every voucher of the channel is worthless. So the
 watcher, every CHAIN_POLL_INTERVAL, reads the latest block (the chain clock the gate refuses
-expiring channels by) and the contract's ChannelClosed events since the last poll. A closed
+expiring channels by) and the ChannelClosed events of every contract served (V1 and V2: one
+eth_getLogs for all) since the last poll. A closed
 channel of ours is booked at once, with what its close really paid, and dropped from the
 gate's cache: it is refused within one poll, whatever CLAIM_INTERVAL is.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
 from .gas import GasGauge
@@ -35,10 +36,13 @@ REFRESH_CONCURRENCY = 8
 
 
 class ChainWatcher:
+    """Watches every contract served: `chains` is one client per contract (the primary first),
+    or one client when only one is served."""
+
     def __init__(
         self,
         ledger: Ledger,
-        chain: ChainClient,
+        chains: ChainClient | Sequence[ChainClient],
         clock: ChainClock,
         *,
         poll_interval: float,
@@ -46,11 +50,13 @@ class ChainWatcher:
         gas: GasGauge | None = None,
     ) -> None:
         self.ledger = ledger
-        self.chain = chain
+        self.chains = (chains,) if isinstance(chains, ChainClient) else tuple(chains)
+        self.chain = self.chains[0]  # the primary's; block, gas and fees are the chain's, whichever reads them
+        self._by_address = {chain.address.lower(): chain for chain in self.chains}
         self.clock = clock
         self.poll_interval = poll_interval
         self.gas = gas  # the provider's gas, read at every poll
-        self.fee_bps: int | None = None  # the contract's protocol fee, read at start
+        self.fees: dict[str, int] = {}  # each contract's protocol fee (V1: 0), read at start, by lower-case address
         # What /health says of the RPC: None until the first poll, then whether the last answered.
         self.reachable: bool | None = None
         self.last_poll_at: float | None = None  # the last poll that succeeded
@@ -86,8 +92,9 @@ class ChainWatcher:
         number, timestamp = await self.chain.head()
         self.clock.observe(number, timestamp)
         self.head = (number, timestamp)
-        if self.fee_bps is None:
-            self.fee_bps = await self.chain.fee_bps()
+        if len(self.fees) < len(self.chains):
+            for chain in self.chains:
+                self.fees[chain.address.lower()] = await chain.fee_bps()
         if self.gas is not None:
             await self.gas.read(self.chain)
         self.last_poll_at = time.time()
@@ -107,16 +114,33 @@ class ChainWatcher:
         await self.ledger.set_watched_block(number + 1)
         return booked
 
+    @property
+    def fee_bps(self) -> int | None:
+        """The primary contract's protocol fee (None before the first poll)."""
+        return self.fees.get(self.chain.address.lower())
+
+    def fee_of(self, contract: str) -> int:
+        """A contract's protocol fee, as read at start (0 before, and for V1)."""
+        return self.fees.get(contract.lower(), 0)
+
+    def chain_for(self, contract: str) -> ChainClient | None:
+        """The client of a served contract (EIP-55 or any case); None if it is not served."""
+        return self._by_address.get(contract.lower())
+
     async def _book_closes(self, first_block: int, last_block: int) -> list[ChannelClose]:
+        contracts = [chain.address for chain in self.chains] if len(self.chains) > 1 else []
         logs = []
         for first in range(first_block, last_block + 1, LOG_RANGE):
-            logs += await self.chain.close_logs(first, min(first + LOG_RANGE - 1, last_block))
-        # Every provider's closes are in the logs: only ours are looked into and booked.
+            logs += await self.chain.close_logs(first, min(first + LOG_RANGE - 1, last_block), contracts=contracts)
+        # Every provider's closes are in the logs: only ours, on the contract each lives on, are
+        # looked into and booked.
         ours = await self.ledger.open_among({self.chain.closed_channel(entry) for entry in logs})
         booked = []
         for entry in logs:
-            if self.chain.closed_channel(entry) in ours:
-                close = await self.chain.close_of(entry)
+            contract = ours.get(self.chain.closed_channel(entry))
+            chain = self.chain_for(self.chain.log_contract(entry))
+            if contract is not None and chain is not None and contract.lower() == chain.address.lower():
+                close = await chain.close_of(entry)
                 await self._book(close.channel_id, close)
                 booked.append(close)
         return booked
@@ -127,20 +151,28 @@ class ChainWatcher:
         stale = await self.ledger.channels_to_refresh(synced_before=synced_before)
         limit = asyncio.Semaphore(REFRESH_CONCURRENCY)
 
-        async def refresh(channel_id: str) -> None:
+        async def refresh(channel_id: str, contract: str) -> None:
             async with limit:
-                await self.refresh(channel_id)
+                await self.refresh(channel_id, contract)
 
-        await asyncio.gather(*(refresh(channel_id) for channel_id in stale))
+        await asyncio.gather(*(refresh(channel_id, contract) for channel_id, contract in stale))
 
-    async def refresh(self, channel_id: str) -> ChannelRecord | None:
-        """Read one channel from chain into the ledger (after a claim, or when it is stale)."""
-        state = await self.chain.get_channel(channel_id)
+    async def refresh(self, channel_id: str, contract: str | None = None) -> ChannelRecord | None:
+        """Read one channel from its contract (`contract`, else the ledger's) into the ledger,
+        after a claim or when it is stale. A channel on a contract no longer served is left as
+        it is (None)."""
+        if contract is None:
+            record = await self.ledger.get_channel(channel_id)
+            contract = record.contract if record is not None else self.chain.address
+        chain = self.chain_for(contract)
+        if chain is None:
+            return None
+        state = await chain.get_channel(channel_id)
         if state.exists:
             return await self.ledger.record_open(channel_id, state, block=self.clock.block)
-        return await self._book(channel_id, await self._find_close(channel_id))
+        return await self._book(channel_id, await self._find_close(channel_id, chain))
 
-    async def _find_close(self, channel_id: str) -> ChannelClose | None:
+    async def _find_close(self, channel_id: str, chain: ChainClient) -> ChannelClose | None:
         """The channel's ChannelClosed event, searched from the newest blocks back to the last
         block it was seen open."""
         number = self.clock.block if self.clock.block is not None else (await self.chain.head())[0]
@@ -152,9 +184,9 @@ class ChainWatcher:
             if last < oldest:
                 break
             first = max(oldest, last - LOG_RANGE + 1)
-            found = await self.chain.close_logs(first, last, channel_id)
+            found = await chain.close_logs(first, last, channel_id)
             if found:
-                return await self.chain.close_of(found[-1])
+                return await chain.close_of(found[-1])
             last = first - 1
         return None
 

@@ -2,10 +2,10 @@
 all of them, as a table, by `python -m drain_provider doctor`.
 
 A problem the operator must fix before anything can work (a ledger that cannot be opened, an RPC
-that serves another chain, no contract at DRAIN_CONTRACT) stops the start with one line naming
-the setting (`ConfigError`). What may fix itself (an RPC or an upstream that is down, low gas)
-is a warning: the server starts, serves known channels from the ledger, and /health says what is
-wrong until it is not. Each check is a `Check` row, so the start-up log and `doctor` say the
+that serves another chain, no contract at DRAIN_CONTRACT or at the V1 served beside it) stops the
+start with one line naming the setting (`ConfigError`). What may fix itself (an RPC or an upstream
+that is down, low gas) is a warning: the server starts, serves known channels from the ledger, and
+/health says what is wrong until it is not. Each check is a `Check` row, so the start-up log and `doctor` say the
 same things. No check shows more of a URL than its scheme and host.
 """
 
@@ -16,6 +16,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -83,7 +84,11 @@ async def open_ledger(settings: Settings) -> Ledger:
     ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
     try:
         await ledger.open()
-        await ledger.bind(chain_id=settings.chain_id, contract=settings.drain_contract)
+        await ledger.bind(
+            chain_id=settings.chain_id,
+            contract=settings.drain_contract,
+            served=[contract.address for contract in settings.contracts],
+        )
     except LedgerMismatch as exc:
         await ledger.close()
         raise ConfigError(f"DATABASE_PATH: {exc}") from None
@@ -112,7 +117,8 @@ def inspect_ledger(settings: Settings) -> Check:
         problem = _ledger_problem(path, exc)
         return Check("ledger", Result.FAIL, f"{path} {problem}", "set DATABASE_PATH to the ledger's file")
     bound = (meta.get("chain_id"), meta.get("contract"))
-    if bound != (None, None) and bound != (str(settings.chain_id), settings.drain_contract.lower()):
+    served = {contract.address.lower() for contract in settings.contracts}
+    if bound != (None, None) and (bound[0] != str(settings.chain_id) or bound[1] not in served):
         return Check(
             "ledger",
             Result.FAIL,
@@ -128,13 +134,15 @@ def inspect_ledger(settings: Settings) -> Check:
 # --- the chain --------------------------------------------------------------------------------
 
 
-async def check_chain(chain: ChainClient, settings: Settings) -> list[Check]:
-    """The RPC answers, serves CHAIN_ID, and has a contract at DRAIN_CONTRACT of the version
-    DRAIN_CONTRACT_VERSION says. Stops at the first failure: the next checks would mean nothing."""
+async def check_chain(chains: ChainClient | Sequence[ChainClient], settings: Settings) -> list[Check]:
+    """The RPC answers and serves CHAIN_ID, and each contract served (`chains`: a client per
+    contract, the primary first) has code and looks like its version: V2 answers `feeBps()`, V1
+    does not. Stops at the first failure: the next checks would mean nothing."""
+    chains = (chains,) if isinstance(chains, ChainClient) else tuple(chains)
     where = redact_url(settings.rpc_url) if settings.rpc_url else "the chain"  # dev and tests pass a client
     try:
-        chain_id = await chain.chain_id()
-        number, timestamp = await chain.head()
+        chain_id = await chains[0].chain_id()
+        number, timestamp = await chains[0].head()
     except ChainUnavailable as exc:
         fix = "check RPC_URL and that the node is up; known channels are still served from the ledger"
         return [Check("rpc", Result.WARN, f"{where} does not answer ({exc})", fix)]
@@ -144,22 +152,34 @@ async def check_chain(chain: ChainClient, settings: Settings) -> list[Check]:
         detail = f"set to {settings.chain_id}, but RPC_URL serves chain {chain_id}"
         return [*checks, Check("chain id", Result.FAIL, detail, "set CHAIN_ID or RPC_URL so they agree", "CHAIN_ID")]
     checks.append(Check("chain id", Result.OK, str(chain_id)))
+    for index, chain in enumerate(chains):
+        check = await _check_contract(chain, chain_id, beside=index > 0)
+        checks.append(check)
+        if check.result is Result.FAIL:
+            break
+    return checks
+
+
+async def _check_contract(chain: ChainClient, chain_id: int, *, beside: bool) -> Check:
+    """One contract: code at its address, and the version it is served as (`beside`: not the
+    primary, a V1 served beside the V2)."""
+    setting = "DRAIN_CONTRACT_V1" if beside else "DRAIN_CONTRACT"
     try:
         if not await chain.has_code():
-            detail = f"no contract at its address on chain {chain_id}"
-            fix = "set DRAIN_CONTRACT to the DrainChannel address on this chain, or check CHAIN_ID and RPC_URL"
-            return [*checks, Check("contract", Result.FAIL, detail, fix, "DRAIN_CONTRACT")]
+            detail = f"no contract at its address on chain {chain_id} (the {chain.version} contract)"
+            fix = f"set {setting} to the DrainChannel address on this chain, or check CHAIN_ID and RPC_URL"
+            return Check("contract", Result.FAIL, detail, fix, setting)
         v2 = await chain.looks_like_v2()
     except ChainUnavailable as exc:
-        return [*checks, Check("contract", Result.WARN, f"could not be read ({exc})", "check the RPC")]
+        return Check("contract", Result.WARN, f"{chain.address} could not be read ({exc})", "check the RPC")
     found = "v2" if v2 else "v1 (or not a DrainChannel: no feeBps())"
-    if ("v2" if v2 else "v1") != settings.contract_version:
-        detail = f"{chain.address} looks like {found}, DRAIN_CONTRACT_VERSION says {settings.contract_version}"
-        return [*checks, Check("contract", Result.WARN, detail, "check DRAIN_CONTRACT and DRAIN_CONTRACT_VERSION")]
-    return [*checks, Check("contract", Result.OK, f"{chain.address}, {found}")]
+    if ("v2" if v2 else "v1") != chain.version:
+        detail = f"{chain.address} looks like {found}, but is served as {chain.version}"
+        return Check("contract", Result.WARN, detail, f"check {setting} and DRAIN_CONTRACT_VERSION")
+    return Check("contract", Result.OK, f"{chain.address}, {found}")
 
 
-async def require_chain(chain: ChainClient, settings: Settings) -> None:
+async def require_chain(chain: ChainClient | Sequence[ChainClient], settings: Settings) -> None:
     """At start: a chain that cannot work is a ConfigError; an RPC that is down or a contract
     that looks odd is a warning (the server starts: known channels are served from the ledger,
     new ones get a clear 503 until the RPC answers)."""

@@ -3,6 +3,8 @@
 Every CLAIM_INTERVAL it (1) re-reads the channels holding vouchers the chain has not paid (the
 chain watcher books closes within seconds; this is its safety net), (2) claims the channels
 claim_policy says are due: at the threshold if the claim is worth its gas, and once at the end.
+Each channel is claimed on its own contract (V1 or V2, through the watcher's client of it); the
+transactions of all of them come from one account, so they share one nonce sequence.
 
 A claim goes through the ledger's `claims` table step by step, so that no crash can make it
 happen twice or be forgotten:
@@ -176,6 +178,10 @@ class Claimer:
         return list(await asyncio.gather(*due))
 
     async def claim(self, target: ClaimTarget, reason: ClaimReason = ClaimReason.FORCED) -> ClaimOutcome:
+        if self.watcher.chain_for(target.contract) is None:  # (the ledger's binding refuses to start so)
+            return ClaimOutcome(
+                target.channel_id, target.voucher.amount, ClaimStatus.SKIPPED, error="its contract is not served"
+            )
         claim_id = await self.ledger.begin_claim(target)
         if claim_id is None:
             return ClaimOutcome(
@@ -191,14 +197,16 @@ class Claimer:
     async def _submit_claim(self, target: ClaimTarget, record: ClaimRecord, reason: ClaimReason) -> ClaimOutcome:
         claim_id = record.id
         balance, needed = 0, 1
+        contract = self.watcher.chain_for(target.contract)  # each channel is claimed on its own contract
+        assert contract is not None
         try:
             async with self._submit:
                 balance = await self.chain.balance(self.account.address)
                 if balance == 0:  # some nodes refuse even to estimate gas for an empty account
                     raise InsufficientGasFunds("balance 0 wei")
-                prepared = await self.chain.prepare(
+                prepared = await contract.prepare(
                     self.account,
-                    self.chain.claim_call(target.voucher),
+                    contract.claim_call(target.voucher),
                     nonce=await self._nonce(),
                     max_fee_per_gas=self.settings.max_fee_per_gas,
                 )
@@ -208,7 +216,7 @@ class Claimer:
                 payout = target.voucher.amount - target.claimed
                 if reason is ClaimReason.THRESHOLD and not worth_its_gas(
                     payout=payout,
-                    fee_bps=self.watcher.fee_bps or 0,
+                    fee_bps=self.watcher.fee_of(target.contract),
                     gas_wei=prepared.expected_cost,
                     gas_token_price=self.settings.gas_token_price,
                 ):
@@ -224,7 +232,7 @@ class Claimer:
             # Found at gas estimation, nothing sent. InvalidAmount usually means the chain already
             # holds this amount (claimed elsewhere, or by a transaction we lost track of): the
             # refresh brings the ledger up to date and the channel is no longer due.
-            await self.watcher.refresh(target.channel_id)
+            await self.watcher.refresh(target.channel_id, target.contract)
             return await self._close(record, ClaimStatus.REVERTED, exc.error, retry_after=MAX_BACKOFF)
         except InsufficientGasFunds as exc:
             self._next_nonce = None
@@ -272,6 +280,7 @@ class Claimer:
         if not result.succeeded:
             return await self._close(record, ClaimStatus.REVERTED, "reverted on chain", retry_after=MAX_BACKOFF)
         self.gas.cleared()
+        # ChannelClaimed and FeePaid have the same layout on every contract (V1 has no FeePaid: fee 0).
         return await self._close(
             record, ClaimStatus.CONFIRMED, paid=self.chain.claim_paid(result.receipt, record.channel_id)
         )

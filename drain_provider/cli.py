@@ -71,10 +71,10 @@ def serve(env: dict[str, str]) -> int:
 
     app = create_app(settings)
     log.info(
-        "starting provider=%s chain_id=%d contract=%s upstream=%s host=%s port=%d",
+        "starting provider=%s chain_id=%d contracts=%s upstream=%s host=%s port=%d",
         settings.provider_address,
         settings.chain_id,
-        settings.drain_contract,
+        ",".join(f"{c.address}:{c.version}" for c in settings.contracts),
         settings.upstream_base_url,
         settings.host,
         settings.port,
@@ -106,10 +106,12 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
 
     assert settings.rpc_url is not None
     ledger = await open_ledger(settings)
-    chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
-    watcher = ChainWatcher(ledger, chain, ChainClock(), poll_interval=settings.chain_poll_interval)
+    primary = settings.contracts[0]
+    chain = ChainClient.over_http(settings.rpc_url, primary.address, version=primary.version)
+    chains = [chain.for_contract(contract) for contract in settings.contracts]  # each channel on its own
+    watcher = ChainWatcher(ledger, chains, ChainClock(), poll_interval=settings.chain_poll_interval)
     try:
-        await require_chain(chain, settings)
+        await require_chain(chains, settings)
         if not claim:
             report = await status_report(settings, ledger, chain, None, watcher)
             report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]

@@ -26,8 +26,9 @@ async def run_doctor(settings: Settings) -> int:
         Check(
             "settings",
             Result.OK,
-            f"provider {settings.provider_address}, chain {settings.chain_id}, "
-            f"contract {settings.drain_contract} ({settings.contract_version}), {len(settings.prices)} models priced",
+            f"provider {settings.provider_address}, chain {settings.chain_id}, contract "
+            + ", ".join(f"{c.address} ({c.version})" for c in settings.contracts)
+            + f", {len(settings.prices)} models priced",
         ),
         inspect_ledger(settings),
     ]
@@ -41,9 +42,10 @@ async def run_doctor(settings: Settings) -> int:
 
 async def _chain_rows(settings: Settings) -> list[Check]:
     assert settings.rpc_url is not None
-    chain = ChainClient.over_http(settings.rpc_url, settings.drain_contract, timeout=RPC_TIMEOUT)
+    primary = settings.contracts[0]
+    chain = ChainClient.over_http(settings.rpc_url, primary.address, version=primary.version, timeout=RPC_TIMEOUT)
     try:
-        rows = await check_chain(chain, settings)
+        rows = await check_chain([chain.for_contract(contract) for contract in settings.contracts], settings)
         if any(row.result is Result.FAIL for row in rows) or rows[0].result is not Result.OK:
             return rows
         gauge = GasGauge(settings.provider_address, settings.low_gas_claims)

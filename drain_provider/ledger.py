@@ -24,12 +24,13 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+from eth_utils.address import to_checksum_address
 
 from .pricing import ReservationPlan
 from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
@@ -127,11 +128,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE claims ADD COLUMN fee INTEGER;
     CREATE INDEX usage_over_reservation ON usage(id) WHERE price_cost > cost;
     """,
+    # 4: each channel's contract (EIP-55): one provider serves V1 and V2 channels at once. Rows
+    # from before are on the contract the ledger was bound to; `Ledger.bind` writes it in.
+    """
+    ALTER TABLE channels ADD COLUMN contract TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
 class LedgerMismatch(Exception):
-    """The ledger was made for another chain or contract: its vouchers are worthless here."""
+    """The ledger was made for another chain or contract, or holds earnings on a contract no
+    longer served: its vouchers would be worthless here, or those earnings unclaimed."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ class ChannelRecord:
     synced_at: float  # when the on-chain fields were read
     fee: int = 0  # the protocol fee taken from what the chain paid us (V2)
     close_kind: CloseKind | None = None
+    contract: str = ""  # EIP-55: the DrainChannel deployment the channel lives on
 
     @property
     def unclaimed(self) -> int:
@@ -203,12 +211,13 @@ class ChannelRecord:
             synced_at=row["synced_at"],
             fee=row["fee"],
             close_kind=CloseKind(row["close_kind"]) if row["close_kind"] else None,
+            contract=row["contract"],
         )
 
 
 _CHANNEL_COLUMNS = (
     "channel_id, consumer, provider, deposit, claimed, expiry, status, charged, reserved, last_amount, last_nonce, "
-    "synced_at, fee, close_kind"
+    "synced_at, fee, close_kind, contract"
 )
 
 
@@ -276,6 +285,7 @@ class ClaimTarget:
     reserved: int  # held by requests in flight
     voucher_id: int
     voucher: Voucher
+    contract: str = ""  # EIP-55: where the claim is sent
 
     @property
     def unclaimed(self) -> int:
@@ -383,23 +393,46 @@ class Ledger:
         await self._reader.execute("PRAGMA query_only = 1")
         log.info("ledger_open path=%s schema_version=%d", self.path, version)
 
-    async def bind(self, *, chain_id: int, contract: str) -> None:
-        """Tie the ledger to one chain and contract, at its first start; refuse another later.
-        Its vouchers are signed for that EIP-712 domain: on any other they are worthless, and
-        its channel ids mean nothing."""
+    async def bind(self, *, chain_id: int, contract: str, served: Sequence[str] = ()) -> None:
+        """Tie the ledger to one chain, at its first start, and refuse another later: its vouchers
+        are signed for that chain's EIP-712 domains, and its channel ids mean nothing elsewhere.
+
+        The contract too is recorded at the first start (`contract`, the primary served then):
+        channels stored before the ledger knew each channel's contract are on it. Later starts
+        may serve more contracts beside it (V1 added beside a bound V2), but the bound contract
+        must stay among those `served` (all of them; `contract` alone when not given), and so
+        must every contract on which an open channel holds earnings not yet claimed: without
+        it they could never be claimed."""
+        served = tuple(served) or (contract,)
         wanted = {"chain_id": str(chain_id), "contract": contract.lower()}
 
-        def bind(conn: sqlite3.Connection) -> dict[str, str]:
+        def bind(conn: sqlite3.Connection) -> tuple[dict[str, str], list[tuple[str, int, int]]]:
             for key, value in wanted.items():
                 conn.execute("INSERT INTO ledger_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value))
-            return {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM ledger_meta")}
-
-        found = await self.write(bind)
-        if any(found.get(key) != value for key, value in wanted.items()):
-            raise LedgerMismatch(
-                f"the ledger {self.path} belongs to chain {found.get('chain_id')} contract {found.get('contract')}, "
-                f"not chain {chain_id} contract {contract.lower()}: set DATABASE_PATH to another file"
+            found = {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM ledger_meta")}
+            conn.execute(
+                "UPDATE channels SET contract = ? WHERE contract = ''", (to_checksum_address(found["contract"]),)
             )
+            unclaimed = conn.execute(
+                """SELECT contract, COUNT(*), SUM(charged - claimed) FROM channels
+                   WHERE status = 'open' AND charged > claimed GROUP BY contract"""
+            ).fetchall()
+            return found, [tuple(row) for row in unclaimed]
+
+        found, unclaimed = await self.write(bind)
+        bound = (found.get("chain_id"), found.get("contract"))
+        if bound[0] != wanted["chain_id"] or bound[1] not in {c.lower() for c in served}:
+            raise LedgerMismatch(
+                f"the ledger {self.path} belongs to chain {bound[0]} contract {bound[1]}, "
+                f"not chain {chain_id} contract {', '.join(c.lower() for c in served)}: "
+                "set DATABASE_PATH to another file"
+            )
+        for address, count, amount in unclaimed:
+            if address.lower() not in {c.lower() for c in served}:
+                raise LedgerMismatch(
+                    f"the ledger {self.path} holds {count} open channel(s) with {amount} base units unclaimed on "
+                    f"contract {address}, which is not served: serve it until they are claimed"
+                )
 
     async def watched_block(self) -> int | None:
         """The first block whose ChannelClosed events the chain watcher has not read."""
@@ -476,16 +509,19 @@ class Ledger:
         rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
         return ChannelRecord.from_row(rows[0]) if rows else None
 
-    async def add_channel(self, channel_id: str, state: ChannelState, *, block: int | None = None) -> ChannelRecord:
-        """Store an open channel the chain has just shown us (a second call refreshes it)."""
+    async def add_channel(
+        self, channel_id: str, state: ChannelState, *, contract: str, block: int | None = None
+    ) -> ChannelRecord:
+        """Store an open channel the chain has just shown us on `contract` (EIP-55); a second
+        call refreshes it (and keeps the contract it was stored with)."""
         assert state.exists
         now = time.time()
 
         def add(conn: sqlite3.Connection) -> ChannelRecord:
             conn.execute(
                 """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status,
-                                         synced_at, created_at, seen_block)
-                   VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)
+                                         synced_at, created_at, seen_block, contract)
+                   VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)
                    ON CONFLICT(channel_id) DO NOTHING""",
                 (
                     channel_id,
@@ -497,6 +533,7 @@ class Ledger:
                     now,
                     now,
                     block,
+                    contract,
                 ),
             )
             return _sync_open(conn, channel_id, state, block, now)
@@ -543,13 +580,13 @@ class Ledger:
         row = await self.fetchone("SELECT seen_block FROM channels WHERE channel_id = ?", (channel_id,))
         return None if row is None or row[0] is None else int(row[0])
 
-    async def open_among(self, channel_ids: set[str]) -> set[str]:
-        """Which of `channel_ids` are open channels of this ledger."""
+    async def open_among(self, channel_ids: set[str]) -> dict[str, str]:
+        """Which of `channel_ids` are open channels of this ledger, with each one's contract."""
         if not channel_ids:
-            return set()
+            return {}
         marks = ", ".join("?" * len(channel_ids))
-        sql = f"SELECT channel_id FROM channels WHERE status = 'open' AND channel_id IN ({marks})"
-        return {row[0] for row in await self.fetchall(sql, tuple(channel_ids))}
+        sql = f"SELECT channel_id, contract FROM channels WHERE status = 'open' AND channel_id IN ({marks})"
+        return {row[0]: row[1] for row in await self.fetchall(sql, tuple(channel_ids))}
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -698,7 +735,7 @@ class Ledger:
     async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
         rows = await self._select(
             f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, v.id AS voucher_id, v.amount,
-                       v.nonce, v.signature
+                       v.nonce, v.signature, c.contract
                 FROM channels c
                 JOIN vouchers v ON v.id = (
                     SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
@@ -719,6 +756,7 @@ class Ledger:
                 row["reserved"],
                 row["voucher_id"],
                 _voucher(row),
+                row["contract"],
             )
             for row in rows
         ]
@@ -820,15 +858,16 @@ class Ledger:
 
     # --- reports and upkeep ---------------------------------------------------------------------
 
-    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[str]:
+    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[tuple[str, str]]:
         """Open channels holding vouchers above what the chain has claimed, not read for a while:
-        the ones whose closing or claiming elsewhere we must not miss."""
+        the ones whose closing or claiming elsewhere we must not miss; (channel id, contract)."""
         rows = await self._select(
-            """SELECT channel_id FROM channels WHERE status = 'open' AND last_amount > claimed AND synced_at < ?
+            """SELECT channel_id, contract FROM channels
+               WHERE status = 'open' AND last_amount > claimed AND synced_at < ?
                ORDER BY synced_at LIMIT ?""",
             (synced_before, limit),
         )
-        return [row["channel_id"] for row in rows]
+        return [(row["channel_id"], row["contract"]) for row in rows]
 
     async def totals(self) -> Totals:
         channels = await self._select(

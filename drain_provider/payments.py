@@ -1,7 +1,8 @@
 """The money of a paid request: PaymentGate accepts vouchers, Charge owns what follows.
 
-`PaymentGate.accept` checks what needs no ledger state: the header's format, the signer (pure
-CPU), the channel (memory, then the ledger, then one chain read for a channel never seen), its
+`PaymentGate.accept` checks what needs no ledger state: the header's format, the channel
+(memory, then the ledger, then for a channel never seen one read on each contract served, V1 and
+V2, at once), the signer under the channel's own contract's EIP-712 domain (pure CPU), its
 provider, consumer, deposit and expiry. The chain is read only for a new channel. A channel
 within MIN_CHANNEL_TTL of its expiry (chain time) is refused: after expiry its consumer may
 close it and take back whatever was not claimed. Closings are noticed by the claimer. It runs
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import assert_never
@@ -43,7 +45,17 @@ from .chain import ChainClient, ChainClock, ChainUnavailable
 from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
 from .openai_format import Usage
 from .pricing import ReservationPlan, affordable_output_tokens, cost
-from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
+from .protocol import (
+    ChannelState,
+    ContractRef,
+    Domain,
+    Voucher,
+    VoucherFormatError,
+    parse_voucher,
+    recover_address,
+    signature_well_formed,
+    voucher_digest,
+)
 from .states import ChannelStatus, StreamEnding, UsageSource, UsageStatus
 from .tokens import TokenMeter
 from .upstream import UpstreamError
@@ -63,12 +75,21 @@ class PaymentError(Exception):
 
 @dataclass(frozen=True)
 class KnownChannel:
-    """The on-chain facts of a channel that cannot change while it is open."""
+    """The on-chain facts of a channel that cannot change while it is open, and the EIP-712
+    domain separator of its contract (what its vouchers are signed under)."""
 
     consumer: bytes  # the 20-byte address, as signature recovery returns it
     provider: str
     deposit: int
     expiry: int
+    separator: bytes
+    contract: ContractRef
+
+
+def _malformed_signature() -> PaymentError:
+    return PaymentError(
+        "invalid_signature", "The voucher signature is not a valid 65-byte signature (low s, v 27/28 or 0/1)."
+    )
 
 
 def usage_status(ending: StreamEnding) -> UsageStatus:
@@ -266,11 +287,14 @@ class Charge:
 
 
 class PaymentGate:
+    """Accepts vouchers on the channels of every contract served (`chains`, one client per
+    contract, the primary first): a channel is verified against its own contract's domain."""
+
     def __init__(
         self,
         ledger: Ledger,
-        chain: ChainClient,
-        domain: Domain,
+        chains: Sequence[ChainClient],
+        chain_id: int,
         provider_address: str,
         *,
         clock: ChainClock | None = None,
@@ -278,16 +302,46 @@ class PaymentGate:
         stopping: asyncio.Event | None = None,
     ) -> None:
         self.ledger = ledger
-        self.chain = chain
-        self.domain = domain
+        self.chains = tuple(chains)
+        self.contracts = tuple(chain.ref for chain in self.chains)
+        self.chain = self.chains[0]  # the primary's: what discovery headers name
+        self.domain = Domain(chain_id, self.chain.address)
         self.provider = provider_address
         self.clock = clock or ChainClock()
         self.min_channel_ttl = min_channel_ttl
         # Set when the server begins to stop: a request cancelled after that was not left by its client.
         self.stopping = stopping or asyncio.Event()
-        self._separator = domain.separator
+        self._served = {
+            chain.address.lower(): (chain, Domain(chain_id, chain.address), Domain(chain_id, chain.address).separator)
+            for chain in self.chains
+        }
         self._known: dict[str, KnownChannel] = {}
         self._fetch_locks: dict[str, asyncio.Lock] = {}
+
+    # --- a channel's contract ---------------------------------------------------------------------
+
+    def _served_by(self, record: ChannelRecord) -> tuple[ChainClient, Domain, bytes]:
+        served = self._served.get(record.contract.lower())
+        if served is None:
+            raise PaymentError(
+                "channel_not_found",
+                f"Channel {record.channel_id} is on contract {record.contract}, which this provider no longer serves.",
+            )
+        return served
+
+    def contract_of(self, record: ChannelRecord) -> ContractRef:
+        """The contract a channel of the ledger lives on; PaymentError channel_not_found if that
+        contract is no longer served."""
+        return self._served_by(record)[0].ref
+
+    def domain_of(self, record: ChannelRecord) -> Domain:
+        """The EIP-712 domain of the channel's contract: what its vouchers, its close
+        authorization and its consumer's requests are signed under."""
+        return self._served_by(record)[1]
+
+    def chain_of(self, record: ChannelRecord) -> ChainClient:
+        """The client of the channel's contract (reads, claims)."""
+        return self._served_by(record)[0]
 
     def charge(
         self, voucher: Voucher, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
@@ -322,26 +376,33 @@ class PaymentGate:
 
     async def accept(self, header: str | None) -> Voucher:
         """The voucher of `header`, if it may pay on one of our channels; PaymentError if not.
-        What depends on the ledger's state (nonce, amount, headroom) is checked when reserving."""
+        What depends on the ledger's state (nonce, amount, headroom) is checked when reserving.
+
+        A channel already known costs a dict lookup and one signature recovery, under its own
+        contract's domain. A channel not yet in memory is read from the ledger, or from every
+        served contract at once (docs/DESIGN.md, rule 1)."""
         if header is None or not header.strip():
             raise PaymentError("voucher_required", "This endpoint is paid: send a signed X-DRAIN-Voucher header.")
         try:
             voucher = parse_voucher(header)
         except VoucherFormatError as exc:
             raise PaymentError("invalid_voucher_format", f"Malformed X-DRAIN-Voucher: {exc}") from None
+        channel = self._known.get(voucher.channel_id)
+        if channel is None:
+            if not signature_well_formed(voucher.signature):  # refused before any ledger or chain read
+                raise _malformed_signature()
+            channel = await self._fetch(voucher)
+        self._check_expiry(voucher.channel_id, channel)
         signer = recover_address(
-            voucher_digest(self._separator, voucher.channel_id, voucher.amount, voucher.nonce), voucher.signature
+            voucher_digest(channel.separator, voucher.channel_id, voucher.amount, voucher.nonce), voucher.signature
         )
         if signer is None:
-            raise PaymentError(
-                "invalid_signature", "The voucher signature is not a valid 65-byte signature (low s, v 27/28 or 0/1)."
-            )
-        channel = await self._channel(voucher.channel_id)
+            raise _malformed_signature()
         if signer != channel.consumer:
             raise PaymentError(
                 "invalid_signature",
-                "The voucher is not signed by the channel's consumer under this provider's EIP-712 domain "
-                f"(chainId {self.domain.chain_id}, contract {self.domain.verifying_contract}).",
+                "The voucher is not signed by the channel's consumer under its contract's EIP-712 domain "
+                f"(chainId {self.domain.chain_id}, contract {channel.contract.address}, {channel.contract.version}).",
             )
         if voucher.amount > channel.deposit:
             raise PaymentError(
@@ -349,15 +410,17 @@ class PaymentGate:
             )
         return voucher
 
-    async def _channel(self, channel_id: str) -> KnownChannel:
-        known = self._known.get(channel_id)
-        if known is None:
-            # One chain read per unknown channel, however many requests arrive for it at once.
-            lock = self._fetch_locks.setdefault(channel_id, asyncio.Lock())
-            async with lock:
-                known = self._known.get(channel_id) or await self._load(channel_id)
-                self._known[channel_id] = known
-            self._fetch_locks.pop(channel_id, None)
+    async def _fetch(self, voucher: Voucher) -> KnownChannel:
+        """A channel not in memory: one lookup per channel, however many requests arrive for it."""
+        channel_id = voucher.channel_id
+        lock = self._fetch_locks.setdefault(channel_id, asyncio.Lock())
+        async with lock:
+            known = self._known.get(channel_id) or await self._load(voucher)
+            self._known[channel_id] = known
+        self._fetch_locks.pop(channel_id, None)
+        return known
+
+    def _check_expiry(self, channel_id: str, known: KnownChannel) -> None:
         # After expiry the consumer may close the channel and take back whatever is unclaimed:
         # serve only while there is time left to claim what this request earns.
         if self.clock.now() >= known.expiry - self.min_channel_ttl:
@@ -367,35 +430,71 @@ class PaymentGate:
                 f"no vouchers in the last {self.min_channel_ttl} s of a channel, so a channel must be opened for "
                 f"more than {self.min_channel_ttl} s (duration). Open a new channel, for an hour or more.",
             )
-        return known
 
-    async def _load(self, channel_id: str) -> KnownChannel:
+    async def _load(self, voucher: Voucher) -> KnownChannel:
+        channel_id = voucher.channel_id
         record = await self.ledger.get_channel(channel_id)
         if record is not None and record.status is not ChannelStatus.OPEN:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
         if record is None:
-            record = await self._sync_from_chain(channel_id)
+            record = await self._sync_from_chain(voucher)
         elif record.provider != self.provider:  # the ledger outlived a change of PROVIDER_PRIVATE_KEY
             raise PaymentError(
                 "wrong_provider", f"Channel {channel_id} was opened to {record.provider}, not to {self.provider}."
             )
-        return KnownChannel(bytes.fromhex(record.consumer[2:]), record.provider, record.deposit, record.expiry)
+        chain, _, separator = self._served_by(record)
+        return KnownChannel(
+            bytes.fromhex(record.consumer[2:]), record.provider, record.deposit, record.expiry, separator, chain.ref
+        )
 
-    async def _sync_from_chain(self, channel_id: str) -> ChannelRecord:
+    async def _read(self, chain: ChainClient, channel_id: str) -> ChannelState | None:
+        """The channel as `chain`'s contract has it; None if the RPC failed."""
         try:
-            state = await self.chain.get_channel(channel_id)
+            return await chain.get_channel(channel_id)
         except ChainUnavailable:
-            raise PaymentError(
-                "chain_unavailable", "The blockchain RPC is unavailable; try again shortly. You were not charged."
-            ) from None
-        if not state.exists:
+            return None
+
+    async def _sync_from_chain(self, voucher: Voucher) -> ChannelRecord:
+        """A channel never seen: read on every served contract at once. Ids are
+        keccak(consumer, provider, timestamp, the consumer's count of channels on that contract),
+        so one may exist on two contracts only for the same consumer and provider; then it is
+        the one whose domain the voucher is signed under."""
+        channel_id = voucher.channel_id
+        states = await asyncio.gather(*(self._read(chain, channel_id) for chain in self.chains))
+        found = [(chain, state) for chain, state in zip(self.chains, states, strict=True) if state and state.exists]
+        if not found:
+            if any(state is None for state in states):
+                raise PaymentError(
+                    "chain_unavailable", "The blockchain RPC is unavailable; try again shortly. You were not charged."
+                )
             raise PaymentError("channel_not_found", f"Channel {channel_id} does not exist on chain (or was closed).")
+        if len(found) > 1:
+            found = [(chain, state) for chain, state in found if self._signed_on(chain, state, voucher)]
+            if not found:  # nothing stored: which contract it is stays open for a good voucher
+                raise PaymentError(
+                    "invalid_signature",
+                    f"Channel {channel_id} exists on several contracts; the voucher is signed by its consumer "
+                    "under the EIP-712 domain of none of them.",
+                )
+        chain, state = found[0]
         if state.provider != self.provider:
             raise PaymentError(
                 "wrong_provider", f"Channel {channel_id} was opened to {state.provider}, not to {self.provider}."
             )
-        log.info("channel_synced channel=%s deposit=%d expiry=%d", channel_id, state.deposit, state.expiry)
-        return await self.ledger.add_channel(channel_id, state, block=self.clock.block)
+        log.info(
+            "channel_synced channel=%s contract=%s deposit=%d expiry=%d",
+            channel_id,
+            chain.address,
+            state.deposit,
+            state.expiry,
+        )
+        return await self.ledger.add_channel(channel_id, state, contract=chain.address, block=self.clock.block)
+
+    def _signed_on(self, chain: ChainClient, state: ChannelState, voucher: Voucher) -> bool:
+        separator = self._served[chain.address.lower()][2]
+        digest = voucher_digest(separator, voucher.channel_id, voucher.amount, voucher.nonce)
+        signer = recover_address(digest, voucher.signature)
+        return signer is not None and signer == bytes.fromhex(state.consumer[2:])
 
     def forget(self, channel_id: str) -> None:
         """Drop a channel from the memory cache (it was closed, or its state changed on chain)."""

@@ -338,6 +338,16 @@ def consumer_request_digest(domain_separator: bytes, channel_id: str, action: st
     return _typed_digest(domain_separator, struct_hash)
 
 
+def signature_well_formed(signature: bytes) -> bool:
+    """Whether `signature` has the form the contract's ECDSA rules accept (see recover_address),
+    before any recovery: 65 bytes, 0 < r < n, 0 < s <= n/2, v in {0, 1, 27, 28}."""
+    if len(signature) != 65:
+        return False
+    r = int.from_bytes(signature[:32], "big")
+    s = int.from_bytes(signature[32:64], "big")
+    return signature[64] in (0, 1, 27, 28) and 0 < r < SECP256K1_N and 0 < s <= SECP256K1_HALF_N
+
+
 def recover_address(digest: bytes, signature: bytes) -> bytes | None:
     """The 20-byte address that signed `digest`, or None where the contract would revert.
 
@@ -348,15 +358,11 @@ def recover_address(digest: bytes, signature: bytes) -> bytes | None:
     s of 0 or r not below the order. This runs on every paid request, so it calls libsecp256k1
     (coincurve) directly: eth-keys' wrapper around the same call costs more than twice as much.
     """
-    if len(signature) != 65:
+    if not signature_well_formed(signature):
         return None
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:64], "big")
     v = signature[64]
     if v < 27:
         v += 27
-    if v not in (27, 28) or not 0 < r < SECP256K1_N or not 0 < s <= SECP256K1_HALF_N:
-        return None
     try:
         public_key = PublicKey.from_signature_and_message(signature[:64] + bytes([v - 27]), digest, hasher=None)
     except ValueError:  # no point on the curve has this r

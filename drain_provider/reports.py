@@ -96,6 +96,7 @@ def cycle_report(outcomes: Sequence[ClaimOutcome], *, force: bool, alert: str | 
 def channel_json(record: ChannelRecord) -> dict[str, Any]:
     return {
         "channelId": record.channel_id,
+        "contract": record.contract,
         "consumer": record.consumer,
         "status": record.status,
         "deposit": str(record.deposit),
@@ -120,6 +121,7 @@ def last_voucher_json(record: ChannelRecord, voucher: Voucher) -> dict[str, Any]
     """A channel's last voucher, signed and ready to claim, with where the channel stands."""
     return {
         **voucher.to_json(),
+        "contract": record.contract,  # where it is claimed
         "consumer": record.consumer,
         "charged": str(record.charged),
         "claimed": str(record.claimed),

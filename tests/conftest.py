@@ -69,12 +69,16 @@ async def provider_factory(
         on: DevChain | None = None,
         fund: bool = True,
         counter: TokenCounter | None = None,
+        v1: bool = False,
         **overrides: Any,
     ) -> Provider:
-        """A provider app served on a free port, for the contracts of `on` (default: the embedded
-        chain) read through `chain_client` (default: directly), counting tokens with `counter`
-        (default: its own); `overrides` replace Settings fields."""
+        """A provider app served on a free port, for the V2 contract of `on` (default: the
+        embedded chain), and its V1 contract too if `v1`, read through `chain_client`'s connection
+        (default: directly), counting tokens with `counter` (default: its own); `overrides`
+        replace Settings fields."""
         dev_chain = on or chain
+        if v1:
+            overrides.setdefault("contracts", dev_chain.contracts)
         settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
         if fund:  # gas money for claims
             await dev_chain.fund(settings.provider_address)
@@ -99,17 +103,23 @@ async def provider(provider_factory: ProviderFactory) -> Provider:
 
 @pytest.fixture
 def open_channel(chain: DevChain) -> ChannelFactory:
-    """Open a funded channel from a fresh consumer to `provider` (a Provider or an address)."""
+    """Open a funded channel from a fresh consumer to `provider` (a Provider or an address), on
+    the V2 contract of `on` (default: the embedded chain), or on its V1 contract (`version="v1"`)."""
 
     async def open_(
-        provider: Provider | str, *, deposit: int = 10 * USDC, duration: int = 86_400, on: DevChain | None = None
+        provider: Provider | str,
+        *,
+        deposit: int = 10 * USDC,
+        duration: int = 86_400,
+        on: DevChain | None = None,
+        version: str = "v2",
     ) -> DrainConsumer:
         dev_chain = on or chain
         address = provider.address if isinstance(provider, Provider) else provider
         key = bytes(Account.create().key)
         await dev_chain.fund(Account.from_key(key).address, usdc=deposit)
         consumer = await DrainConsumer.open_channel(
-            dev_chain.client(), dev_chain.token, key, address, deposit=deposit, duration=duration
+            dev_chain.client(version), dev_chain.token, key, address, deposit=deposit, duration=duration
         )
         if isinstance(provider, Provider):
             consumer.api = provider.url

@@ -206,6 +206,7 @@ class RpcProxy:
     lose_next: int = 0  # forward, then answer 502: the node acted, the caller cannot know
     hold: set[str] = field(default_factory=set)  # methods that get no answer until released
     answers: dict[str, Any] = field(default_factory=dict)  # method -> a result given instead of the node's
+    fail_calls_to: set[str] = field(default_factory=set)  # eth_call to these addresses (lower case): 502
     released: asyncio.Event = field(default_factory=asyncio.Event)
     server: TestServer | None = None
 
@@ -221,6 +222,9 @@ class RpcProxy:
         self.calls.extend(methods)
         if self.fail_next > 0:
             self.fail_next -= 1
+            return web.Response(status=502, text="proxy: injected failure")
+        called = payload["params"][0].get("to", "") if isinstance(payload, dict) and methods == ["eth_call"] else ""
+        if str(called).lower() in self.fail_calls_to:
             return web.Response(status=502, text="proxy: injected failure")
         if self.hold.intersection(methods):
             await self.released.wait()

@@ -1,4 +1,4 @@
-"""Tests for the test contracts (DrainChannel V2 + TestUSDC) on an in-process chain.
+"""Tests for the test contracts (DrainChannel V2, DrainChannelV1, TestUSDC) on an in-process chain.
 
 The contracts are deployed once per module from the committed JSON artifacts; every test
 runs inside an eth-tester snapshot that is reverted afterwards, so tests do not see each
@@ -38,6 +38,9 @@ ARTIFACTS = REPO_ROOT / "drain_provider" / "contracts" / "artifacts"
 # The ABI of DRAIN's DrainChannelV2.sol (github.com/kimbo128/DRAIN, contracts/src, as of commit
 # 50b3a110), compiled by solc: the interface the deployed V2 contracts have.
 REAL_V2_ABI = REPO_ROOT / "tests" / "data" / "DrainChannelV2.abi.json"
+# The same for DRAIN's V1, contracts/src/DrainChannel.sol at that commit (solc 0.8.28, its imports
+# of interfaces/IERC20.sol and OpenZeppelin's ECDSA.sol from the same tree).
+REAL_V1_ABI = REPO_ROOT / "tests" / "data" / "DrainChannelV1.abi.json"
 COMPILE_JS = REPO_ROOT / "drain_provider" / "contracts" / "compile.js"
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -163,14 +166,15 @@ class Env:
 
         self.usdc = self._deploy("TestUSDC")
         self.channel = self._deploy("DrainChannel", self.usdc.address)
+        self.channel_v1 = self._deploy("DrainChannelV1", self.usdc.address)
 
         send(
             self.w3,
             self.usdc.functions.mint(self.consumer.address, 100 * ONE_USDC),
             self.deployer,
         )
-        approve = self.usdc.functions.approve(self.channel.address, 2**256 - 1)
-        send(self.w3, approve, self.consumer.address)
+        for spender in (self.channel, self.channel_v1):
+            send(self.w3, self.usdc.functions.approve(spender.address, 2**256 - 1), self.consumer.address)
 
     def _deploy(self, name: str, *args: Any) -> Contract:
         artifact = load_artifact(name)
@@ -237,7 +241,7 @@ def test_artifacts_match_sources() -> None:
 
 
 def test_artifact_format() -> None:
-    for name in ("DrainChannel", "TestUSDC"):
+    for name in ("DrainChannel", "DrainChannelV1", "TestUSDC"):
         artifact = load_artifact(name)
         assert list(artifact) == ["contractName", "abi", "bytecode", "compiler"]
         assert artifact["contractName"] == name
@@ -274,17 +278,19 @@ def abi_shape(item: Any) -> Any:
     return item
 
 
-def test_abi_is_the_real_v2_abi() -> None:
-    """Same functions, events, errors and constructor as the deployed V2, entry by entry: names,
-    argument names, types, order, indexing and mutability. Nothing more, nothing less."""
+@pytest.mark.parametrize(("artifact", "real_abi"), [("DrainChannel", REAL_V2_ABI), ("DrainChannelV1", REAL_V1_ABI)])
+def test_abi_is_the_real_abi(artifact: str, real_abi: Path) -> None:
+    """Same functions, events, errors and constructor as the deployed V2 (DrainChannel) and V1
+    (DrainChannelV1), entry by entry: names, argument names, types, order, indexing and
+    mutability. Nothing more, nothing less."""
 
     def entries(abi: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
         shaped = {(item["type"], item.get("name", "")): abi_shape(item) for item in abi}
         assert len(shaped) == len(abi)  # no overloads to hide behind one key
         return shaped
 
-    ours = entries(load_artifact("DrainChannel")["abi"])
-    real = entries(json.loads(REAL_V2_ABI.read_text()))
+    ours = entries(load_artifact(artifact)["abi"])
+    real = entries(json.loads(real_abi.read_text()))
     assert sorted(ours) == sorted(real)
     for key, item in real.items():
         assert ours[key] == item, key
@@ -602,6 +608,24 @@ def test_fee_split(env: Env) -> None:
     assert events(env.channel, "FeePaid", receipt) == ()
 
 
+def test_claim_logs_fee_paid_before_channel_claimed(env: Env) -> None:
+    """The deployed V2 pays and logs the fee before the provider's ChannelClaimed: the log order
+    of a claim with a fee is Transfer (fee), FeePaid, Transfer (payout), ChannelClaimed."""
+    send(env.w3, env.channel.functions.setFee(env.fee_sink.address, 200), env.deployer)
+    channel_id, _ = env.open()
+    receipt = env.claim(channel_id, 2 * ONE_USDC)
+    transfer = Web3.keccak(text="Transfer(address,address,uint256)")
+    fee_paid = Web3.keccak(text="FeePaid(bytes32,address,uint256)")
+    claimed = Web3.keccak(text="ChannelClaimed(bytes32,address,uint256)")
+    assert [(entry["address"], entry["topics"][0]) for entry in receipt["logs"]] == [
+        (env.usdc.address, transfer),
+        (env.channel.address, fee_paid),
+        (env.usdc.address, transfer),
+        (env.channel.address, claimed),
+    ]
+    assert [entry["logIndex"] for entry in receipt["logs"]] == [0, 1, 2, 3]
+
+
 def test_set_fee_reverts(env: Env) -> None:
     c = env.channel.functions
     assert_reverts(c.setFee(env.fee_sink.address, 1001), env.deployer, "FeeTooHigh")
@@ -858,6 +882,67 @@ def test_renounce_ownership(env: Env) -> None:
     # Channels work as before.
     channel_id, _ = env.open()
     env.claim(channel_id, ONE_USDC)
+
+
+# ------------------------------------------------------------------------------- V1
+
+
+def open_v1(env: Env, amount: int = DEPOSIT, duration: int = DURATION) -> bytes:
+    receipt = send(env.w3, env.channel_v1.functions.open(env.provider.address, amount, duration), env.consumer.address)
+    (event,) = events(env.channel_v1, "ChannelOpened", receipt)
+    return bytes(event["args"]["channelId"])
+
+
+def test_v1_claims_without_fee_and_closes_after_expiry(env: Env) -> None:
+    v1 = env.channel_v1.functions
+    assert v1.owner().call() == env.deployer and v1.usdc().call() == env.usdc.address
+    assert v1.VOUCHER_TYPEHASH().call() == Web3.keccak(text="Voucher(bytes32 channelId,uint256 amount,uint256 nonce)")
+    # V2's fee does not reach V1: same token, another contract.
+    send(env.w3, env.channel.functions.setFee(env.fee_sink.address, 1000), env.deployer)
+    channel_id = open_v1(env)
+    assert v1.getChannel(channel_id).call()[:3] == (env.consumer.address, env.provider.address, DEPOSIT)
+
+    # A voucher for V2's domain is not one for V1's (and the other way round).
+    wrong = sign_voucher(env.consumer, env, channel_id, 3 * ONE_USDC, 1)
+    assert_reverts(v1.claim(channel_id, 3 * ONE_USDC, 1, wrong), env.provider.address, "InvalidSignature")
+    right = sign_voucher(env.consumer, env, channel_id, 3 * ONE_USDC, 1, verifying_contract=env.channel_v1.address)
+    assert_reverts(v1.claim(channel_id, 3 * ONE_USDC, 1, right), env.stranger.address, "NotProvider")
+    provider_before = env.balance(env.provider)
+    receipt = send(env.w3, v1.claim(channel_id, 3 * ONE_USDC, 1, right), env.provider.address)
+    assert env.balance(env.provider) == provider_before + 3 * ONE_USDC  # all of it: no fee in V1
+    assert env.balance(env.fee_sink) == 0
+    (claimed,) = events(env.channel_v1, "ChannelClaimed", receipt)
+    assert (claimed["args"]["provider"], claimed["args"]["amount"]) == (env.provider.address, 3 * ONE_USDC)
+    assert_reverts(v1.claim(channel_id, 3 * ONE_USDC, 2, right), env.provider.address, "InvalidAmount")
+
+    assert_reverts(v1.close(channel_id), env.consumer.address, "NotExpired")
+    env.travel_past(v1.getChannel(channel_id).call()[4])
+    consumer_before = env.balance(env.consumer)
+    receipt = send(env.w3, v1.close(channel_id), env.consumer.address)
+    assert env.balance(env.consumer) == consumer_before + DEPOSIT - 3 * ONE_USDC
+    (closed,) = events(env.channel_v1, "ChannelClosed", receipt)
+    assert (closed["args"]["channelId"], closed["args"]["refund"]) == (channel_id, DEPOSIT - 3 * ONE_USDC)
+    assert v1.getChannel(channel_id).call() == (ZERO_ADDRESS, ZERO_ADDRESS, 0, 0, 0)
+
+
+def test_v1_has_no_v2_functions(env: Env) -> None:
+    """feeBps() is how the provider tells V2 from V1 (checks.py): V1 has no such function."""
+    fee_bps = selector("feeBps()")
+    assert env.w3.eth.call({"to": env.channel.address, "data": fee_bps}) == bytes(32)
+    with pytest.raises(TransactionFailed) as info:
+        env.w3.eth.call({"to": env.channel_v1.address, "data": fee_bps})
+    assert revert_data(info.value) == b""  # no such function, and no fallback: a bare revert
+
+
+def test_v1_admin(env: Env) -> None:
+    v1 = env.channel_v1.functions
+    assert_reverts(v1.setUSDC(env.stranger.address), env.consumer.address, "NotOwner")
+    assert_reverts(v1.setUSDC(ZERO_ADDRESS), env.deployer, "ZeroAddress")
+    receipt = send(env.w3, v1.renounceOwnership(), env.deployer)
+    (renounced,) = events(env.channel_v1, "OwnershipRenounced", receipt)
+    assert renounced["args"]["previousOwner"] == env.deployer
+    assert v1.isImmutable().call() is True
+    assert_reverts(v1.setUSDC(env.stranger.address), env.deployer, "NotOwner")
 
 
 # -------------------------------------------------------------------------- TestUSDC

@@ -114,7 +114,7 @@ async def test_the_ledger_is_looked_at_not_opened(tmp_path: Path) -> None:
     before = settings.database_path.read_bytes()
     check = inspect_ledger(settings)
     assert (check.result, check.detail) == (Result.OK, f"{settings.database_path}: bound to this chain and contract")
-    other = replace(settings, drain_contract="0x" + "cd" * 20)
+    other = replace(settings, drain_contract="0x" + "cd" * 20, contracts=())
     check = inspect_ledger(other)
     assert check.result is Result.FAIL and f"belongs to chain 31337 contract 0x{'ab' * 20}" in check.detail
     assert "DATABASE_PATH" in check.fix

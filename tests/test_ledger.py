@@ -12,6 +12,7 @@ import openai
 import pytest
 from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
 
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.ledger import MIGRATIONS, Ledger, Refusal, Reservation
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
@@ -19,6 +20,7 @@ from drain_provider.states import UsageStatus
 
 CHANNEL = "0x" + "cd" * 32
 STATE = ChannelState(consumer="0x" + "11" * 20, provider="0x" + "22" * 20, deposit=1_000_000, claimed=0, expiry=2**40)
+CONTRACT = "0x" + "33" * 20
 PLAN = ReservationPlan(ModelPrice(1000, 2000), input_tokens=100, wanted_output_tokens=400, min_output_tokens=16)
 
 
@@ -106,11 +108,11 @@ async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
 
 @pytest.mark.rule(4)
 async def test_a_restart_releases_reservations_left_by_a_crash(
-    tmp_path: Path, provider_factory: ProviderFactory, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, provider_factory: ProviderFactory, chain: DevChain, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "crashed.db"
     ledger = await open_ledger(path)
-    await ledger.add_channel(CHANNEL, STATE)
+    await ledger.add_channel(CHANNEL, STATE, contract=chain.contract)
     first = await reserve(ledger, voucher(50_000, 1))
     await ledger.settle(first, price_cost=900, input_tokens=100, output_tokens=400, status=UsageStatus.OK)
     await reserve(ledger, voucher(100_000, 2))
@@ -128,7 +130,7 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
 
 async def test_settle_happens_once(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.add_channel(CHANNEL, STATE)
+    await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     reservation = await reserve(ledger, voucher(50_000, 1))
     first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status=UsageStatus.OK)
     again = await ledger.settle(reservation, price_cost=5000, input_tokens=1, output_tokens=1, status=UsageStatus.OK)
@@ -142,7 +144,7 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
 @pytest.mark.rule(3)
 async def test_charge_is_capped_by_the_reservation(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.add_channel(CHANNEL, STATE)
+    await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     small = await reserve(ledger, voucher(2_000, 1))
     assert small.amount == PLAN.worst_case == 900
     # The upstream reported more than was reserved: the voucher would cover 2,000, but this
@@ -161,7 +163,7 @@ async def test_charge_is_capped_by_the_reservation(tmp_path: Path) -> None:
 @pytest.mark.rule(2)
 async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> None:
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.add_channel(CHANNEL, STATE)
+    await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     first = await reserve(ledger, voucher(1_000, 1))
     assert first.amount == PLAN.worst_case == 900
     # The next voucher adds 200: the headroom is 1,200 - 900 in flight = 300.
@@ -204,7 +206,7 @@ async def test_shutdown_mid_request_releases_the_reservation(
 async def test_a_refused_voucher_does_not_replay_its_batch(tmp_path: Path) -> None:
     """Refusals are values: a batch holding one commits in one run, without savepoints."""
     ledger = await open_ledger(tmp_path / "l.db")
-    await ledger.add_channel(CHANNEL, STATE)
+    await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     assert ledger._writer is not None
     replays = ledger._writer.replays
     # One turn of the event loop: one batch, one transaction.

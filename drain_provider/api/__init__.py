@@ -24,7 +24,6 @@ from ..config import OPENAI_BASE_URL, ConfigError, Settings, load_prices
 from ..gas import GasGauge
 from ..payments import PaymentGate
 from ..pricing import PriceBook
-from ..protocol import Domain
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from ..upstream import Upstream
@@ -34,6 +33,7 @@ from .body import answer_expect_headers, declared_size
 from .errors import error_middleware
 from .state import (
     CHAIN,
+    CHAINS,
     CLAIMER,
     CLOCK,
     COUNTER,
@@ -66,7 +66,8 @@ def create_app(
     settings: Settings, *, chain: ChainClient | None = None, counter: TokenCounter | None = None
 ) -> web.Application:
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
-    chain; otherwise the app connects to `settings.rpc_url` and owns that connection."""
+    chain (its connection serves every contract of `settings.contracts`); otherwise the app
+    connects to `settings.rpc_url` and owns that connection."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware, declared_size])
     app[PRICES] = prices = PriceBook(settings.prices)
     app[SETTINGS] = replace(settings, prices=prices)
@@ -123,23 +124,27 @@ async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 def _chain_ctx(given: ChainClient | None) -> Context:
     async def chain_ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
+        primary = settings.contracts[0]
         if given is not None:
-            await checks.require_chain(given, settings)
-            app[CHAIN] = given
-            yield
-            return
-        assert settings.rpc_url is not None
-        client = ChainClient.over_http(settings.rpc_url, settings.drain_contract)
+            base, owned = given, False
+        else:
+            assert settings.rpc_url is not None
+            base, owned = ChainClient.over_http(settings.rpc_url, primary.address, version=primary.version), True
+        # One client per contract served, all on the one connection (one HTTP session).
+        chains = tuple(base.for_contract(contract) for contract in settings.contracts)
         try:
             # An RPC that is down is a warning: known channels are served from the ledger, and
             # new ones get a clear 503 until it answers again.
-            await checks.require_chain(client, settings)
+            await checks.require_chain(chains, settings)
         except BaseException:
-            await client.close()
+            if owned:
+                await base.close()
             raise
-        app[CHAIN] = client
+        app[CHAIN] = chains[0]
+        app[CHAINS] = chains
         yield
-        await client.close()
+        if owned:
+            await base.close()
 
     return chain_ctx
 
@@ -182,12 +187,12 @@ async def _probe_upstream(upstream: Upstream, prices: PriceBook) -> None:
 
 async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    domain = Domain(settings.chain_id, settings.drain_contract)
+    chains: tuple[ChainClient, ...] = app[CHAINS]
     app[CLOCK] = ChainClock()
     app[GATE] = PaymentGate(
         app[LEDGER],
-        app[CHAIN],
-        domain,
+        chains,
+        settings.chain_id,
         settings.provider_address,
         clock=app[CLOCK],
         min_channel_ttl=settings.min_channel_ttl,
@@ -201,7 +206,7 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     watcher = ChainWatcher(
         app[LEDGER],
-        app[CHAIN],
+        app[CHAINS],
         app[CLOCK],
         poll_interval=settings.chain_poll_interval,
         on_closed=app[GATE].forget,

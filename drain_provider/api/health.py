@@ -173,6 +173,10 @@ async def health(request: web.Request) -> web.Response:
             "provider": settings.provider_address,
             "chainId": settings.chain_id,
             "contract": settings.drain_contract,
+            "contracts": [
+                {"address": c.address, "version": c.version, "feeBps": watcher.fees.get(c.address.lower())}
+                for c in settings.contracts
+            ],
             "models": len(settings.prices),
         },
         status=503 if reasons else 200,

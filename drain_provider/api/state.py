@@ -20,7 +20,9 @@ from ..upstream import Upstream
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)
-CHAIN = web.AppKey("chain", ChainClient)
+CHAIN = web.AppKey("chain", ChainClient)  # the primary contract's client
+# One client per contract served (settings.contracts' order, the primary first), on one connection.
+CHAINS: web.AppKey[tuple[ChainClient, ...]] = web.AppKey("chains")
 GATE = web.AppKey("gate", PaymentGate)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COUNTER = web.AppKey("counter", TokenCounter)

@@ -15,7 +15,7 @@ from typing import Any
 
 @cache
 def load_artifact(name: str) -> dict[str, Any]:
-    """{"contractName", "abi", "bytecode", "compiler"} of DrainChannel or TestUSDC."""
+    """{"contractName", "abi", "bytecode", "compiler"} of DrainChannel (V2), DrainChannelV1 or TestUSDC."""
     text = resources.files(__package__).joinpath("artifacts", f"{name}.json").read_text()
     artifact: dict[str, Any] = json.loads(text)
     return artifact

@@ -20,6 +20,7 @@ const ARTIFACTS_DIR = path.join(CONTRACTS_DIR, 'artifacts');
 // [source file, contract name] — one artifact per contract.
 const CONTRACTS = [
   ['DrainChannel.sol', 'DrainChannel'],
+  ['DrainChannelV1.sol', 'DrainChannelV1'],
   ['TestUSDC.sol', 'TestUSDC'],
 ];
 

@@ -1,6 +1,6 @@
 """`python -m drain_provider dev`: the whole DRAIN flow on this machine, nothing to configure.
 
-Starts a chain (embedded, or `--rpc-url`), deploys the test token and the channel contract,
+Starts a chain (embedded, or `--rpc-url`), deploys the test token and the channel contracts (V2 and V1, both served),
 funds a demo consumer and opens a channel to a throwaway provider key, starts the provider
 (with the built-in demo model unless UPSTREAM_BASE_URL / OPENAI_API_KEY name a real one),
 proves the flow with one paid call, then prints and writes to data/dev.json what a person needs
@@ -53,6 +53,7 @@ def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upst
         "PROVIDER_PRIVATE_KEY": "0x" + provider_key.hex(),
         "CHAIN_ID": str(chain.chain_id),
         "DRAIN_CONTRACT": chain.contract,
+        "DRAIN_CONTRACT_V1": chain.contract_v1,  # both served, as on Polygon and Amoy
         "RPC_URL": chain.rpc_url or "http://embedded.invalid",
         "HOST": env.get("HOST") or "127.0.0.1",
         "DATABASE_PATH": env.get("DATABASE_PATH") or DEV_DATABASE,

@@ -22,6 +22,7 @@ from web3.types import Wei
 
 from ..chain import ChainClient
 from ..contracts import load_artifact
+from ..protocol import ContractRef
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class DevChain:
     rpc_url: str | None  # None for the embedded chain
     funder: str  # an unlocked account of the node, pays for deployment and gas allowances
     token: str = ""
-    contract: str = ""
+    contract: str = ""  # the V2 DrainChannel
+    contract_v1: str = ""  # a V1 DrainChannel on the same token, served beside it
 
     async def _deploy(self, name: str, *args: Any) -> str:
         artifact = load_artifact(name)
@@ -90,7 +92,19 @@ class DevChain:
     async def deploy(self) -> None:
         self.token = await self._deploy("TestUSDC")
         self.contract = await self._deploy("DrainChannel", self.token)
-        log.info("devchain_deployed chain_id=%d token=%s contract=%s", self.chain_id, self.token, self.contract)
+        self.contract_v1 = await self._deploy("DrainChannelV1", self.token)
+        log.info(
+            "devchain_deployed chain_id=%d token=%s contract=%s contract_v1=%s",
+            self.chain_id,
+            self.token,
+            self.contract,
+            self.contract_v1,
+        )
+
+    @property
+    def contracts(self) -> tuple[ContractRef, ...]:
+        """Both deployments, as a provider serves them (the V2 first)."""
+        return (ContractRef(self.contract, "v2"), ContractRef(self.contract_v1, "v1"))
 
     async def fresh_contract(self, *, fee_bps: int = 0) -> DevChain:
         """The same chain and token with a new DrainChannel, taking `fee_bps` from each payout
@@ -101,8 +115,9 @@ class DevChain:
             await self._mined(await call.transact({"from": self.funder}))
         return chain
 
-    def client(self) -> ChainClient:
-        return ChainClient(self.w3, self.contract)
+    def client(self, version: str = "v2") -> ChainClient:
+        """A client of the V2 contract, or of the V1 one."""
+        return ChainClient(self.w3, self.contract_v1 if version == "v1" else self.contract, version)
 
     def token_contract(self) -> Any:
         return self.w3.eth.contract(address=to_checksum_address(self.token), abi=load_artifact("TestUSDC")["abi"])
