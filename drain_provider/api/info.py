@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import textwrap
 import time
+from typing import Any
 
 from aiohttp import web
+from eth_utils.address import to_checksum_address
 
-from ..protocol import EIP712_TYPES, format_usdc
+from ..protocol import ContractRef, Domain, format_usdc, typed_data
 from .discovery import base_url
 from .errors import ERRORS
-from .state import GATE, SETTINGS
+from .state import SETTINGS
 
 STARTED_AT = int(time.time())
 routes = web.RouteTableDef()
@@ -51,16 +53,18 @@ async def pricing(request: web.Request) -> web.Response:
 
 @routes.get("/v1/signing")
 async def signing(request: web.Request) -> web.Response:
+    """The EIP-712 messages of every contract served, each ready for signTypedData once its
+    `message` is filled in; the top level is the primary contract's voucher, as before."""
     settings = request.app[SETTINGS]
-    domain = request.app[GATE].domain
+    primary = typed_data(Domain(settings.chain_id, settings.drain_contract), "Voucher")
     return web.json_response(
         {
             "provider": settings.provider_address,
             "chainId": settings.chain_id,
             "contract": settings.drain_contract,
             "contractVersion": settings.contract_version,
-            "domain": domain.as_json(),
-            "types": EIP712_TYPES,
+            "domain": primary["domain"],
+            "types": primary["types"],
             "primaryType": "Voucher",
             "header": "X-DRAIN-Voucher",
             "voucherExample": {
@@ -69,8 +73,35 @@ async def signing(request: web.Request) -> web.Response:
                 "nonce": "1",
                 "signature": "0x" + "00" * 65,
             },
+            "contracts": [_contract_messages(settings.chain_id, ref) for ref in settings.contracts],
+            "notes": SIGNING_NOTES,
         }
     )
+
+
+def _contract_messages(chain_id: int, ref: ContractRef) -> dict[str, Any]:
+    domain = Domain(chain_id, ref.address)
+    names = ["Voucher", "ConsumerRequest"] + ["CloseAuthorization"] * ref.cooperative_close
+    return {
+        "address": to_checksum_address(ref.address),
+        "version": ref.version,
+        "messages": {name: typed_data(domain, name) for name in names},
+    }
+
+
+SIGNING_NOTES = {
+    "Voucher": "Signed by the channel's consumer for every paid request: nonce = last + 1, amount = the "
+    "cumulative total (base units). Sent as the X-DRAIN-Voucher header.",
+    "ConsumerRequest": 'Signed by the channel\'s consumer to prove a request about its channel: action "close" '
+    '(POST /v1/close-channel) or "usage" (GET /v1/channels/{id}/usage); timestamp in unix seconds, within '
+    "300 s of the provider's clock.",
+    "CloseAuthorization": "Signed by the provider: what POST /v1/close-channel returns (V2 only). Check that it "
+    "recovers to the provider, then call cooperativeClose(channelId, finalAmount, signature).",
+    "signature": "0x + 65 bytes: r, s, v with v 27 or 28, s in the lower half of the curve order.",
+    "usage": "Fill `message` and pass the object to viem's signTypedData, eth_signTypedData_v4 or eth-account's "
+    "sign_typed_data(full_message=...). ethers v6: signTypedData(domain, types without EIP712Domain, message). "
+    "Each contract has its own domain: sign under the contract that holds the channel.",
+}
 
 
 @routes.get("/v1/docs")
