@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
+from eth_utils.address import is_hex_address, to_checksum_address
 
 from .pricing import ReservationPlan
 from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
@@ -362,6 +363,12 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def shown_address(address: str | None) -> str | None:
+    """An address as it is printed (EIP-55, as every address we show): the ledger keeps its
+    binding in lower case."""
+    return str(to_checksum_address(address)) if address is not None and is_hex_address(address) else address
+
+
 class Ledger:
     def __init__(self, path: Path | str, *, synchronous: SyncMode = SyncMode.FULL) -> None:
         self.path = str(path)
@@ -397,8 +404,9 @@ class Ledger:
         found = await self.write(bind)
         if any(found.get(key) != value for key, value in wanted.items()):
             raise LedgerMismatch(
-                f"the ledger {self.path} belongs to chain {found.get('chain_id')} contract {found.get('contract')}, "
-                f"not chain {chain_id} contract {contract.lower()}: set DATABASE_PATH to another file"
+                f"the ledger {self.path} belongs to chain {found.get('chain_id')} contract "
+                f"{shown_address(found.get('contract'))}, not chain {chain_id} contract "
+                f"{shown_address(contract)}: set DATABASE_PATH to another file"
             )
 
     async def watched_block(self) -> int | None:
