@@ -159,6 +159,7 @@ class ChainClient:
         self._closed_topic = "0x" + keccak(b"ChannelClosed(bytes32,address,uint256)").hex()
         self._close_selector = keccak(b"close(bytes32)")[:4]
         self._cooperative_selector = keccak(b"cooperativeClose(bytes32,uint256,bytes)")[:4]
+        self._usdc: str | None = None
 
     @classmethod
     def over_http(
@@ -245,6 +246,14 @@ class ChainClient:
         except ContractReverted:
             return False
         return True
+
+    async def usdc(self) -> str:
+        """The token the contract takes deposits in (its `usdc()`), read once: /v1/docs names it,
+        and a flood of docs requests must not become a flood of RPC calls. Only the owner's
+        setUSDC changes it, which a restart then picks up."""
+        if self._usdc is None:
+            self._usdc = to_checksum_address(await self._rpc("usdc", self.contract.functions.usdc().call()))
+        return self._usdc
 
     async def fee_bps(self) -> int:
         """The protocol fee in basis points (V2); 0 for a contract without one (V1)."""

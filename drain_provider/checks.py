@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 from .chain import ChainClient, ChainUnavailable
 from .config import ConfigError, Settings
 from .gas import GasGauge, GasLevel, format_gas
-from .ledger import Ledger, LedgerMismatch
+from .ledger import Ledger, LedgerMismatch, shown_address
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def inspect_ledger(settings: Settings) -> Check:
         return Check(
             "ledger",
             Result.FAIL,
-            f"{path} belongs to chain {bound[0]} contract {bound[1]}",
+            f"{path} belongs to chain {bound[0]} contract {shown_address(bound[1])}",
             "set DATABASE_PATH to another file, or CHAIN_ID and DRAIN_CONTRACT to the ledger's",
         )
     if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):

@@ -77,6 +77,7 @@ class Settings:
     payment_failures_per_minute: int = 60
     trusted_proxies: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     allowed_hosts: tuple[str, ...] | None = None  # None: the loopback names and HOST
+    cors_origins: tuple[str, ...] = ("*",)  # ("*",): any origin; (): CORS off
     default_max_tokens: int = 4096
     min_output_tokens: int = 16
     log_level: str = "INFO"
@@ -241,6 +242,32 @@ def _hostnames(name: str, raw: str) -> tuple[str, ...]:
             raise ConfigError(f"{name}: entry {position} is not a host name or IP address (no scheme, no port)")
         hosts.append(host)
     return tuple(hosts)
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    """`*`, `none`, or comma-separated origins (scheme://host[:port], as a browser's Origin
+    header writes them: lower case, no path), each kept in that form so that comparing it with
+    the header is plain string equality."""
+    if raw == "*":
+        return ("*",)
+    if raw.lower() == "none":
+        return ()
+    origins = []
+    for position, part in enumerate(filter(None, (p.strip() for p in raw.split(","))), 1):
+        rule = f"{name}: entry {position} must be an origin like https://app.example.com (scheme, host, port; no path)"
+        try:
+            parsed = urlparse(part)
+            port = parsed.port
+        except ValueError:
+            raise ConfigError(rule) from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/"):
+            raise ConfigError(rule)
+        if parsed.query or parsed.fragment or parsed.username or parsed.password:
+            raise ConfigError(rule)
+        host = f"[{parsed.hostname}]" if ":" in parsed.hostname else parsed.hostname
+        default_port = {"http": 80, "https": 443}[parsed.scheme]  # a browser leaves it out
+        origins.append(f"{parsed.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else ""))
+    return tuple(origins)
 
 
 def _path(name: str, raw: str) -> Path:
@@ -423,6 +450,16 @@ SETTINGS: tuple[Setting, ...] = (
         "name for it to be used in the URLs this server gives out; any other Host is ignored, so that "
         "a forged one is never reflected. By default the loopback names and HOST.",
         default_doc="localhost, 127.0.0.1, ::1 and HOST",
+    ),
+    Setting(
+        "CORS_ORIGINS",
+        "cors_origins",
+        _origins,
+        Section.SERVER,
+        "The web origins (comma-separated, like https://app.example.com) whose pages may call the paid and "
+        "public endpoints from a browser (CORS: preflights answered, the X-DRAIN and X-Payment headers "
+        "readable); `*` for any, `none` for none. Never for `/v1/admin`.",
+        default="*",
     ),
     Setting(
         "MAX_BODY_BYTES",

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-from eth_utils.address import to_checksum_address
+from eth_utils.address import is_hex_address, to_checksum_address
 
 from .pricing import ReservationPlan
 from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
@@ -372,6 +372,12 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def shown_address(address: str | None) -> str | None:
+    """An address as it is printed (EIP-55, as every address we show): the ledger keeps its
+    binding in lower case."""
+    return str(to_checksum_address(address)) if address is not None and is_hex_address(address) else address
+
+
 class Ledger:
     def __init__(self, path: Path | str, *, synchronous: SyncMode = SyncMode.FULL) -> None:
         self.path = str(path)
@@ -423,8 +429,8 @@ class Ledger:
         bound = (found.get("chain_id"), found.get("contract"))
         if bound[0] != wanted["chain_id"] or bound[1] not in {c.lower() for c in served}:
             raise LedgerMismatch(
-                f"the ledger {self.path} belongs to chain {bound[0]} contract {bound[1]}, "
-                f"not chain {chain_id} contract {', '.join(c.lower() for c in served)}: "
+                f"the ledger {self.path} belongs to chain {bound[0]} contract {shown_address(bound[1])}, "
+                f"not chain {chain_id} contract {', '.join(str(shown_address(c)) for c in served)}: "
                 "set DATABASE_PATH to another file"
             )
         for address, count, amount in unclaimed:

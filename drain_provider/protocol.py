@@ -404,3 +404,25 @@ def format_usdc(base_units: int) -> str:
     whole, frac = divmod(abs(base_units), 1_000_000)
     frac_text = f"{frac:06d}".rstrip("0")
     return f"{sign}{whole}.{frac_text}" if frac_text else f"{sign}{whole}"
+
+
+# Each message with what a client fills in: GET /v1/signing serves them, one object per message
+# and contract, ready for signTypedData once `message` is filled. Numbers are decimal strings
+# (JSON has no uint256; viem, ethers and eth-account all take them).
+MESSAGE_TEMPLATES: dict[str, dict[str, str]] = {
+    "Voucher": {"channelId": "0x" + "00" * 32, "amount": "0", "nonce": "0"},
+    "ConsumerRequest": {"channelId": "0x" + "00" * 32, "action": "close", "timestamp": "0"},
+    "CloseAuthorization": {"channelId": "0x" + "00" * 32, "finalAmount": "0"},
+}
+
+
+def typed_data(domain: Domain, primary_type: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One EIP-712 message as wallets take it (`eth_signTypedData_v4`, viem's `signTypedData`,
+    eth-account's `full_message`): its types hold the domain's and this message's only, since a
+    second message type makes the primary type ambiguous to eth-account and ethers."""
+    return {
+        "domain": domain.as_json(),
+        "types": {"EIP712Domain": EIP712_TYPES["EIP712Domain"], primary_type: EIP712_TYPES[primary_type]},
+        "primaryType": primary_type,
+        "message": dict(MESSAGE_TEMPLATES[primary_type] if message is None else message),
+    }

@@ -85,7 +85,7 @@ async def test_a_channel_shorter_than_the_cutoff_is_refused_with_the_minimum_dur
         async with session.get(f"{provider.url}/pricing") as resp:
             assert (await resp.json())["minChannelDurationSeconds"] == 601
         async with session.get(f"{provider.url}/docs") as resp:
-            assert "duration must be above 600 s" in await resp.text()
+            assert "duration = seconds; at least 601" in await resp.text()
 
 
 @pytest.mark.rule(7)

@@ -8,6 +8,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from helpers import ChannelFactory, Provider
 
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Voucher
 
 
@@ -43,7 +44,7 @@ async def test_health(provider: Provider) -> None:
     assert status == 200 and '"status": "ok"' in text and provider.address in text
 
 
-async def test_docs_tell_an_agent_everything_within_4000_characters(provider: Provider) -> None:
+async def test_docs_tell_an_agent_everything_within_4000_characters(provider: Provider, chain: DevChain) -> None:
     status, content_type, text = await get(f"{provider.url}/docs")
     assert status == 200 and content_type == "text/plain"
     head = text[:4000]  # what DRAIN clients show an agent
@@ -52,9 +53,21 @@ async def test_docs_tell_an_agent_everything_within_4000_characters(provider: Pr
         provider.settings.drain_contract,
         str(provider.settings.chain_id),
         "X-DRAIN-Voucher",
-        "Voucher(bytes32 channelId, uint256 amount, uint256 nonce)",
+        "Voucher(bytes32 channelId,uint256 amount,uint256 nonce)",
         "CUMULATIVE",
-        "open(",
+        "open(address,uint256,uint256)",
+        "approve(address,uint256)",
+        "ChannelOpened(bytes32,address,address,uint256,uint256)",
+        "USDC       " + chain.token,  # the test chain is no known deployment: read from the contract
+        "at least 601",
+        "v = 27 or 28",
+        ": X-DRAIN-Cost:",
+        "X-DRAIN-Next-Min",
+        "POST http://",
+        "/v1/close-channel",
+        "cooperativeClose(bytes32,uint256,bytes)",
+        "/v1/channels/<channelId>",
+        "RPC any JSON-RPC endpoint of chain",
         "gpt-4o: 0.0075 USDC in / 0.0225 USDC out per 1k tokens",
     ):
         assert fact in head, fact

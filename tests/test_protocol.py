@@ -22,6 +22,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 from eth_keys.datatypes import Signature
+from eth_utils.address import is_checksum_address
 
 from drain_provider.protocol import (
     DEPLOYMENTS,
@@ -423,3 +424,11 @@ def test_channel_id_is_lowercase_bytes32() -> None:
 )
 def test_format_usdc(base_units: int, text: str) -> None:
     assert format_usdc(base_units) == text
+
+
+@pytest.mark.parametrize("chain_id", sorted(DEPLOYMENTS))
+def test_every_known_address_is_eip55(chain_id: int) -> None:
+    """What we print of them must pass viem's checksum check (the Amoy V2 address once did not)."""
+    deployment = DEPLOYMENTS[chain_id]
+    for address in (deployment.v1, deployment.v2, deployment.usdc):
+        assert is_checksum_address(address), address

@@ -30,6 +30,7 @@ from ..upstream import Upstream
 from . import completions, health, info
 from .admin import create_admin_app
 from .body import answer_expect_headers, declared_size
+from .cors import add_cors_headers, cors_preflight
 from .errors import error_middleware
 from .state import (
     CHAIN,
@@ -68,7 +69,13 @@ def create_app(
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
     chain (its connection serves every contract of `settings.contracts`); otherwise the app
     connects to `settings.rpc_url` and owns that connection."""
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware, declared_size])
+    # CORS outermost: a preflight is answered before anything else looks at the request.
+    middlewares = [cors_preflight] if settings.cors_origins else []
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[*middlewares, error_middleware, declared_size]
+    )
+    if settings.cors_origins:
+        app.on_response_prepare.append(add_cors_headers)
     app[PRICES] = prices = PriceBook(settings.prices)
     app[SETTINGS] = replace(settings, prices=prices)
     app[COUNTER] = counter or TokenCounter()
