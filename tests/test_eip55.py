@@ -35,7 +35,7 @@ from drain_provider.config import ConfigError, load_settings
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL
 from drain_provider.devtools.devchain import DevChain, attach_dev_node
-from drain_provider.protocol import DEPLOYMENTS, Domain
+from drain_provider.protocol import DEPLOYMENTS, ContractRef, Domain
 
 AMOY = DEPLOYMENTS[80002]
 ADMIN_TOKEN = "an-admin-token-for-the-eip55-test"
@@ -184,7 +184,8 @@ async def test_what_a_provider_on_amoy_serves_and_logs(
     assert_eip55(log_text(caplog))
 
     # A ledger of another contract: what `serve` and `doctor` say names both.
-    other = replace(settings, drain_contract=to_checksum_address("0x" + "ab" * 20))
+    elsewhere = to_checksum_address("0x" + "ab" * 20)
+    other = replace(settings, drain_contract=elsewhere, contracts=(ContractRef(elsewhere, "v2"),))
     with pytest.raises(ConfigError) as refused:
         await open_ledger(other)
     assert_eip55(str(refused.value), AMOY.v2, other.drain_contract)

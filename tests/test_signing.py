@@ -31,7 +31,6 @@ from drain_provider.protocol import (
 )
 
 SIGNER_SCRIPT = REPO / "tests" / "js" / "sign_typed_data.mjs"
-OTHER_V1 = "0x61f1C1E04d6Da1C92D0aF1a3d7Dc0fEFc8794d7C"  # a second contract served beside the primary
 
 
 async def served(provider: Provider) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def eth_account_signature(key: bytes, obj: dict[str, Any]) -> bytes:
 
 
 async def test_each_contract_served_has_its_own_messages(chain: DevChain, provider_factory: ProviderFactory) -> None:
-    contracts = (ContractRef(chain.contract, "v2"), ContractRef(OTHER_V1, "v1"))
+    contracts = (ContractRef(chain.contract, "v2"), ContractRef(chain.contract_v1, "v1"))
     provider = await provider_factory(contracts=contracts)
     signing = await served(provider)
     assert [(c["address"], c["version"]) for c in signing["contracts"]] == [(r.address, r.version) for r in contracts]
