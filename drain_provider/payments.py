@@ -40,10 +40,18 @@ from typing import assert_never
 import tiktoken
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
-from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
+from .ledger import CLOSING_MESSAGE, ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
 from .openai_format import Usage
 from .pricing import ReservationPlan, affordable_output_tokens, cost
-from .protocol import Domain, Voucher, VoucherFormatError, parse_voucher, recover_address, voucher_digest
+from .protocol import (
+    ContractRef,
+    Domain,
+    Voucher,
+    VoucherFormatError,
+    parse_voucher,
+    recover_address,
+    voucher_digest,
+)
 from .states import ChannelStatus, StreamEnding, UsageSource, UsageStatus
 from .tokens import TokenMeter
 from .upstream import UpstreamError
@@ -276,10 +284,13 @@ class PaymentGate:
         clock: ChainClock | None = None,
         min_channel_ttl: int = 600,
         stopping: asyncio.Event | None = None,
+        contracts: tuple[ContractRef, ...] = (),
     ) -> None:
         self.ledger = ledger
         self.chain = chain
         self.domain = domain
+        # Every contract served, the primary first (Settings.contracts).
+        self.contracts = contracts or (ContractRef(domain.verifying_contract, "v2"),)
         self.provider = provider_address
         self.clock = clock or ChainClock()
         self.min_channel_ttl = min_channel_ttl
@@ -302,8 +313,10 @@ class PaymentGate:
         input, so a refusal's X-DRAIN-Required is a lower bound too (the count could only raise
         it). A stale read can only let through what the reservation then refuses."""
         channel = await self.ledger.get_channel(voucher.channel_id)
-        if channel is None or channel.status is not ChannelStatus.OPEN:
+        if channel is None or channel.status is ChannelStatus.CLOSED:
             raise PaymentError("channel_not_found", f"Channel {voucher.channel_id} is closed.")
+        if channel.status is ChannelStatus.CLOSING:
+            raise PaymentError("channel_closing", CLOSING_MESSAGE)
         fit = reservation_fit(
             voucher,
             plan,
@@ -371,8 +384,10 @@ class PaymentGate:
 
     async def _load(self, channel_id: str) -> KnownChannel:
         record = await self.ledger.get_channel(channel_id)
-        if record is not None and record.status is not ChannelStatus.OPEN:
+        if record is not None and record.status is ChannelStatus.CLOSED:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
+        if record is not None and record.status is ChannelStatus.CLOSING:
+            raise PaymentError("channel_closing", CLOSING_MESSAGE)
         if record is None:
             record = await self._sync_from_chain(channel_id)
         elif record.provider != self.provider:  # the ledger outlived a change of PROVIDER_PRIVATE_KEY
@@ -396,6 +411,31 @@ class PaymentGate:
             )
         log.info("channel_synced channel=%s deposit=%d expiry=%d", channel_id, state.deposit, state.expiry)
         return await self.ledger.add_channel(channel_id, state, block=self.clock.block)
+
+    async def record_of(self, channel_id: str) -> ChannelRecord:
+        """The ledger's record of a channel of ours, in any state: a channel new to the ledger is
+        looked up on chain and stored, as a first voucher would (PaymentError channel_not_found,
+        wrong_provider or chain_unavailable if it cannot be). For the channel endpoints."""
+        record = await self.ledger.get_channel(channel_id)
+        if record is None:
+            return await self._sync_from_chain(channel_id)
+        if record.provider != self.provider:
+            raise PaymentError(
+                "wrong_provider", f"Channel {channel_id} was opened to {record.provider}, not to {self.provider}."
+            )
+        return record
+
+    def contract_of(self, record: ChannelRecord) -> ContractRef:
+        """The contract a channel lives on."""
+        return self.contracts[0]  # multi replaces this
+
+    def domain_of(self, record: ChannelRecord) -> Domain:
+        """The EIP-712 domain of a channel's contract."""
+        return self.domain  # multi replaces this
+
+    def chain_of(self, record: ChannelRecord) -> ChainClient:
+        """The chain client of a channel's contract."""
+        return self.chain  # multi replaces this
 
     def forget(self, channel_id: str) -> None:
         """Drop a channel from the memory cache (it was closed, or its state changed on chain)."""
