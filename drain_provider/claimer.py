@@ -43,7 +43,7 @@ from .chain import (
     NonceTooLow,
 )
 from .chainwatch import ChainWatcher
-from .claim_policy import ClaimReason, claim_reason, gas_in_usdc, worth_its_gas
+from .claim_policy import ClaimReason, claim_reason, gas_in_usdc, in_final_window, worth_its_gas
 from .config import Settings
 from .gas import GasGauge, GasLevel
 from .ledger import ClaimRecord, ClaimTarget, Ledger
@@ -138,8 +138,8 @@ class Claimer:
         stalled = interval > 0 and (self.last_success_at or self.started_at) < now - OVERDUE_CYCLES * interval
         rows = await self.ledger.fetchall(
             """SELECT c.channel_id, c.charged - c.claimed FROM channels c
-               WHERE c.provider = ? AND c.status = 'open' AND c.charged > c.claimed
-                 AND (c.charged - c.claimed >= ? OR c.expiry <= ?)
+               WHERE c.provider = ? AND c.status != 'closed' AND c.charged > c.claimed
+                 AND ((c.status = 'open' AND c.charged - c.claimed >= ?) OR c.expiry <= ?)
                  AND (? OR c.claim_attempts >= ?)
                  AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id AND k.status = ?
                                  AND k.id = (SELECT MAX(id) FROM claims WHERE channel_id = c.channel_id))""",
@@ -168,24 +168,28 @@ class Claimer:
         )
         due = []
         for target in targets:
-            reason = (
-                ClaimReason.FORCED
-                if force
-                else claim_reason(target, now=now, threshold=self.settings.claim_threshold, min_channel_ttl=ttl)
+            reason = claim_reason(
+                target, now=now, threshold=self.settings.claim_threshold, min_channel_ttl=ttl, force=force
             )
             if reason is not None:
-                due.append(self.claim(target, reason))
+                due.append(self.claim(target, reason, final=in_final_window(target, now=now, min_channel_ttl=ttl)))
         return list(await asyncio.gather(*due))
 
-    async def claim(self, target: ClaimTarget, reason: ClaimReason = ClaimReason.FORCED) -> ClaimOutcome:
+    async def claim(
+        self, target: ClaimTarget, reason: ClaimReason = ClaimReason.FORCED, *, final: bool = False
+    ) -> ClaimOutcome:
+        """Claim `target` now. A closing channel is claimed only when `final` (its last window)."""
         if self.watcher.chain_for(target.contract) is None:  # (the ledger's binding refuses to start so)
             return ClaimOutcome(
                 target.channel_id, target.voucher.amount, ClaimStatus.SKIPPED, error="its contract is not served"
             )
-        claim_id = await self.ledger.begin_claim(target)
+        claim_id = await self.ledger.begin_claim(target, final=final)
         if claim_id is None:
             return ClaimOutcome(
-                target.channel_id, target.voucher.amount, ClaimStatus.SKIPPED, error="a claim is in flight"
+                target.channel_id,
+                target.voucher.amount,
+                ClaimStatus.SKIPPED,
+                error="a claim is in flight, or the channel is closing",
             )
         record = ClaimRecord.pending(claim_id, target.channel_id, target.voucher.amount)
         self._in_flight.add(claim_id)

@@ -80,6 +80,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ("*",)  # ("*",): any origin; (): CORS off
     default_max_tokens: int = 4096
     min_output_tokens: int = 16
+    close_requires_signature: bool = False
     log_level: str = "INFO"
     drain_contract_v1: str | None = None  # as set; `contracts` holds what it means
     # Every contract served, the primary first. Empty when built by hand: then the primary alone.
@@ -199,6 +200,17 @@ def _usdc(name: str, raw: str) -> int:
         raise ConfigError(f"{name}: must be a decimal USDC amount with at most 6 decimals, like 0.25")
     whole, fraction = match.groups()
     return int(whole) * 1_000_000 + int((fraction or "").ljust(6, "0"))
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.lower()
+    if value not in _TRUE + _FALSE:
+        raise ConfigError(f"{name}: must be true or false")
+    return value in _TRUE
 
 
 def _admin_token(name: str, raw: str) -> str:
@@ -501,6 +513,18 @@ SETTINGS: tuple[Setting, ...] = (
         "that is not a trusted proxy. A proxy on another machine must be listed, or every client "
         "behind it is one client to `PAYMENT_FAILURES_PER_MINUTE`.",
         default="127.0.0.1, ::1",
+    ),
+    Setting(
+        "CLOSE_REQUIRES_SIGNATURE",
+        "close_requires_signature",
+        _flag,
+        Section.SERVER,
+        "true: POST /v1/close-channel needs the consumer's signed request (a ConsumerRequest with action "
+        '"close" and a recent timestamp), and the MCP server\'s unsigned request is refused with 401. false '
+        "(the default): anyone who knows a channel id (they are public on chain) can make this provider "
+        "stop serving that channel and sign its final amount; the funds stay safe, since only the "
+        "consumer can call cooperativeClose. A signature sent is checked either way.",
+        default="false",
     ),
     Setting(
         "LOG_LEVEL",

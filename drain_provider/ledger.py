@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 INT64_MAX = 2**63 - 1
+CLOSING_MESSAGE = (
+    "A cooperative close was asked for on this channel: it takes no more vouchers. POST /v1/close-channel "
+    "gives the final amount and the provider's signature for cooperativeClose; open a new channel to continue."
+)
 
 # Numbered migrations: the schema is version len(MIGRATIONS). Never edit one that has shipped;
 # add the next. The status columns hold the values of the enums in states.py.
@@ -133,6 +137,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE channels ADD COLUMN contract TEXT NOT NULL DEFAULT '';
     """,
+    # 5: cooperative close: when it was asked for, and the final amount this provider signed.
+    """
+    ALTER TABLE channels ADD COLUMN close_requested_at REAL;
+    ALTER TABLE channels ADD COLUMN close_amount INTEGER;
+    ALTER TABLE channels ADD COLUMN close_signature TEXT;
+    ALTER TABLE channels ADD COLUMN close_signed_at REAL;
+    """,
 ]
 
 
@@ -178,11 +189,13 @@ class ChannelRecord:
     fee: int = 0  # the protocol fee taken from what the chain paid us (V2)
     close_kind: CloseKind | None = None
     contract: str = ""  # EIP-55: the DrainChannel deployment the channel lives on
+    close_amount: int | None = None  # the final amount of the close authorization we signed
+    close_signature: str | None = None  # its signature, 0x-hex
 
     @property
     def unclaimed(self) -> int:
         """Earned and still claimable (0 once closed: then it is lost)."""
-        return max(self.charged - self.claimed, 0) if self.status is ChannelStatus.OPEN else 0
+        return max(self.charged - self.claimed, 0) if self.status is not ChannelStatus.CLOSED else 0
 
     @property
     def lost(self) -> int:
@@ -212,12 +225,14 @@ class ChannelRecord:
             fee=row["fee"],
             close_kind=CloseKind(row["close_kind"]) if row["close_kind"] else None,
             contract=row["contract"],
+            close_amount=row["close_amount"],
+            close_signature=row["close_signature"],
         )
 
 
 _CHANNEL_COLUMNS = (
     "channel_id, consumer, provider, deposit, claimed, expiry, status, charged, reserved, last_amount, last_nonce, "
-    "synced_at, fee, close_kind, contract"
+    "synced_at, fee, close_kind, contract, close_amount, close_signature"
 )
 
 
@@ -286,6 +301,7 @@ class ClaimTarget:
     voucher_id: int
     voucher: Voucher
     contract: str = ""  # EIP-55: where the claim is sent
+    closing: bool = False  # a close was asked for: its claim waits for the final window
 
     @property
     def unclaimed(self) -> int:
@@ -319,6 +335,41 @@ class ClaimRecord:
 
 
 @dataclass(frozen=True)
+class CloseAuthorization:
+    """The provider-signed CloseAuthorization of a closing channel, as stored (docs/PROTOCOL.md,
+    "Cooperative close"): repeated requests get these same figures."""
+
+    final_amount: int
+    signature: str  # 0x + 65 bytes of hex
+
+
+@dataclass(frozen=True)
+class CloseFigures:
+    """What a closing channel's final amount is decided on, as its transaction reads them."""
+
+    deposit: int
+    charged: int
+    claimed: int  # the ledger's, at the last sync
+    claiming: int  # the amount of a claim of ours still in flight (0: none)
+
+
+@dataclass(frozen=True)
+class UsageItem:
+    """One paid request of a channel, as GET /v1/channels/{id}/usage shows it."""
+
+    id: int
+    created_at: int  # unix seconds
+    endpoint: str
+    model: str
+    status: UsageStatus
+    input_tokens: int
+    output_tokens: int
+    cost: int
+    nonce: int  # of the voucher that paid for it
+    voucher_amount: int
+
+
+@dataclass(frozen=True)
 class Totals:
     """The ledger's sums over all channels, in base units (the words: ChannelRecord)."""
 
@@ -330,6 +381,7 @@ class Totals:
     lost: int  # earned, unclaimable: the channel closed first
     reserved: int  # held by requests in flight
     open_channels: int
+    closing_channels: int
     closed_channels: int
     over_reservation_requests: int  # requests whose upstream usage cost more than they had reserved
     over_reservation_amount: int  # what those requests were not charged beyond their reservation
@@ -347,7 +399,7 @@ def _sync_open(
     lowers it) and note when and at which block it was seen open."""
     conn.execute(
         """UPDATE channels SET claimed = MAX(claimed, ?), synced_at = ?, seen_block = COALESCE(?, seen_block)
-           WHERE channel_id = ? AND status = 'open'""",
+           WHERE channel_id = ? AND status != 'closed'""",
         (min(state.claimed, INT64_MAX), now, block, channel_id),
     )
     return _read_channel(conn, channel_id)
@@ -421,7 +473,7 @@ class Ledger:
             )
             unclaimed = conn.execute(
                 """SELECT contract, COUNT(*), SUM(charged - claimed) FROM channels
-                   WHERE status = 'open' AND charged > claimed GROUP BY contract"""
+                   WHERE status != 'closed' AND charged > claimed GROUP BY contract"""
             ).fetchall()
             return found, [tuple(row) for row in unclaimed]
 
@@ -563,7 +615,7 @@ class Ledger:
             row = conn.execute("SELECT status, deposit FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
             if row is None:
                 return None
-            if row["status"] == ChannelStatus.OPEN:
+            if row["status"] != ChannelStatus.CLOSED:
                 if close is None:
                     conn.execute(
                         "UPDATE channels SET status = 'closed', close_kind = ?, closed_at = ? WHERE channel_id = ?",
@@ -587,12 +639,93 @@ class Ledger:
         return None if row is None or row[0] is None else int(row[0])
 
     async def open_among(self, channel_ids: set[str]) -> dict[str, str]:
-        """Which of `channel_ids` are open channels of this ledger, with each one's contract."""
+        """Which of `channel_ids` are channels of this ledger open on chain (closing ones too),
+        with each one's contract."""
         if not channel_ids:
             return {}
         marks = ", ".join("?" * len(channel_ids))
-        sql = f"SELECT channel_id, contract FROM channels WHERE status = 'open' AND channel_id IN ({marks})"
+        sql = f"SELECT channel_id, contract FROM channels WHERE status != 'closed' AND channel_id IN ({marks})"
         return {row[0]: row[1] for row in await self.fetchall(sql, tuple(channel_ids))}
+
+    # --- cooperative close --------------------------------------------------------------------
+
+    async def begin_close(self, channel_id: str) -> ChannelRecord | None:
+        """Mark an open channel closing (durably, before anything else is done about the close):
+        from this commit on, `authorize` refuses its vouchers. A closing or closed channel is
+        left as it is. None if the channel is not in the ledger."""
+        now = time.time()
+
+        def begin(conn: sqlite3.Connection) -> ChannelRecord | None:
+            conn.execute(
+                "UPDATE channels SET status = ?, close_requested_at = ? WHERE channel_id = ? AND status = ?",
+                (ChannelStatus.CLOSING, now, channel_id, ChannelStatus.OPEN),
+            )
+            row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+            found = row.fetchone()
+            return None if found is None else ChannelRecord.from_row(found)
+
+        return await self.write(begin)
+
+    def sign_close(
+        self, channel_id: str, sign: Callable[[CloseFigures], CloseAuthorization]
+    ) -> asyncio.Future[CloseAuthorization | None]:
+        """The close authorization of a closing channel with no request in flight: the one
+        stored, or the one `sign` (pure CPU: closing.py) makes of the channel's figures, stored
+        in the same transaction. The figures include the amount of a claim still in flight; a
+        claim cannot begin on a closing channel before its final window (`begin_claim`), so none
+        can slip in after this. None if the channel is not closing or a reservation is still
+        held."""
+        now = time.time()
+
+        def sign_and_store(conn: sqlite3.Connection) -> CloseAuthorization | None:
+            row = conn.execute(
+                """SELECT status, deposit, charged, claimed, reserved, close_amount, close_signature
+                   FROM channels WHERE channel_id = ?""",
+                (channel_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["close_signature"] is not None:
+                return CloseAuthorization(row["close_amount"], row["close_signature"])
+            if row["status"] != ChannelStatus.CLOSING or row["reserved"] != 0:
+                return None
+            claiming = conn.execute(
+                "SELECT COALESCE(MAX(amount), 0) FROM claims WHERE channel_id = ? AND status = ?",
+                (channel_id, ClaimStatus.PENDING),
+            ).fetchone()[0]
+            signed = sign(CloseFigures(row["deposit"], row["charged"], row["claimed"], claiming))
+            conn.execute(
+                "UPDATE channels SET close_amount = ?, close_signature = ?, close_signed_at = ? WHERE channel_id = ?",
+                (signed.final_amount, signed.signature, now, channel_id),
+            )
+            return signed
+
+        return self.write(sign_and_store)
+
+    async def usage(self, channel_id: str, *, limit: int, before: int | None = None) -> list[UsageItem]:
+        """A channel's paid requests, newest first, `limit` of them, with ids below `before`."""
+        rows = await self._select(
+            """SELECT u.id, u.started_at, u.endpoint, u.model, u.status, u.input_tokens, u.output_tokens, u.cost,
+                      v.nonce, v.amount
+               FROM usage u JOIN vouchers v ON v.id = u.voucher_id
+               WHERE u.channel_id = ? AND u.id < ? ORDER BY u.id DESC LIMIT ?""",
+            (channel_id, INT64_MAX if before is None else before, limit),
+        )
+        return [
+            UsageItem(
+                id=row["id"],
+                created_at=int(row["started_at"]),
+                endpoint=row["endpoint"],
+                model=row["model"],
+                status=UsageStatus(row["status"]),
+                input_tokens=row["input_tokens"],
+                output_tokens=row["output_tokens"],
+                cost=row["cost"],
+                nonce=int(row["nonce"]),
+                voucher_amount=row["amount"],
+            )
+            for row in rows
+        ]
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -621,8 +754,12 @@ class Ledger:
                 "SELECT status, charged, reserved, last_amount, last_nonce FROM channels WHERE channel_id = ?",
                 (voucher.channel_id,),
             ).fetchone()
-            if row is None or row["status"] != ChannelStatus.OPEN:
+            if row is None or row["status"] == ChannelStatus.CLOSED:
                 return Refusal("channel_not_found", "The channel does not exist on chain or is closed.")
+            if row["status"] == ChannelStatus.CLOSING:
+                # The authoritative check: a request that passed the gate while the close was
+                # being asked for is refused here, serialised with the close by SQLite.
+                return Refusal("channel_closing", CLOSING_MESSAGE)
             fit = reservation_fit(
                 voucher,
                 plan,
@@ -740,14 +877,14 @@ class Ledger:
 
     async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
         rows = await self._select(
-            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, v.id AS voucher_id, v.amount,
-                       v.nonce, v.signature, c.contract
+            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, c.status, v.id AS voucher_id,
+                       v.amount, v.nonce, v.signature, c.contract
                 FROM channels c
                 JOIN vouchers v ON v.id = (
                     SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
                                                   AND amount > c.claimed
                     ORDER BY amount, id LIMIT 1)
-                WHERE c.status = 'open' AND c.charged > c.claimed
+                WHERE c.status != 'closed' AND c.charged > c.claimed
                   AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id AND k.status = 'pending')
                   AND ({where})
                 ORDER BY c.expiry""",
@@ -763,6 +900,7 @@ class Ledger:
                 row["voucher_id"],
                 _voucher(row),
                 row["contract"],
+                closing=row["status"] == ChannelStatus.CLOSING,
             )
             for row in rows
         ]
@@ -782,12 +920,20 @@ class Ledger:
             (provider, threshold, final_after, now),
         )
 
-    async def begin_claim(self, target: ClaimTarget) -> int | None:
+    async def begin_claim(self, target: ClaimTarget, *, final: bool = False) -> int | None:
         """A pending claims row for `target`, or None if the channel already has one in flight (in
-        this process or another: the unique index on pending claims decides)."""
+        this process or another: the unique index on pending claims decides), or if it is closing
+        and this is not its `final` claim: its consumer may still close it with the final amount
+        we signed, and a claim above that amount would make the close revert. Checked here, in
+        the transaction, because the close may have been asked for since `target` was read."""
         now = time.time()
 
         def begin(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT status FROM channels WHERE channel_id = ?", (target.channel_id,)).fetchone()
+            if row is None or row["status"] == ChannelStatus.CLOSED:
+                return None
+            if row["status"] == ChannelStatus.CLOSING and not final:
+                return None
             try:
                 cursor = conn.execute(
                     """INSERT INTO claims (channel_id, voucher_id, amount, status, created_at, updated_at)
@@ -869,7 +1015,7 @@ class Ledger:
         the ones whose closing or claiming elsewhere we must not miss; (channel id, contract)."""
         rows = await self._select(
             """SELECT channel_id, contract FROM channels
-               WHERE status = 'open' AND last_amount > claimed AND synced_at < ?
+               WHERE status != 'closed' AND last_amount > claimed AND synced_at < ?
                ORDER BY synced_at LIMIT ?""",
             (synced_before, limit),
         )
@@ -880,10 +1026,11 @@ class Ledger:
             """SELECT COALESCE(SUM(charged), 0) AS earned, COALESCE(SUM(claimed), 0) AS claimed,
                       COALESCE(SUM(fee), 0) AS fee,
                       COALESCE(SUM(MAX(claimed - charged, 0)), 0) AS credit_taken,
-                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status = 'open'), 0) AS unclaimed,
+                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status != 'closed'), 0) AS unclaimed,
                       COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status = 'closed'), 0) AS lost,
                       COALESCE(SUM(reserved), 0) AS reserved,
                       COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
+                      COUNT(*) FILTER (WHERE status = 'closing') AS closing_channels,
                       COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
                FROM channels"""
         )

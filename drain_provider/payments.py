@@ -42,7 +42,7 @@ from typing import assert_never
 import tiktoken
 
 from .chain import ChainClient, ChainClock, ChainUnavailable
-from .ledger import ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
+from .ledger import CLOSING_MESSAGE, ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
 from .openai_format import Usage
 from .pricing import ReservationPlan, affordable_output_tokens, cost
 from .protocol import (
@@ -356,8 +356,10 @@ class PaymentGate:
         input, so a refusal's X-DRAIN-Required is a lower bound too (the count could only raise
         it). A stale read can only let through what the reservation then refuses."""
         channel = await self.ledger.get_channel(voucher.channel_id)
-        if channel is None or channel.status is not ChannelStatus.OPEN:
+        if channel is None or channel.status is ChannelStatus.CLOSED:
             raise PaymentError("channel_not_found", f"Channel {voucher.channel_id} is closed.")
+        if channel.status is ChannelStatus.CLOSING:
+            raise PaymentError("channel_closing", CLOSING_MESSAGE)
         fit = reservation_fit(
             voucher,
             plan,
@@ -434,10 +436,12 @@ class PaymentGate:
     async def _load(self, voucher: Voucher) -> KnownChannel:
         channel_id = voucher.channel_id
         record = await self.ledger.get_channel(channel_id)
-        if record is not None and record.status is not ChannelStatus.OPEN:
+        if record is not None and record.status is ChannelStatus.CLOSED:
             raise PaymentError("channel_not_found", f"Channel {channel_id} is closed.")
+        if record is not None and record.status is ChannelStatus.CLOSING:
+            raise PaymentError("channel_closing", CLOSING_MESSAGE)
         if record is None:
-            record = await self._sync_from_chain(voucher)
+            record = await self._sync_from_chain(channel_id, voucher)
         elif record.provider != self.provider:  # the ledger outlived a change of PROVIDER_PRIVATE_KEY
             raise PaymentError(
                 "wrong_provider", f"Channel {channel_id} was opened to {record.provider}, not to {self.provider}."
@@ -454,12 +458,11 @@ class PaymentGate:
         except ChainUnavailable:
             return None
 
-    async def _sync_from_chain(self, voucher: Voucher) -> ChannelRecord:
+    async def _sync_from_chain(self, channel_id: str, voucher: Voucher | None = None) -> ChannelRecord:
         """A channel never seen: read on every served contract at once. Ids are
         keccak(consumer, provider, timestamp, the consumer's count of channels on that contract),
         so one may exist on two contracts only for the same consumer and provider; then it is
-        the one whose domain the voucher is signed under."""
-        channel_id = voucher.channel_id
+        the one whose domain the voucher is signed under (without a voucher, none yet)."""
         states = await asyncio.gather(*(self._read(chain, channel_id) for chain in self.chains))
         found = [(chain, state) for chain, state in zip(self.chains, states, strict=True) if state and state.exists]
         if not found:
@@ -468,7 +471,14 @@ class PaymentGate:
                     "chain_unavailable", "The blockchain RPC is unavailable; try again shortly. You were not charged."
                 )
             raise PaymentError("channel_not_found", f"Channel {channel_id} does not exist on chain (or was closed).")
+        if len(found) > 1 and voucher is None:
+            raise PaymentError(
+                "channel_not_found",
+                f"Channel {channel_id} exists on several contracts; pay one request on it first, so that its "
+                "voucher tells which.",
+            )
         if len(found) > 1:
+            assert voucher is not None
             found = [(chain, state) for chain, state in found if self._signed_on(chain, state, voucher)]
             if not found:  # nothing stored: which contract it is stays open for a good voucher
                 raise PaymentError(
@@ -495,6 +505,19 @@ class PaymentGate:
         digest = voucher_digest(separator, voucher.channel_id, voucher.amount, voucher.nonce)
         signer = recover_address(digest, voucher.signature)
         return signer is not None and signer == bytes.fromhex(state.consumer[2:])
+
+    async def record_of(self, channel_id: str) -> ChannelRecord:
+        """The ledger's record of a channel of ours, in any state: a channel new to the ledger is
+        looked up on chain and stored, as a first voucher would (PaymentError channel_not_found,
+        wrong_provider or chain_unavailable if it cannot be). For the channel endpoints."""
+        record = await self.ledger.get_channel(channel_id)
+        if record is None:
+            return await self._sync_from_chain(channel_id)
+        if record.provider != self.provider:
+            raise PaymentError(
+                "wrong_provider", f"Channel {channel_id} was opened to {record.provider}, not to {self.provider}."
+            )
+        return record
 
     def forget(self, channel_id: str) -> None:
         """Drop a channel from the memory cache (it was closed, or its state changed on chain)."""

@@ -57,7 +57,11 @@ def totals_json(totals: Totals, fee_bps: int | None) -> dict[str, Any]:
             "notCharged": money(totals.over_reservation_amount),
         },
         "feeBps": fee_bps,
-        "channels": {"open": totals.open_channels, "closed": totals.closed_channels},
+        "channels": {
+            "open": totals.open_channels,
+            "closing": totals.closing_channels,
+            "closed": totals.closed_channels,
+        },
     }
 
 

@@ -49,7 +49,11 @@ class ClaimStatus(StrEnum):
 
 
 class ChannelStatus(StrEnum):
+    """A channel in the ledger. `closing` is open on chain, but a close was asked for
+    (POST /v1/close-channel): it takes no more vouchers, and its claims wait for its final window."""
+
     OPEN = "open"
+    CLOSING = "closing"
     CLOSED = "closed"
 
 

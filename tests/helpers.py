@@ -10,7 +10,8 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import tiktoken
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from openai import AsyncOpenAI
 
 from drain_provider.api.state import CLAIMER, LEDGER, WATCHER
@@ -41,7 +43,7 @@ from drain_provider.logs import (
     quiet_bad_requests,
 )
 from drain_provider.pricing import ModelPrice
-from drain_provider.protocol import Domain
+from drain_provider.protocol import EIP712_TYPES, Domain
 from drain_provider.tokens import TokenCounter
 
 DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
@@ -151,6 +153,31 @@ async def paid_chat(
     )
     consumer.record(raw.headers)
     return raw
+
+
+def consumer_request(
+    consumer: DrainConsumer, action: str, *, timestamp: int | None = None, key: bytes | None = None
+) -> dict[str, Any]:
+    """The consumer's signed request about its channel, `{"timestamp", "signature"}`, signed as a
+    wallet would: eth-account's generic EIP-712 encoder (by `key`, to sign as someone else)."""
+    stamp = int(time.time()) if timestamp is None else timestamp
+    message = {"channelId": bytes.fromhex(consumer.channel_id[2:]), "action": action, "timestamp": stamp}
+    typed = encode_typed_data(consumer.domain.as_json(), {"ConsumerRequest": EIP712_TYPES["ConsumerRequest"]}, message)
+    signed = Account.sign_message(typed, consumer.account.key if key is None else key)
+    return {"timestamp": stamp, "signature": "0x" + bytes(signed.signature).hex()}
+
+
+async def call(
+    provider: Provider, method: str, path: str, *, data: bytes | None = None, params: dict[str, Any] | None = None
+) -> tuple[int, Any, Mapping[str, str]]:
+    """One plain HTTP call to the provider's API (`path` after /v1): status, JSON body, headers."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, provider.url + path, data=data, params=params, headers={"Content-Type": "application/json"}
+        ) as response,
+    ):
+        return response.status, await response.json(), response.headers
 
 
 class CountingEncoding:

@@ -62,7 +62,11 @@ async def test_reports_match_the_ledger_and_the_chain(
     assert stats["provider"] == provider.address and stats["chainId"] == chain.chain_id
     books = stats["books"]
     assert int(books["earned"]["baseUnits"]) == sum(charged.values()) == int(books["unclaimed"]["baseUnits"])
-    assert books["claimed"] == {"baseUnits": "0", "usdc": "0"} and books["channels"] == {"open": 2, "closed": 0}
+    assert books["claimed"] == {"baseUnits": "0", "usdc": "0"} and books["channels"] == {
+        "open": 2,
+        "closing": 0,
+        "closed": 0,
+    }
     assert stats["claimThreshold"] == {"baseUnits": "10000000", "usdc": "10"} and stats["lastClaim"] is None
     assert int(stats["gasBalanceWei"]) == await chain.w3.eth.get_balance(to_checksum_address(provider.address))
 

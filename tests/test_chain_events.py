@@ -137,7 +137,7 @@ async def test_books_after_claims_and_an_expired_close_show_gross_fee_net_and_cr
     assert (record.claimed, record.fee, record.lost) == (payout, fee, 0)  # not the 0 a deleted channel reads
     assert "ERROR" not in caplog.text
     after = (await admin(provider, "stats"))["books"]
-    assert after["claimed"] == books["claimed"] and after["channels"] == {"open": 0, "closed": 1}
+    assert after["claimed"] == books["claimed"] and after["channels"] == {"open": 0, "closing": 0, "closed": 1}
 
 
 @pytest.mark.rule(9)

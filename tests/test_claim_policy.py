@@ -47,6 +47,22 @@ def test_the_policy_claims_at_the_threshold_and_once_at_the_end() -> None:
     assert reason(cutoff + 10, charged=500, claimed=500) is None  # nothing left
 
 
+@pytest.mark.rule(10)
+def test_a_closing_channel_is_claimed_only_in_its_final_window() -> None:
+    cutoff = EXPIRY - TTL
+    closing = replace(target(charged=5_000), closing=True)
+
+    def why(now: float, *, force: bool = False) -> ClaimReason | None:
+        return claim_reason(closing, now=now, threshold=1_000, min_channel_ttl=TTL, force=force)
+
+    assert why(0) is None and why(cutoff - 1, force=True) is None  # over the threshold, even forced
+    assert why(cutoff + 10) is ClaimReason.FINAL
+    assert why(cutoff + 1, force=True) is ClaimReason.FORCED
+    assert claim_reason(target(charged=5), now=0, threshold=1_000, min_channel_ttl=TTL, force=True) is (
+        ClaimReason.FORCED
+    )
+
+
 def test_a_claim_is_worth_its_gas_only_if_it_brings_more() -> None:
     gas_wei = 100_000 * 30 * 10**9  # 100k gas at 30 gwei: 0.003 POL
     assert gas_in_usdc(gas_wei, 1_000_000) == 3_000  # at 1 USDC per POL

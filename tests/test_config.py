@@ -183,6 +183,14 @@ def test_claim_interval_zero_turns_claims_off() -> None:
     assert settings(CLAIM_INTERVAL="0").claim_interval == 0
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"), [("true", True), ("1", True), ("Yes", True), ("false", False), ("OFF", False)]
+)
+def test_close_requires_signature_is_a_flag(raw: str, value: bool) -> None:
+    assert settings().close_requires_signature is False
+    assert settings(CLOSE_REQUIRES_SIGNATURE=raw).close_requires_signature is value
+
+
 def test_storage_path_is_an_alias_of_database_path() -> None:
     assert settings(STORAGE_PATH="/srv/ledger.db").database_path == Path("/srv/ledger.db")
     assert settings(STORAGE_PATH="/srv/b.db", DATABASE_PATH="/srv/a.db").database_path == Path("/srv/a.db")
@@ -236,6 +244,7 @@ BAD_VALUES = [
     ("ALLOWED_HOSTS", "bad host"),
     ("LOW_GAS_CLAIMS", "-1"),
     ("LOW_GAS_CLAIMS", "ten"),
+    ("CLOSE_REQUIRES_SIGNATURE", "maybe"),
 ]
 
 

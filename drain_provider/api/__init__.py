@@ -20,6 +20,7 @@ from .. import checks
 from ..chain import ChainClient, ChainClock
 from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
+from ..closing import Closer
 from ..config import OPENAI_BASE_URL, ConfigError, Settings, load_prices
 from ..gas import GasGauge
 from ..payments import PaymentGate
@@ -27,7 +28,7 @@ from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from ..upstream import Upstream
-from . import completions, health, info
+from . import channels, completions, health, info
 from .admin import create_admin_app
 from .body import answer_expect_headers, declared_size
 from .cors import add_cors_headers, cors_preflight
@@ -37,6 +38,7 @@ from .state import (
     CHAINS,
     CLAIMER,
     CLOCK,
+    CLOSER,
     COUNTER,
     COUNTING,
     GATE,
@@ -88,6 +90,7 @@ def create_app(
         )
     )
     app.add_routes(completions.routes)
+    app.add_routes(channels.routes)
     app.add_routes(info.routes)
     app.add_routes(health.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
@@ -205,6 +208,7 @@ async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
         min_channel_ttl=settings.min_channel_ttl,
         stopping=app[STOPPING],
     )
+    app[CLOSER] = Closer(app[GATE], settings.provider_private_key)
     yield
 
 

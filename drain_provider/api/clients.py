@@ -8,7 +8,8 @@ An IPv6 client is counted by its /64, the block a single host or home is usually
 
 Every paid route is wrapped by `limit_payment_failures`: a client over its limit is answered 429
 before anything of its request is read, and each request that fails payment (any 402, and the
-400, 408 and 413 that come before payment) counts against it. What succeeds never does.
+400, 408 and 413 that come before payment) counts against it. What succeeds never does. The
+channel routes (`limit_channel_failures`) count their 401 and 404 too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # What failing payment means: refused for the voucher (402), or for the body (400, 408, 413).
 # Not 503 (our RPC) nor 5xx: those are not the client's doing.
 FAILED_PAYMENT_STATUSES = frozenset({400, 402, 408, 413})
+# On the channel endpoints: those, a channel that is not ours (404) and a signature refused (401).
+FAILED_CHANNEL_STATUSES = FAILED_PAYMENT_STATUSES | {401, 404}
 MAX_FORWARDED_HOPS = 32  # a longer X-Forwarded-For is looked at from its right end only
 
 
@@ -87,7 +90,16 @@ LIMITED_ANSWER_DELAY = 1.0
 
 def limit_payment_failures(handler: Handler) -> Handler:
     """Wrap a paid route: 429 for a client over its limit, and its refused payments counted."""
+    return _limited(handler, FAILED_PAYMENT_STATUSES)
 
+
+def limit_channel_failures(handler: Handler) -> Handler:
+    """Wrap a channel route (api/channels.py): the same limit, counting its refusals too: an
+    unknown channel (404, looked up on chain) and a signature refused (401)."""
+    return _limited(handler, FAILED_CHANNEL_STATUSES)
+
+
+def _limited(handler: Handler, counted: frozenset[int]) -> Handler:
     @functools.wraps(handler)
     async def limited(request: web.Request) -> web.StreamResponse:
         limiter: FailureLimiter = request.config_dict[LIMITER]
@@ -108,7 +120,7 @@ def limit_payment_failures(handler: Handler) -> Handler:
             return await handler(request)
         except Exception as exc:
             error = client_error(request, exc)
-            if error is not None and error.status in FAILED_PAYMENT_STATUSES:
+            if error is not None and error.status in counted:
                 already = limiter.retry_after(client) is not None  # concurrent failures: log the first
                 limiter.fail(client)
                 if not already and limiter.retry_after(client) is not None:

@@ -66,6 +66,16 @@ ERRORS: dict[str, ErrorSpec] = {
     "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
     "admin_disabled": ErrorSpec(403, "permission_error", "The admin API is disabled."),
     "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
+    # Cooperative close and the channel endpoints (channel_not_found is a 404 there).
+    "channel_closing": ErrorSpec(402, _PAYMENT, "A cooperative close was asked for: the channel takes no vouchers."),
+    "close_not_supported": ErrorSpec(400, _REQUEST, "The channel's contract (V1) has no cooperative close."),
+    "close_pending": ErrorSpec(503, "service_unavailable", "Requests on the channel are still in flight; ask again."),
+    "consumer_signature_required": ErrorSpec(
+        401, "authentication_error", "This needs the channel consumer's signed request (timestamp, signature)."
+    ),
+    "invalid_consumer_signature": ErrorSpec(
+        401, "authentication_error", "The signed request is malformed, stale or not the channel consumer's."
+    ),
     "internal_error": ErrorSpec(500, "server_error", "Internal error; you were not charged."),
 }
 

@@ -10,6 +10,7 @@ from aiohttp import web
 from ..chain import ChainClient, ChainClock
 from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
+from ..closing import Closer
 from ..config import Settings
 from ..ledger import Ledger
 from ..payments import PaymentGate
@@ -30,6 +31,7 @@ COUNTER = web.AppKey("counter", TokenCounter)
 PRICES = web.AppKey("prices", PriceBook)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)
+CLOSER = web.AppKey("closer", Closer)
 WATCHER = web.AppKey("watcher", ChainWatcher)
 LIMITER = web.AppKey("limiter", FailureLimiter)
 # The threads that count large inputs, off the event loop (api/completions.py).
