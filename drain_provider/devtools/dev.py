@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from ..config import ConfigError, Settings, load_settings
 from ..consumer import DrainConsumer
 from ..logs import setup_logging
 from ..pricing import ModelPrice
+from ..privatefile import write_private
 from ..protocol import Domain
 from ..server import Listener, Signals
 from .demo_upstream import DEMO_MODEL, create_demo_upstream
@@ -100,23 +100,6 @@ def write_dev_file(path: Path, api: str, chain: DevChain, provider: str, consume
         "lastAmount": str(consumer.amount),
     }
     write_private(path, json.dumps(facts, indent=2) + "\n")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by this user only (it holds the demo consumer's key):
-    a new file created 0600 in a directory created 0700, then renamed over the old one, so
-    the key is never in a file others can read, nor in a half-written one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)  # a leftover keeps its own mode: O_EXCL makes a new one
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def load_dev_consumer(path: str | Path = DEV_FILE) -> DrainConsumer:
@@ -196,12 +179,13 @@ async def run_dev(
         await listener.start()
         api = f"http://{settings.host}:{settings.port}/v1"
         consumer = await DrainConsumer.open_channel(
-            chain.client(),
-            chain.token,
+            chain.w3,
+            chain.contract,
             consumer_key,
             settings.provider_address,
             deposit=CHANNEL_DEPOSIT,
             duration=CHANNEL_DURATION,
+            token=chain.token,
         )
         model = DEMO_MODEL if use_demo else sorted(settings.prices)[0]
         call = await _paid_call(api, consumer, model, settings.prices[model])
