@@ -1,5 +1,5 @@
 """The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
-`doctor` checks what the provider depends on."""
+`doctor` checks what the provider depends on, `consumer` pays one (the consumer kit's CLI)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ log = logging.getLogger("drain_provider")
 
 
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["consumer"]:  # the consumer kit's own command line, as is
+        from .consumer.cli import main as consumer_main
+
+        return consumer_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m drain_provider", description=__doc__)
     parser.add_argument("--version", action="version", version=f"drain-provider {__version__}")
     commands = parser.add_subparsers(dest="command")
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
     commands.add_parser("doctor", help="check the settings, ledger, chain, contract, gas and upstream; print a table")
+    commands.add_parser("consumer", help="the consumer kit: open, status, chat, close (python -m drain_provider.consumer)")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
