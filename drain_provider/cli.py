@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
     commands.add_parser("doctor", help="check the settings, ledger, chain, contract, gas and upstream; print a table")
-    commands.add_parser("consumer", help="the consumer kit: open, status, chat, close (python -m drain_provider.consumer)")
+    commands.add_parser("consumer", help="pay a provider: open, status, chat, close (the consumer kit)")
     args = parser.parse_args(argv)
     env = read_environment()
     try:

@@ -65,7 +65,7 @@ async def test_open_and_chat_against_a_provider_on_anvil(
     assert facts["chainId"] == 31337 and facts["api"] == provider.url and facts["lastNonce"] == "0"
 
     for turn in (1, 2):
-        code, out, err = await cli(capsys, "chat", "Hello", "from", "the", "CLI", "--model", "demo", "--max-tokens", "40", *common)
+        code, out, err = await cli(capsys, "chat", "Hello", "from", "the", "CLI", "--model", "demo", *common)
         assert code == 0, err
         text, figures = out.rstrip("\n").rsplit("\n", 1)
         assert "demo model" in text
