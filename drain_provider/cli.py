@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the provider (the default)")
     dev = commands.add_parser("dev", help="embedded chain + contracts + demo consumer + provider, nothing to configure")
-    dev.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
+    node = dev.add_mutually_exclusive_group()
+    node.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
+    node.add_argument(
+        "--anvil", action="store_true", help="start anvil (from npm install) for outside clients, stopped with dev"
+    )
+    dev.add_argument("--anvil-port", type=int, default=8545, help="the port of --anvil's JSON-RPC (default: 8545)")
     dev.add_argument("--port", type=int, help="port for the provider (default: PORT or 3000)")
     dev.add_argument("--no-serve", action="store_true", help="exit after the demo call instead of serving")
     claim = commands.add_parser("claim", help="claim what is due now, with or without the server running")
@@ -43,7 +48,14 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             from .devtools.dev import run_dev
 
             return asyncio.run(
-                run_dev(env, rpc_url=args.rpc_url, port=args.port, serve=not args.no_serve, started=started)
+                run_dev(
+                    env,
+                    rpc_url=args.rpc_url,
+                    port=args.port,
+                    serve=not args.no_serve,
+                    started=started,
+                    anvil_port=args.anvil_port if args.anvil else None,
+                )
             )
         if args.command == "doctor":
             from .doctor import run_doctor

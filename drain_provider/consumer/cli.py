@@ -372,7 +372,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    # Quiet unless asked: what goes wrong is said in one line by main; the logs are for -v.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(message)s")
     try:
         return asyncio.run(run(args))
     except (UsageError, StateError, DiscoveryError) as exc:
