@@ -1,6 +1,7 @@
 """`python -m drain_provider dev`: the whole DRAIN flow on this machine, nothing to configure.
 
-Starts a chain (embedded, or `--rpc-url`), deploys the test token and the channel contract,
+Starts a chain (embedded, `--rpc-url`, or `--anvil`: an anvil it starts, so that programs
+outside this process have a JSON-RPC to open channels over), deploys the test token and the channel contract,
 funds a demo consumer and opens a channel to a throwaway provider key, starts the provider
 (with the built-in demo model unless UPSTREAM_BASE_URL / OPENAI_API_KEY name a real one),
 proves the flow with one paid call, then prints and writes to data/dev.json what a person needs
