@@ -17,6 +17,7 @@ from eth_account import Account
 from helpers import USDC, Provider, ProviderFactory
 
 from drain_provider.consumer.cli import main
+from drain_provider.consumer.discovery import DiscoveryError, parse_usdc
 from drain_provider.devtools.devchain import DevChain
 
 
@@ -113,3 +114,26 @@ async def test_the_module_runs_as_a_command(tmp_path: Path) -> None:
         out, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         assert b"open" in out or b"--max-tokens" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "base_units"), [("0.0075", 7500), ("10", 10_000_000), ("0.000001", 1), (" 2.5 ", 2_500_000)]
+)
+def test_usdc_amounts_are_read_exactly(text: str, base_units: int) -> None:
+    assert parse_usdc(text) == base_units
+
+
+@pytest.mark.parametrize("text", ["0.0000001", "1e3", "-1", "", "1,5", "0x10", "nan"])
+def test_anything_else_is_not_an_amount(text: str) -> None:
+    with pytest.raises(DiscoveryError):
+        parse_usdc(text)
+
+
+def test_a_deposit_that_is_not_an_amount_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "k"
+    key.write_text(Account.create().key.hex())
+    state = str(tmp_path / "s.json")
+    code = run_cli(
+        "open", "--provider", "http://127.0.0.1:9", "--deposit", "1e3", "--key-file", str(key), "--state", state
+    )
+    assert code == 2 and "not a USDC amount" in capsys.readouterr().err
