@@ -90,8 +90,9 @@ async def test_sync_sdk_pays_json_and_streams(provider: Provider, open_channel: 
 async def test_concurrent_requests_sign_on_top_of_those_in_flight(
     provider: Provider, open_channel: ChannelFactory
 ) -> None:
-    """Eight requests at once on one channel: each voucher covers those in flight, so none is
-    refused, and the total is the sum of the costs."""
+    """Eight requests at once on one channel: each voucher covers those in flight (none is
+    refused for funds), one that loses the race to a later nonce is signed again, and the total
+    is the sum of the costs."""
     consumer = await open_channel(provider)
     signer = VoucherSigner(consumer)
     client = openai.AsyncOpenAI(

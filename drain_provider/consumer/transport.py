@@ -11,7 +11,11 @@ and sends it as `X-DRAIN-Voucher`; then records the provider's figures: from the
 JSON answer, or, for a stream, from the `: X-DRAIN-…` comment lines as the bytes pass (the SDK's
 SSE parser drops comments, so the transport reads a copy of what it hands on). Requests in
 flight on the channel are counted: the provider holds each one's worst case until it ends, so a
-concurrent request signs on top of them instead of being refused.
+concurrent request signs on top of them instead of being refused. Concurrent requests still
+race to the provider over separate connections: one whose voucher arrives after a later nonce is
+refused (invalid_nonce, before anything is charged) and is signed again and resent, at most
+ORDER_RETRIES times. Those refusals count toward the provider's limit of refused payments per
+address: for many requests at once, a channel per worker avoids them.
 
 Whatever is not a paid completion (models, pricing, ...) goes through untouched.
 """
@@ -36,6 +40,9 @@ from .discovery import DiscoveryError, prices_from_pricing
 
 FIGURES = ("X-DRAIN-Cost", "X-DRAIN-Total", "X-DRAIN-Remaining", "X-DRAIN-Next-Min")
 VOUCHER_HEADER = "X-DRAIN-Voucher"
+# Re-signings of a request whose voucher lost a race to a later one (each refusal counts toward
+# the provider's PAYMENT_FAILURES_PER_MINUTE for this address).
+ORDER_RETRIES = 8
 MAX_EVENT_BYTES = 1 << 20  # the stream's copy is parsed for comments; no event is held past this
 Figures = dict[str, str]
 
@@ -49,6 +56,13 @@ def paid_endpoint(request: httpx2.Request) -> str | None:
     if request.url.path.endswith("/completions"):
         return "legacy"
     return None
+
+
+def out_of_order(response: httpx2.Response) -> bool:
+    """A voucher refused only because a later one of ours got there first (concurrent requests
+    on one channel race over separate connections): nothing was charged, the body was not even
+    read, so the request is signed afresh and sent again."""
+    return response.status_code == 402 and response.headers.get("X-DRAIN-Error") in ("invalid_nonce", "invalid_amount")
 
 
 def _pricing_request(request: httpx2.Request) -> httpx2.Request:
@@ -256,12 +270,18 @@ class DrainTransport(httpx2.BaseTransport):
                         self.signer.take_prices(pricing.status_code, pricing.read())
                     finally:
                         pricing.close()
-        ticket = self.signer.sign(request, body, kind)
-        try:
-            response = self.inner.handle_request(request)
-        except BaseException:
+        for attempt in range(ORDER_RETRIES + 1):
+            ticket = self.signer.sign(request, body, kind)
+            try:
+                response = self.inner.handle_request(request)
+            except BaseException:
+                self.signer.settle(ticket, {})
+                raise
+            if attempt == ORDER_RETRIES or not out_of_order(response):
+                break
+            response.read()
+            response.close()
             self.signer.settle(ticket, {})
-            raise
         figures = self.signer.answered(response)
         if figures is not None:
             self.signer.settle(ticket, figures)
@@ -293,12 +313,18 @@ class AsyncDrainTransport(httpx2.AsyncBaseTransport):
                         self.signer.take_prices(pricing.status_code, await pricing.aread())
                     finally:
                         await pricing.aclose()
-        ticket = self.signer.sign(request, body, kind)
-        try:
-            response = await self.inner.handle_async_request(request)
-        except BaseException:
+        for attempt in range(ORDER_RETRIES + 1):
+            ticket = self.signer.sign(request, body, kind)
+            try:
+                response = await self.inner.handle_async_request(request)
+            except BaseException:
+                self.signer.settle(ticket, {})
+                raise
+            if attempt == ORDER_RETRIES or not out_of_order(response):
+                break
+            await response.aread()
+            await response.aclose()
             self.signer.settle(ticket, {})
-            raise
         figures = self.signer.answered(response)
         if figures is not None:
             self.signer.settle(ticket, figures)
