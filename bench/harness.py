@@ -172,7 +172,7 @@ async def open_channels(
 
     async def open_one(key: bytes) -> DrainConsumer:
         return await DrainConsumer.open_channel(
-            chain.client(), chain.token, key, provider, deposit=deposit, duration=86_400
+            chain.w3, chain.contract, key, provider, deposit=deposit, duration=86_400, token=chain.token
         )
 
     consumers: list[DrainConsumer] = []

@@ -73,7 +73,7 @@ async def start_in_process(**env: str) -> InProcess:
     consumer_key = bytes(Account.create().key)
     await chain.fund(Account.from_key(consumer_key).address, usdc=10**12)
     consumer = await DrainConsumer.open_channel(
-        chain.client(), chain.token, consumer_key, settings.provider_address, deposit=10**12, duration=30 * 86_400
+        chain.w3, chain.contract, consumer_key, settings.provider_address, deposit=10**12, duration=30 * 86_400
     )
     return InProcess(chain, upstream, provider, consumer)
 

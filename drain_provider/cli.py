@@ -1,5 +1,5 @@
 """The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
-`doctor` checks what the provider depends on."""
+`doctor` checks what the provider depends on, `consumer` pays one (the consumer kit's CLI)."""
 
 from __future__ import annotations
 
@@ -18,18 +18,29 @@ log = logging.getLogger("drain_provider")
 
 
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["consumer"]:  # the consumer kit's own command line, as is
+        from .consumer.cli import main as consumer_main
+
+        return consumer_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m drain_provider", description=__doc__)
     parser.add_argument("--version", action="version", version=f"drain-provider {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the provider (the default)")
     dev = commands.add_parser("dev", help="embedded chain + contracts + demo consumer + provider, nothing to configure")
-    dev.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
+    node = dev.add_mutually_exclusive_group()
+    node.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
+    node.add_argument(
+        "--anvil", action="store_true", help="start anvil (from npm install) for outside clients, stopped with dev"
+    )
+    dev.add_argument("--anvil-port", type=int, default=8545, help="the port of --anvil's JSON-RPC (default: 8545)")
     dev.add_argument("--port", type=int, help="port for the provider (default: PORT or 3000)")
     dev.add_argument("--no-serve", action="store_true", help="exit after the demo call instead of serving")
     claim = commands.add_parser("claim", help="claim what is due now, with or without the server running")
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
     commands.add_parser("doctor", help="check the settings, ledger, chain, contract, gas and upstream; print a table")
+    commands.add_parser("consumer", help="pay a provider: open, status, chat, close (the consumer kit)")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
@@ -37,7 +48,14 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             from .devtools.dev import run_dev
 
             return asyncio.run(
-                run_dev(env, rpc_url=args.rpc_url, port=args.port, serve=not args.no_serve, started=started)
+                run_dev(
+                    env,
+                    rpc_url=args.rpc_url,
+                    port=args.port,
+                    serve=not args.no_serve,
+                    started=started,
+                    anvil_port=args.anvil_port if args.anvil else None,
+                )
             )
         if args.command == "doctor":
             from .doctor import run_doctor

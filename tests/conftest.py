@@ -119,7 +119,13 @@ def open_channel(chain: DevChain) -> ChannelFactory:
         key = bytes(Account.create().key)
         await dev_chain.fund(Account.from_key(key).address, usdc=deposit)
         consumer = await DrainConsumer.open_channel(
-            dev_chain.client(version), dev_chain.token, key, address, deposit=deposit, duration=duration
+            dev_chain.w3,
+            dev_chain.client(version).address,
+            key,
+            address,
+            deposit=deposit,
+            duration=duration,
+            token=dev_chain.token,
         )
         if isinstance(provider, Provider):
             consumer.api = provider.url

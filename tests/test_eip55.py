@@ -175,7 +175,7 @@ async def test_what_a_provider_on_amoy_serves_and_logs(
     consumer_key = bytes(Account.create().key)
     await amoy.fund(Account.from_key(consumer_key).address, usdc=10 * USDC)
     consumer = await DrainConsumer.open_channel(
-        amoy.client(), AMOY.usdc, consumer_key, settings.provider_address, deposit=10 * USDC
+        amoy.w3, AMOY.v2, consumer_key, settings.provider_address, deposit=10 * USDC, token=AMOY.usdc
     )
     async with aiohttp.ClientSession() as session:
         text = await served_text(session, server, consumer)

@@ -11,8 +11,9 @@ from pathlib import Path
 from eth_account import Account
 
 from drain_provider.consumer import DrainConsumer
-from drain_provider.devtools.dev import save_dev_consumer, write_private
+from drain_provider.devtools.dev import save_dev_consumer
 from drain_provider.ledger import Ledger
+from drain_provider.privatefile import write_private
 from drain_provider.protocol import Domain
 
 

@@ -1,6 +1,8 @@
 """`python -m drain_provider dev`: the whole DRAIN flow on this machine, nothing to configure.
 
-Starts a chain (embedded, or `--rpc-url`), deploys the test token and the channel contracts (V2 and V1, both served),
+Starts a chain (embedded, `--rpc-url`, or `--anvil`: an anvil it starts, so that programs
+outside this process have a JSON-RPC to open channels over), deploys the test token and the channel contracts (V2
+and V1, both served),
 funds a demo consumer and opens a channel to a throwaway provider key, starts the provider
 (with the built-in demo model unless UPSTREAM_BASE_URL / OPENAI_API_KEY name a real one),
 proves the flow with one paid call, then prints and writes to data/dev.json what a person needs
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,10 @@ from ..config import ConfigError, Settings, load_settings
 from ..consumer import DrainConsumer
 from ..logs import setup_logging
 from ..pricing import ModelPrice
+from ..privatefile import write_private
 from ..protocol import Domain
 from ..server import Listener, Signals
+from .anvil import start_anvil
 from .demo_upstream import DEMO_MODEL, create_demo_upstream
 from .devchain import DevChain, attach_dev_node, start_embedded_chain
 
@@ -86,38 +89,32 @@ async def _paid_call(api: str, consumer: DrainConsumer, model: str, price: Model
         return {"answer": answer, "headers": dict(resp.headers)}
 
 
-def write_dev_file(path: Path, api: str, chain: DevChain, provider: str, consumer: DrainConsumer) -> None:
+def kit_command(api: str, rpc_url: str | None) -> str | None:
+    """The consumer kit's `open` against this dev run (the key is the demo consumer's), when
+    the chain has a JSON-RPC outside clients can reach."""
+    if rpc_url is None:
+        return None
+    root = api.removesuffix("/v1")
+    return f"python -m drain_provider.consumer open --provider {root} --deposit 5 --rpc-url {rpc_url}"
+
+
+def write_dev_file(path: Path, api: str, chain: DevChain, settings: Settings, consumer: DrainConsumer) -> None:
     facts = {
         "api": api,
         "chainId": chain.chain_id,
         "rpcUrl": chain.rpc_url,
         "contract": chain.contract,
+        "contracts": [{"address": ref.address, "version": ref.version} for ref in settings.contracts],
         "token": chain.token,
-        "provider": provider,
+        "provider": settings.provider_address,
         "consumer": {"address": consumer.address, "privateKey": "0x" + bytes(consumer.account.key).hex()},
+        "consumerKit": kit_command(api, chain.rpc_url),  # with CONSUMER_PRIVATE_KEY=<consumer.privateKey>
         "channelId": consumer.channel_id,
         "deposit": str(consumer.deposit),
         "lastNonce": str(consumer.nonce),
         "lastAmount": str(consumer.amount),
     }
     write_private(path, json.dumps(facts, indent=2) + "\n")
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by this user only (it holds the demo consumer's key):
-    a new file created 0600 in a directory created 0700, then renamed over the old one, so
-    the key is never in a file others can read, nor in a half-written one."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)  # a leftover keeps its own mode: O_EXCL makes a new one
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def load_dev_consumer(path: str | Path = DEV_FILE) -> DrainConsumer:
@@ -162,12 +159,23 @@ async def _start_chain(rpc_url: str | None) -> DevChain:
 
 
 async def run_dev(
-    env: dict[str, str], *, rpc_url: str | None, port: int | None, serve: bool, started: float | None
+    env: dict[str, str],
+    *,
+    rpc_url: str | None,
+    port: int | None,
+    serve: bool,
+    started: float | None,
+    anvil_port: int | None = None,
 ) -> int:
+    """`anvil_port`: start anvil there (`--anvil`) and use it as the dev node."""
     started = started or time.monotonic()
     setup_logging(env.get("LOG_LEVEL", "WARNING").upper(), fmt="%(levelname)s %(name)s %(message)s")
-    chain = await _start_chain(rpc_url)
     async with contextlib.AsyncExitStack() as stack:  # whatever fails, what was started is stopped
+        if anvil_port is not None:  # stopped last: the provider may still read the chain as it stops
+            node = await start_anvil(anvil_port)
+            stack.push_async_callback(node.stop)
+            rpc_url = node.url
+        chain = await _start_chain(rpc_url)
         stack.push_async_callback(chain.close)
         provider_key = bytes(Account.create().key)
         consumer_key = bytes(Account.create().key)
@@ -197,22 +205,37 @@ async def run_dev(
         await listener.start()
         api = f"http://{settings.host}:{settings.port}/v1"
         consumer = await DrainConsumer.open_channel(
-            chain.client(),
-            chain.token,
+            chain.w3,
+            chain.contract,
             consumer_key,
             settings.provider_address,
             deposit=CHANNEL_DEPOSIT,
             duration=CHANNEL_DURATION,
+            token=chain.token,
         )
         model = DEMO_MODEL if use_demo else sorted(settings.prices)[0]
         call = await _paid_call(api, consumer, model, settings.prices[model])
         ready = time.monotonic() - started
-        write_dev_file(DEV_FILE, api, chain, settings.provider_address, consumer)
-        print(_banner(api, chain, settings, consumer, model, call, ready))
+        write_dev_file(DEV_FILE, api, chain, settings, consumer)
+        print(_banner(api, chain, settings, consumer, model, call, ready, anvil=anvil_port is not None))
         if serve:
             with Signals() as signals:  # SIGINT, SIGTERM or a terminal's SIGHUP
                 await signals.wait()
     return 0
+
+
+def _outside_clients(api: str, chain: DevChain, consumer: DrainConsumer) -> str:
+    command = kit_command(api, chain.rpc_url)
+    if command is None:
+        return "  (the embedded chain has no JSON-RPC for other programs: `dev --anvil` gives them one)\n"
+    key = "0x" + bytes(consumer.account.key).hex()
+    return f"""
+Pay it from another program (viem, the MCP server, the consumer kit) over the chain's JSON-RPC:
+  rpc        {chain.rpc_url}   chain id {chain.chain_id}   token {chain.token}
+  export CONSUMER_PRIVATE_KEY={key}   # the demo consumer's key
+  {command}
+  python -m drain_provider.consumer chat "Hello!"
+"""
 
 
 def _banner(
@@ -223,14 +246,25 @@ def _banner(
     model: str,
     call: dict[str, Any],
     ready: float,
+    *,
+    anvil: bool,
 ) -> str:
     content = call["answer"]["choices"][0]["message"]["content"]
     headers = call["headers"]
     where = chain.rpc_url or "embedded py-evm chain (in this process)"
+    if anvil:
+        where += " (anvil, started by dev)"
+        ends = "anvil, its chain and its channels end with dev"
+    else:
+        ends = (
+            "the embedded chain and its channels end with the process" if chain.rpc_url is None else "the node goes on"
+        )
+    contracts = "\n".join(f"  contract   {ref.address} ({ref.version})" for ref in settings.contracts)
     return f"""
 drain-provider dev mode: ready in {ready:.2f} s
   chain      {where}, chain id {chain.chain_id}
-  contract   {chain.contract}   token (test USDC) {chain.token}
+{contracts}
+  token      {chain.token} (test USDC)
   provider   {settings.provider_address}
   upstream   {settings.upstream_base_url}{" (built-in demo model)" if model == DEMO_MODEL else ""}
 
@@ -244,19 +278,17 @@ Call it yourself (facts in {DEV_FILE}):
   consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
   channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
 
-  pip install openai   # once: the snippet uses the official SDK
+  pip install openai   # once: the snippet uses the official SDK, paid through the consumer kit
   python - <<'EOF'
   from openai import OpenAI
+  from drain_provider.consumer.transport import drain_http_client
   from drain_provider.devtools.dev import load_dev_consumer, save_dev_consumer
   consumer = load_dev_consumer("{DEV_FILE}")
-  client = OpenAI(base_url=consumer.api, api_key="unused")
-  voucher = consumer.next_voucher(budget=100_000)
-  raw = client.chat.completions.with_raw_response.create(
-      model="{model}", messages=[{{"role": "user", "content": "Hi!"}}],
-      extra_headers={{"X-DRAIN-Voucher": voucher.header_value()}})
-  consumer.record(raw.headers); save_dev_consumer(consumer, "{DEV_FILE}")
-  print(raw.parse().choices[0].message.content, "| cost", raw.headers["X-DRAIN-Cost"])
+  client = OpenAI(base_url=consumer.api, api_key="drain", http_client=drain_http_client(consumer))
+  answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
+  save_dev_consumer(consumer, "{DEV_FILE}")
+  print(answer.choices[0].message.content, "| cost", consumer.last_cost)
   EOF
-
-Press Ctrl-C to stop (the embedded chain and its channels end with the process).
+{_outside_clients(api, chain, consumer)}
+Press Ctrl-C to stop ({ends}).
 """
