@@ -1,7 +1,7 @@
 """The consumer kit's CLI, as a person runs it: `open` and `chat` against a real provider whose
 chain is a real anvil node over JSON-RPC (the CLI's own web3, no ChainClient), the key from a
 file or the environment and never shown, the channel's state carried from one command to the
-next in a private file. (`status` and `close` need the provider's channel endpoints.)"""
+next in a private file; a lost state recovered from the provider, `status`, and a cooperative `close`."""
 
 from __future__ import annotations
 
@@ -137,3 +137,57 @@ def test_a_deposit_that_is_not_an_amount_is_a_usage_error(tmp_path: Path, capsys
         "open", "--provider", "http://127.0.0.1:9", "--deposit", "1e3", "--key-file", str(key), "--state", state
     )
     assert code == 2 and "not a USDC amount" in capsys.readouterr().err
+
+
+async def test_a_lost_state_status_and_a_cooperative_close(
+    anvil_url: str,
+    anvil_chain: DevChain,
+    provider_factory: ProviderFactory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """open, chat; the state file is lost; chat continues from the provider's channel status;
+    status shows the provider's and the chain's view; close gets the refund on chain."""
+    provider = await provider_factory(on=anvil_chain)
+    key = Account.create()
+    await anvil_chain.fund(key.address, usdc=5 * USDC)
+    monkeypatch.setenv("CONSUMER_PRIVATE_KEY", "0x" + bytes(key.key).hex())  # the other way to give it
+    state = tmp_path / "channel.json"
+    common = ["--rpc-url", anvil_url, "--state", str(state)]
+    root = str(provider.server.make_url(""))
+    code, out, err = await cli(capsys, "open", "--provider", root, "--deposit", "2", "--duration", "7200", *common)
+    assert code == 0, err
+    channel_id = out.strip()
+    assert (await cli(capsys, "chat", "first", "--model", "demo", *common))[0] == 0
+
+    state.unlink()  # lost: only the channel id and the provider's URL are left
+    resume = ["--channel", channel_id, "--provider", root]
+    code, out, err = await cli(capsys, "chat", "second", "--model", "demo", *common, *resume)
+    assert code == 0, err
+    costs = await usage_costs(provider, channel_id)
+    assert len(costs) == 2 and out.rstrip().endswith(
+        f"total {sum(costs)} remaining {2 * USDC - sum(costs)} (base units)"
+    )
+    assert json.loads(state.read_text())["lastNonce"] == "2"
+
+    code, out, err = await cli(capsys, "status", *common)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["provider"]["status"] == "open" and report["provider"]["charged"] == str(sum(costs))
+    assert report["chain"] == {
+        "open": True,
+        "deposit": str(2 * USDC),
+        "claimed": "0",
+        "expiry": report["chain"]["expiry"],
+        "expired": False,
+    }
+
+    balance = await anvil_chain.usdc_balance(key.address)
+    code, out, err = await cli(capsys, "close", *common)
+    assert code == 0, err
+    refund = 2 * USDC - sum(costs)
+    assert out.strip().startswith(f"refund {refund} (base units")
+    assert await anvil_chain.usdc_balance(key.address) - balance == refund
+    assert not (await anvil_chain.client().get_channel(channel_id)).exists
+    assert json.loads(state.read_text())["status"] == "closed"

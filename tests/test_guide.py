@@ -1,6 +1,6 @@
 """An agent with nothing but GET /v1/docs, eth-account, an ABI encoder and plain JSON-RPC pays the
 provider on a real node (anvil): approve and open a channel, find the channel id in the receipt,
-pay a request, stream one and read its cost, look at the channel's status. Every address,
+pay a request, stream one and read its cost, look at the channel's status, close it cooperatively. Every address,
 signature, topic and format it uses is read out of the docs' text, so a wrong doc fails here."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import re
 from typing import Any
 
 import aiohttp
-import pytest
 from eth_abi.abi import encode
 from eth_account import Account
 from eth_utils.address import is_checksum_address
@@ -184,15 +183,31 @@ async def test_an_agent_pays_by_the_docs_alone(
         # 4. The channel's status, where the docs say.
         status_url = fact(r"Lost count\? GET (\S+)/v1/channels/<channelId>", head) + f"/v1/channels/{channel_id}"
         async with session.get(status_url) as resp:
-            if resp.status == 404 and resp.headers.get("X-DRAIN-Error") == "not_found":
-                pytest.xfail("GET /v1/channels/{id} is built on another branch of issue 12 (merged by the lead)")
+            assert resp.status == 200, await resp.text()
             status = await resp.json()
         assert status["status"] == "open" and status["charged"] == str(total + cost)
         assert status["next"]["nonce"] == "3" and int(status["next"]["minAmount"]) >= total + cost
 
-        # 5. Cooperative close: the lead adds it here after merging POST /v1/close-channel:
-        # POST the docs' close-channel URL with {"channelId"}, then call the docs' cooperativeClose
-        # signature (encoded as above) from this account, and check the refund on chain.
+        # 5. Cooperative close, as the docs say: ask the provider, then call cooperativeClose.
+        close_url = fact(r"POST (\S+/v1/close-channel) with", head)
+        async with session.post(close_url, json={"channelId": channel_id}) as resp:
+            assert resp.status == 200, await resp.text()
+            signed = await resp.json()
+        final_amount = int(signed["finalAmount"])
+        assert final_amount == total + cost  # what was charged, not what was signed
+        close_signature = fact(r"call\s+(cooperativeClose\([a-z0-9,]+\)) \[0x[0-9a-f]{8}\]", head)
+        _, types, selector = function(close_signature)
+
+        async def usdc_balance() -> int:
+            data = keccak(b"balanceOf(address)")[:4] + encode(["address"], [me])
+            return int(await node.call("eth_call", {"to": usdc, "data": "0x" + data.hex()}, "latest"), 16)
+
+        before = await usdc_balance()
+        arguments = [bytes.fromhex(channel_id[2:]), final_amount, bytes.fromhex(signed["signature"][2:])]
+        await node.transact(key, chain_id, contract, selector + encode(types, arguments))
+        assert await usdc_balance() - before == deposit - final_amount  # the unspent deposit, back now
+        async with session.post(endpoint, json=body, headers={header_name: voucher(amount + 100_000, 3)}) as resp:
+            assert resp.status == 402  # nothing is served on the channel after its close
 
 
 async def test_the_token_is_read_from_the_contract_and_said_how_when_it_cannot_be(

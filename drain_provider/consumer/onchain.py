@@ -19,6 +19,8 @@ from web3.exceptions import ContractLogicError
 from web3.logs import DISCARD
 from web3.providers import AsyncHTTPProvider
 
+from ..protocol import ChannelState
+
 log = logging.getLogger(__name__)
 
 
@@ -100,19 +102,6 @@ class TransactionFailed(Exception):
 
 
 @dataclass(frozen=True)
-class OnChainChannel:
-    consumer: str
-    provider: str
-    deposit: int
-    claimed: int
-    expiry: int
-
-    @property
-    def exists(self) -> bool:
-        return int(self.consumer, 16) != 0
-
-
-@dataclass(frozen=True)
 class Opened:
     channel_id: str
     deposit: int
@@ -167,11 +156,11 @@ class ConsumerChain:
     async def balance(self, token: str) -> int:
         return int(await self._erc20(token).functions.balanceOf(self.account.address).call())
 
-    async def channel(self, channel_id: str) -> OnChainChannel:
+    async def channel(self, channel_id: str) -> ChannelState:
         consumer, provider, deposit, claimed, expiry = await self.contract.functions.getChannel(
             bytes.fromhex(channel_id[2:])
         ).call()
-        return OnChainChannel(
+        return ChannelState(
             to_checksum_address(consumer), to_checksum_address(provider), int(deposit), int(claimed), int(expiry)
         )
 
