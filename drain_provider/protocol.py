@@ -419,10 +419,13 @@ MESSAGE_TEMPLATES: dict[str, dict[str, str]] = {
 def typed_data(domain: Domain, primary_type: str, message: dict[str, Any] | None = None) -> dict[str, Any]:
     """One EIP-712 message as wallets take it (`eth_signTypedData_v4`, viem's `signTypedData`,
     eth-account's `full_message`): its types hold the domain's and this message's only, since a
-    second message type makes the primary type ambiguous to eth-account and ethers."""
+    second message type makes the primary type ambiguous to eth-account and ethers. ethers v6
+    refuses `EIP712Domain` among the types it is given (it derives it from the domain), so
+    `ethersTypes` holds the message's type alone: `signTypedData(domain, ethersTypes, message)`."""
     return {
         "domain": domain.as_json(),
         "types": {"EIP712Domain": EIP712_TYPES["EIP712Domain"], primary_type: EIP712_TYPES[primary_type]},
         "primaryType": primary_type,
         "message": dict(MESSAGE_TEMPLATES[primary_type] if message is None else message),
+        "ethersTypes": {primary_type: EIP712_TYPES[primary_type]},
     }

@@ -71,7 +71,8 @@ async def test_each_contract_served_has_its_own_messages(chain: DevChain, provid
         expected = ["Voucher", "ConsumerRequest"] + ["CloseAuthorization"] * (ref.version == "v2")
         assert list(entry["messages"]) == expected
         for name, obj in entry["messages"].items():
-            assert set(obj) == {"domain", "types", "primaryType", "message"}
+            assert set(obj) == {"domain", "types", "primaryType", "message", "ethersTypes"}
+            assert obj["ethersTypes"] == {name: obj["types"][name]}
             assert obj["primaryType"] == name and set(obj["types"]) == {"EIP712Domain", name}
             assert obj["domain"] == Domain(provider.settings.chain_id, ref.address).as_json()
             assert is_checksum_address(obj["domain"]["verifyingContract"])

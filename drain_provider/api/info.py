@@ -99,7 +99,8 @@ SIGNING_NOTES = {
     "recovers to the provider, then call cooperativeClose(channelId, finalAmount, signature).",
     "signature": "0x + 65 bytes: r, s, v with v 27 or 28, s in the lower half of the curve order.",
     "usage": "Fill `message` and pass the object to viem's signTypedData, eth_signTypedData_v4 or eth-account's "
-    "sign_typed_data(full_message=...). ethers v6: signTypedData(domain, types without EIP712Domain, message). "
+    "sign_typed_data(full_message=...) (they ignore ethersTypes). ethers v6: signTypedData(domain, ethersTypes, "
+    "message) (it refuses EIP712Domain among the types). "
     "Each contract has its own domain: sign under the contract that holds the channel.",
 }
 

@@ -14,7 +14,7 @@ const viem = [];
 const ethers = [];
 for (const served of objects) {
   viem.push(await account.signTypedData(served)); // the served object as it is
-  const { EIP712Domain, ...types } = served.types; // ethers derives the domain type itself
-  ethers.push(await wallet.signTypedData(served.domain, types, served.message));
+  // ethers refuses EIP712Domain among its types: the served object has them without it too.
+  ethers.push(await wallet.signTypedData(served.domain, served.ethersTypes, served.message));
 }
 process.stdout.write(JSON.stringify({ viem, ethers }));
