@@ -71,12 +71,13 @@ def test_dev_mode_serves_paid_calls_from_the_printed_snippet(tmp_path: Path) -> 
         assert "dev --anvil` gives them one" in banner
         assert int(facts["lastAmount"]) > 0 and int(facts["deposit"]) == 10_000_000
 
-        # The snippet the banner prints, run as printed, twice (the nonce must carry over).
-        snippet = banner[banner.index("python - <<'EOF'") : banner.index("  EOF")].split("\n", 1)[1]
-        code = "\n".join(line[2:] for line in snippet.splitlines())
+        # The snippet the banner prints, pasted into bash as it is, twice (the nonce must carry over).
+        start = banner.index("python - <<'EOF'\n")
+        snippet = banner[start : banner.index("\nEOF\n", start) + len("\nEOF\n")]
+        env = {**clean_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         for expected_nonce in ("2", "3"):
             run = subprocess.run(
-                [sys.executable, "-c", code], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60
+                ["bash", "-c", snippet], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
             )
             assert run.returncode == 0, run.stderr
             assert "| cost" in run.stdout and "demo model" in run.stdout

@@ -278,17 +278,17 @@ Call it yourself (facts in {DEV_FILE}):
   consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
   channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
 
-  pip install openai   # once: the snippet uses the official SDK, paid through the consumer kit
-  python - <<'EOF'
-  from openai import OpenAI
-  from drain_provider.consumer.transport import drain_http_client
-  from drain_provider.devtools.dev import load_dev_consumer, save_dev_consumer
-  consumer = load_dev_consumer("{DEV_FILE}")
-  client = OpenAI(base_url=consumer.api, api_key="drain", http_client=drain_http_client(consumer))
-  answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
-  save_dev_consumer(consumer, "{DEV_FILE}")
-  print(answer.choices[0].message.content, "| cost", consumer.last_cost)
-  EOF
+pip install openai   # once: the snippet uses the official SDK, paid through the consumer kit
+python - <<'EOF'
+from openai import OpenAI
+from drain_provider.consumer.transport import drain_http_client
+from drain_provider.devtools.dev import load_dev_consumer, save_dev_consumer
+consumer = load_dev_consumer("{DEV_FILE}")
+client = OpenAI(base_url=consumer.api, api_key="drain", http_client=drain_http_client(consumer))
+answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
+save_dev_consumer(consumer, "{DEV_FILE}")
+print(answer.choices[0].message.content, "| cost", consumer.last_cost)
+EOF
 {_outside_clients(api, chain, consumer)}
 Press Ctrl-C to stop ({ends}).
 """
