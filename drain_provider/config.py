@@ -30,7 +30,7 @@ from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_hex_address, to_checksum_address
 
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
-from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef
+from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef, parse_usdc
 from .states import SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -195,11 +195,10 @@ def _address(name: str, raw: str) -> str:
 
 def _usdc(name: str, raw: str) -> int:
     """A decimal USDC amount (0.25) as base units, without floats."""
-    match = re.fullmatch(r"(\d{1,12})(?:\.(\d{1,6}))?", raw)
-    if match is None:
+    base_units = parse_usdc(raw, whole_digits=12)
+    if base_units is None:
         raise ConfigError(f"{name}: must be a decimal USDC amount with at most 6 decimals, like 0.25")
-    whole, fraction = match.groups()
-    return int(whole) * 1_000_000 + int((fraction or "").ljust(6, "0"))
+    return base_units
 
 
 _TRUE = ("true", "1", "yes", "on")

@@ -398,6 +398,16 @@ def channel_id_for(consumer: str, provider: str, timestamp: int, consumer_nonce:
     return "0x" + keccak(packed).hex()
 
 
+def parse_usdc(text: str, *, whole_digits: int = 15) -> int | None:
+    """A decimal USDC amount as base units, exactly, without floats: "0.0075" -> 7500, "2" ->
+    2000000; None for anything else (a sign, more than 6 decimals, more whole digits)."""
+    match = re.fullmatch(rf"(\d{{1,{whole_digits}}})(?:\.(\d{{1,6}}))?", text)
+    if match is None:
+        return None
+    whole, fraction = match.groups()
+    return int(whole) * 1_000_000 + int((fraction or "").ljust(6, "0"))
+
+
 def format_usdc(base_units: int) -> str:
     """Base units as a decimal USDC string without floats: 7500 -> "0.0075", 2000000 -> "2"."""
     sign = "-" if base_units < 0 else ""

@@ -5,9 +5,6 @@ openai SDK, and anvil for the JSON-RPC path. Shared types and helpers are in hel
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from eth_account import Account
 from helpers import (
-    ANVIL,
+    FEE_BPS,
     REPO,
     USDC,
     ChannelFactory,
@@ -25,7 +22,7 @@ from helpers import (
     ProviderFactory,
     RpcProxy,
     Upstream,
-    free_port,
+    anvil_node,
     make_settings,
 )
 
@@ -49,6 +46,13 @@ async def chain() -> AsyncIterator[DevChain]:
     dev_chain = await start_embedded_chain()
     yield dev_chain
     await dev_chain.close()
+
+
+@pytest.fixture
+async def fee_chain(chain: DevChain) -> DevChain:
+    """A fresh V2 DrainChannel on the session chain, taking V2's 2 % fee from every payout (for the
+    funder), beside the session chain's contracts."""
+    return await chain.fresh_contract(fee_bps=FEE_BPS)
 
 
 @pytest.fixture
@@ -140,23 +144,8 @@ def open_channel(chain: DevChain) -> ChannelFactory:
 @pytest.fixture(scope="session")
 def anvil_url() -> Iterator[str]:
     """A real anvil node (installed by `npm install`) for the whole session."""
-    assert ANVIL.exists(), "anvil is missing: run `npm install`"
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(ANVIL), "--port", str(port), "--silent"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "anvil did not start"
-            time.sleep(0.05)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    with anvil_node() as url:
+        yield url
 
 
 @pytest.fixture

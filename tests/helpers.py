@@ -6,12 +6,14 @@ counts and breaks calls. Imported as `from helpers import ...` (pytest puts test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from drain_provider.tokens import TokenCounter
 
 DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
 USDC = 1_000_000
+FEE_BPS = 200  # the Amoy V2 deployment's 2 %
 REPO = Path(__file__).resolve().parent.parent
 ANVIL = REPO / "node_modules" / ".bin" / "anvil"
 
@@ -56,6 +59,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def anvil_node(*options: str) -> Iterator[str]:
+    """A real anvil node (installed by `npm install`) on a free port, with `options`; its URL."""
+    assert ANVIL.exists(), "anvil is missing: run `npm install`"
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(ANVIL), "--port", str(port), "--silent", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "anvil did not start"
+            time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:

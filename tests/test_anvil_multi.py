@@ -11,7 +11,17 @@ from typing import Any
 import openai
 import pytest
 from eth_account import Account
-from helpers import USDC, ChannelFactory, Provider, ProviderFactory, RpcProxy, paid_chat, refused_chat, wait_for
+from helpers import (
+    FEE_BPS,
+    USDC,
+    ChannelFactory,
+    Provider,
+    ProviderFactory,
+    RpcProxy,
+    paid_chat,
+    refused_chat,
+    wait_for,
+)
 from web3.logs import DISCARD
 
 from drain_provider.chain import ChainClient
@@ -19,8 +29,6 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Domain, sign_voucher
 from drain_provider.states import ChannelStatus, ClaimStatus
-
-FEE_BPS = 200
 
 
 async def served_over(proxy: RpcProxy, factory: ProviderFactory, on: DevChain, **overrides: Any) -> Provider:

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat, wait_for
+from helpers import FEE_BPS, ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat, wait_for
 
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
@@ -19,13 +19,6 @@ from drain_provider.protocol import close_authorization_digest, sign_digest
 from drain_provider.states import ChannelStatus
 
 TOKEN = "t" * 32
-FEE_BPS = 200  # the Amoy V2 deployment's 2 %
-
-
-@pytest.fixture
-async def fee_chain(chain: DevChain) -> DevChain:
-    """A fresh DrainChannel on the session chain, taking V2's 2 % fee from every payout."""
-    return await chain.fresh_contract(fee_bps=FEE_BPS)
 
 
 async def watched_provider(factory: ProviderFactory, on: DevChain, **overrides: Any) -> Provider:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from helpers import (
+    FEE_BPS,
     USDC,
     ChannelFactory,
     Provider,
@@ -32,14 +33,6 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Voucher, close_authorization_digest, recover_signer
 from drain_provider.states import ChannelStatus, ClaimStatus
-
-FEE_BPS = 200  # the Amoy V2 deployment's 2 %
-
-
-@pytest.fixture
-async def fee_chain(chain: DevChain) -> DevChain:
-    """A fresh DrainChannel on the session chain, taking V2's 2 % of every payout for the funder."""
-    return await chain.fresh_contract(fee_bps=FEE_BPS)
 
 
 async def close(provider: Provider, body: Any) -> tuple[int, Any]:

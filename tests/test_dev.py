@@ -52,13 +52,7 @@ def test_dev_mode_serves_paid_calls_from_the_printed_snippet(tmp_path: Path) -> 
         text=True,
     )
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        assert proc.stdout is not None
-        while not any(line.startswith("Press Ctrl-C") for line in lines):
-            assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stdout.readline())
-        banner = "".join(lines)
+        banner = wait_for_banner(proc)
         ready = re.search(r"ready in ([0-9.]+) s", banner)
         assert ready, banner
         assert "cost " in banner and "Traceback" not in banner

@@ -12,10 +12,7 @@ import json
 import logging
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +23,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from eth_account import Account
 from eth_utils.address import is_checksum_address, to_checksum_address
-from helpers import ANVIL, DEMO_PRICE, USDC, ChannelFactory, Provider, ProviderFactory, Upstream, free_port
+from helpers import DEMO_PRICE, USDC, ChannelFactory, Provider, ProviderFactory, Upstream, anvil_node
 from pytest_aiohttp import AiohttpServer
 
 from drain_provider.api import create_app
@@ -61,23 +58,8 @@ def assert_eip55(text: str, *expected: str) -> None:
 
 @pytest.fixture(scope="module")
 def amoy_url() -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(ANVIL), "--port", str(port), "--chain-id", "80002", "--silent"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, "anvil did not start"
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    with anvil_node("--chain-id", "80002") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import openai
 import pytest
 from eth_account import Account
 from helpers import (
+    FEE_BPS,
     ChannelFactory,
     Provider,
     ProviderFactory,
@@ -35,14 +36,6 @@ from drain_provider.devtools.devchain import DevChain
 from drain_provider.ledger import MIGRATIONS, Ledger, LedgerMismatch
 from drain_provider.protocol import ChannelState, ContractRef, Domain, sign_voucher
 from drain_provider.states import ChannelStatus, ClaimStatus
-
-FEE_BPS = 200  # the Amoy V2 deployment's 2 %
-
-
-@pytest.fixture
-async def fee_chain(chain: DevChain) -> DevChain:
-    """A fresh V2 contract with V2's fee, beside the session chain's V1 contract."""
-    return await chain.fresh_contract(fee_bps=FEE_BPS)
 
 
 async def both(factory: ProviderFactory, on: DevChain, **overrides: Any) -> Provider:

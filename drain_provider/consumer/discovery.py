@@ -4,16 +4,14 @@ discovery headers or `/v1/signing`, and the API's base URL from whatever a user 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from eth_utils.address import is_address, to_checksum_address
 
+from .. import protocol
 from ..pricing import ModelPrice
-
-_DECIMAL = re.compile(r"(\d{1,15})(?:\.(\d{1,6}))?")
 
 
 class DiscoveryError(ValueError):
@@ -22,11 +20,10 @@ class DiscoveryError(ValueError):
 
 def parse_usdc(text: str) -> int:
     """A decimal USDC amount ("0.0075", "10") in base units (7500, 10000000), exactly."""
-    match = _DECIMAL.fullmatch(text.strip())
-    if match is None:
+    base_units = protocol.parse_usdc(text.strip())
+    if base_units is None:
         raise DiscoveryError(f"not a USDC amount with at most 6 decimals: {text[:40]!r}")
-    whole, fraction = match.group(1), match.group(2) or ""
-    return int(whole) * 1_000_000 + int(fraction.ljust(6, "0"))
+    return base_units
 
 
 def api_base(url: str) -> str:
