@@ -233,7 +233,8 @@ def _table(value: Any, *where: object) -> dict[str, Any]:
 def _only(table: dict[str, Any], allowed: tuple[str, ...], *where: object) -> None:
     for key in table:
         if key not in allowed:
-            raise CatalogError(f"{_path(*where, key)}: unknown key (allowed: {', '.join(allowed)})")
+            shown = key if isinstance(key, str) and _KEY.fullmatch(key) else None  # a name of ours, mistyped
+            raise CatalogError(f"{_path(*where, shown)}: unknown key (allowed: {', '.join(allowed)})")
 
 
 def _text(value: Any, *where: object) -> str:
