@@ -106,7 +106,7 @@ def test_toml_yaml_and_json_give_the_same_catalog(tmp_path: Path) -> None:
 
 
 def test_openai_gets_max_completion_tokens_and_needs_a_key() -> None:
-    data = {
+    data: dict[str, Any] = {
         "upstreams": {"openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "K"}},
         "models": {"m": {"price": {"input": 1, "output": 1}}},
     }
@@ -122,7 +122,7 @@ def test_openai_gets_max_completion_tokens_and_needs_a_key() -> None:
 
 def bad(change: dict[str, Any]) -> dict[str, Any]:
     """DATA with `change` merged in at the top (a None value deletes the key), one level down."""
-    data = json.loads(json.dumps(DATA))
+    data: dict[str, Any] = json.loads(json.dumps(DATA))
     for section, entries in change.items():
         if entries is None:
             del data[section]
