@@ -83,18 +83,19 @@ def serve(env: dict[str, str]) -> int:
     settings = load_settings(env)
     setup_logging(settings.log_level)
     from .api import create_app, reload_prices
-    from .checks import redact_url
     from .process import run
     from .server import Listener
     from .server import serve as serve_app
 
     app = create_app(settings)
     log.info(
-        "starting provider=%s chain_id=%d contracts=%s upstreams=%s models=%d host=%s port=%d",
+        "starting provider=%s chain_id=%d contracts=%s upstream=%s models=%d host=%s port=%d",
         settings.provider_address,
         settings.chain_id,
         ",".join(f"{c.address}:{c.version}" for c in settings.contracts),
-        ",".join(f"{name}:{redact_url(spec.base_url)}" for name, spec in settings.catalog.upstreams.items()),
+        settings.upstream_base_url
+        if settings.catalog.derived
+        else ",".join(f"{name}={spec.base_url}" for name, spec in settings.catalog.upstreams.items()),
         len(settings.catalog.names),
         settings.host,
         settings.port,
