@@ -11,17 +11,19 @@ same things. No check shows more of a URL than its scheme and host.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .catalog import Catalog, UpstreamSpec
 from .chain import ChainClient, ChainUnavailable
 from .config import ConfigError, Settings
 from .gas import GasGauge, GasLevel, format_gas
@@ -205,27 +207,51 @@ def gas_check(gauge: GasGauge) -> Check:
 # --- the upstream -----------------------------------------------------------------------------
 
 
-async def check_upstream(upstream: Upstream, priced: list[str]) -> list[Check]:
-    """GET /models answers with our key, and lists the models we price (a priced model it does
-    not list may be named otherwise there: a warning). An upstream that does not answer is a
-    warning (it may come up later); one that refuses the key is a failure."""
+async def check_upstream(upstream: Upstream, priced: list[str], spec: UpstreamSpec | None = None) -> list[Check]:
+    """GET /models answers with our key, and lists the models we sell there (one it does not list
+    may be named otherwise there: a warning). An upstream that does not answer is a warning (it
+    may come up later); one that refuses the key is a failure. `spec`: the upstream of MODELS_FILE
+    (checks named after it, fixes naming its keys); None: the upstream of UPSTREAM_BASE_URL."""
     where = redact_url(upstream.base_url)
+    label = "upstream" if spec is None else f"upstream {spec.name}"
+    if spec is None:
+        key_fix, url_fix = "check OPENAI_API_KEY", "check UPSTREAM_BASE_URL"
+        names_fix = "price the upstream's model names (PRICING_FILE), or drop these"
+    else:
+        key_fix = f"check {spec.api_key_env}" if spec.api_key_env else f"set upstreams.{spec.name}.api_key_env"
+        url_fix = f"check upstreams.{spec.name}.base_url in MODELS_FILE"
+        names_fix = "set upstream_model in MODELS_FILE to the upstream's names, or drop these"
     try:
         listed = set(await upstream.models())
     except UpstreamError as exc:
         status = exc.upstream_status
         if status in (401, 403):
-            detail = f"{where} refuses the key (status {status})"
-            return [Check("upstream", Result.FAIL, detail, "check OPENAI_API_KEY")]
+            return [Check(label, Result.FAIL, f"{where} refuses the key (status {status})", key_fix)]
         what = f"status {status}" if status else upstream.health.last_error
-        return [Check("upstream", Result.WARN, f"{where} /models fails ({what})", "check UPSTREAM_BASE_URL")]
-    checks = [Check("upstream", Result.OK, f"{where} answers, {len(listed)} models listed")]
+        return [Check(label, Result.WARN, f"{where} /models fails ({what})", url_fix)]
+    checks = [Check(label, Result.OK, f"{where} answers, {len(listed)} models listed")]
     missing = sorted(set(priced) - listed)
     if missing:
         detail = f"priced but not listed by the upstream: {', '.join(missing)}"
-        fix = "price the upstream's model names (PRICING_FILE), or drop these"
-        checks.append(Check("models", Result.WARN, detail, fix))
+        checks.append(Check("models" if spec is None else f"models {spec.name}", Result.WARN, detail, names_fix))
     return checks
+
+
+async def check_upstreams(catalog: Catalog, upstreams: Mapping[str, Upstream]) -> list[Check]:
+    """`check_upstream` of each of `upstreams` (clients of the catalog's upstreams, by name), at
+    once, for the names the catalog's models have there."""
+    names = list(upstreams)
+    results = await asyncio.gather(
+        *(
+            check_upstream(
+                upstreams[name],
+                sorted({r.upstream_model for r in catalog.routes.values() if r.upstream == name}),
+                None if catalog.derived else catalog.upstreams[name],
+            )
+            for name in names
+        )
+    )
+    return [check for result in results for check in result]
 
 
 def log_checks(checks: list[Check]) -> None:

@@ -89,11 +89,14 @@ def serve(env: dict[str, str]) -> int:
 
     app = create_app(settings)
     log.info(
-        "starting provider=%s chain_id=%d contracts=%s upstream=%s host=%s port=%d",
+        "starting provider=%s chain_id=%d contracts=%s upstream=%s models=%d host=%s port=%d",
         settings.provider_address,
         settings.chain_id,
         ",".join(f"{c.address}:{c.version}" for c in settings.contracts),
-        settings.upstream_base_url,
+        settings.upstream_base_url
+        if settings.catalog.derived
+        else ",".join(f"{name}={spec.base_url}" for name, spec in settings.catalog.upstreams.items()),
+        len(settings.catalog.names),
         settings.host,
         settings.port,
     )

@@ -19,7 +19,7 @@ import os
 import re
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
@@ -29,6 +29,7 @@ from dotenv import dotenv_values
 from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_hex_address, to_checksum_address
 
+from .catalog import Catalog, CatalogError, Kind, derived_catalog, read_catalog
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
 from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef, parse_usdc
 from .states import SyncMode
@@ -85,10 +86,24 @@ class Settings:
     drain_contract_v1: str | None = None  # as set; `contracts` holds what it means
     # Every contract served, the primary first. Empty when built by hand: then the primary alone.
     contracts: tuple[ContractRef, ...] = ()
+    models_file: Path | None = None
+    # What is sold and where: MODELS_FILE's catalog (then `prices` are its prices), or None: the
+    # catalog derived from `prices`, UPSTREAM_BASE_URL and OPENAI_API_KEY (see `catalog`).
+    routing: Catalog | None = None  # its repr shows no key (UpstreamSpec.api_key is repr=False)
 
     def __post_init__(self) -> None:
         if not self.contracts:
             object.__setattr__(self, "contracts", (ContractRef(self.drain_contract, self.contract_version),))
+        if self.routing is None or self.routing.derived:  # derived again: `replace` may have changed its sources
+            object.__setattr__(
+                self, "routing", derived_catalog(self.prices, self.upstream_base_url, self.openai_api_key)
+            )
+
+    @property
+    def catalog(self) -> Catalog:
+        """The models sold and their upstreams: the one path, with MODELS_FILE or without."""
+        assert self.routing is not None
+        return self.routing
 
     @property
     def provider_address(self) -> str:
@@ -534,6 +549,18 @@ SETTINGS: tuple[Setting, ...] = (
         default="INFO",
     ),
     Setting(
+        "MODELS_FILE",
+        "models_file",
+        _path,
+        Section.UPSTREAM,
+        "A routing file (TOML, YAML or JSON, by its extension) naming the upstreams (base URL, the "
+        "environment variable holding each one's key) and every model sold: its upstream, its name "
+        "there, aliases, prices, per-request prices (images), pass-through markup. When set, it alone "
+        "says what is sold: UPSTREAM_BASE_URL and PRICING_FILE must be unset, and the `PRICE_<MODEL>_*` "
+        'variables still override its per-token prices. See the README, "Models and upstreams".',
+        default_doc="none: UPSTREAM_BASE_URL, OPENAI_API_KEY and the prices below",
+    ),
+    Setting(
         "UPSTREAM_BASE_URL",
         "upstream_base_url",
         _url,
@@ -761,6 +788,38 @@ def load_prices(env: Mapping[str, str]) -> dict[str, ModelPrice]:
     return _prices(_read(pricing_file, env), env)
 
 
+def _file_catalog(path: Path, env: Mapping[str, str]) -> Catalog:
+    """MODELS_FILE's catalog, the `PRICE_` variables applied to its per-token prices. The settings
+    it replaces must be unset: one of them set and silently unused would mislead the operator."""
+    for name in ("UPSTREAM_BASE_URL", "PRICING_FILE"):
+        if env.get(name, "").strip():
+            raise ConfigError(f"{name}: not used with MODELS_FILE (the models file says it): unset it")
+    try:
+        catalog = read_catalog(path, env)
+        routes = {name: route for name, route in catalog.routes.items() if route.kind is not Kind.IMAGES}
+        priced = apply_env_overrides({name: route.price for name, route in routes.items()}, env)
+    except (CatalogError, PricingError) as exc:
+        raise ConfigError(str(exc)) from None
+    changed = {}
+    for name, route in routes.items():
+        price = priced[name]
+        if route.kind is Kind.EMBEDDINGS:
+            price = ModelPrice(price.input_per_1k, 0)  # input only: PRICE_<MODEL>_OUTPUT means nothing here
+        if price != route.price:
+            changed[name] = replace(route, price=price)
+    return replace(catalog, routes={**catalog.routes, **changed}) if changed else catalog
+
+
+def load_catalog(env: Mapping[str, str], settings: Settings) -> Catalog:
+    """What SIGHUP reloads: MODELS_FILE's catalog, or without it the catalog of `settings`'
+    upstream at the prices of `PRICING_FILE` and the `PRICE_` variables. A ConfigError names what is wrong."""
+    (models_file,) = (setting for setting in SETTINGS if setting.field == "models_file")
+    path = _read(models_file, env)
+    if path is not None:
+        return _file_catalog(path, env)
+    return derived_catalog(load_prices(env), settings.upstream_base_url, settings.openai_api_key)
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate everything up front: a provider that starts is a provider whose settings work."""
     # Any: each entry's parser gives its field's type; the table tests pin that they match.
@@ -770,8 +829,12 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     )
     values.update(contracts=contracts, drain_contract=contracts[0].address, contract_version=contracts[0].version)
     values["rpc_url"] = _rpc_url(values["rpc_url"], values["chain_id"])
-    _require_openai_key(values["openai_api_key"], values["upstream_base_url"])
-    values["prices"] = _prices(values["prices"], env)
+    if values["models_file"] is not None:
+        catalog = _file_catalog(values["models_file"], env)
+        values.update(routing=catalog, prices=catalog.prices)
+    else:
+        _require_openai_key(values["openai_api_key"], values["upstream_base_url"])
+        values["prices"] = _prices(values["prices"], env)
     _require_final_claim_window(values["claim_interval"], values["min_channel_ttl"])
     return Settings(**values)
 

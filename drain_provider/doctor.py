@@ -13,7 +13,7 @@ import aiohttp
 
 from . import __version__
 from .chain import ChainClient, ChainUnavailable
-from .checks import Check, Result, check_chain, check_upstream, gas_check, inspect_ledger
+from .checks import Check, Result, check_chain, check_upstreams, gas_check, inspect_ledger
 from .config import Settings
 from .gas import GasGauge
 from .upstream import Upstream
@@ -28,14 +28,18 @@ async def run_doctor(settings: Settings) -> int:
             Result.OK,
             f"provider {settings.provider_address}, chain {settings.chain_id}, contract "
             + ", ".join(f"{c.address} ({c.version})" for c in settings.contracts)
-            + f", {len(settings.prices)} models priced",
+            + f", {len(settings.prices)} models priced"
+            + ("" if settings.catalog.derived else f" ({len(settings.catalog.upstreams)} upstreams, MODELS_FILE)"),
         ),
         inspect_ledger(settings),
     ]
     rows += await _chain_rows(settings)
     async with aiohttp.ClientSession() as session:
-        upstream = Upstream(session, settings.upstream_base_url, settings.openai_api_key, timeout=RPC_TIMEOUT)
-        rows += await check_upstream(upstream, sorted(settings.prices))
+        upstreams = {
+            name: Upstream(session, spec.base_url, spec.api_key, timeout=RPC_TIMEOUT, name=name)
+            for name, spec in settings.catalog.upstreams.items()
+        }
+        rows += await check_upstreams(settings.catalog, upstreams)
     print(render(rows))
     return 1 if any(row.result is Result.FAIL for row in rows) else 0
 

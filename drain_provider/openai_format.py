@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 import tiktoken
@@ -21,6 +23,10 @@ from .tokens import TokenCounter, fit_prefix
 
 CHAT = "/chat/completions"
 LEGACY = "/completions"
+EMBEDDINGS = "/embeddings"
+IMAGES = "/images/generations"
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's bound on the inputs of one embeddings request
+MAX_IMAGES = 10  # OpenAI's bound on n for image generation
 MAX_OUTPUT_TOKENS = 10_000_000
 MAX_CHOICES = 128
 # OpenAI's legacy completions endpoint produces 16 tokens when max_tokens is not given.
@@ -43,6 +49,7 @@ class Usage:
     input_tokens: int
     output_tokens: int
     source: UsageSource
+    cost_usd: Decimal | None = None  # `usage.cost` (OpenRouter): the upstream's own price, in USD
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class CompletionRequest:
     price: ModelPrice
     choices: int  # outputs generated per request (n, or best_of, times the prompts)
     per_choice_tokens: int  # output tokens asked for per choice (or the default)
+    markup: Fraction | None = None  # pass-through billing (catalog.ModelRoute.markup)
 
     @property
     def chat(self) -> bool:
@@ -94,15 +102,18 @@ class CompletionRequest:
             input_tokens,
             self.per_choice_tokens * self.choices,
             min(min_output_tokens, self.per_choice_tokens) * self.choices,
+            markup=self.markup,
         )
 
-    def upstream_body(self, output_tokens: int, default_field: str) -> dict[str, Any]:
+    def upstream_body(self, output_tokens: int, default_field: str, model: str | None = None) -> dict[str, Any]:
         """The request as sent upstream: the client's body with its output limit lowered to the
-        `output_tokens` the reservation pays for (shared by the choices). The client's own limit
-        field is kept; if it gave none, `default_field`. A stream always asks for the usage chunk:
-        it is what we bill on."""
+        `output_tokens` the reservation pays for (shared by the choices), and `model` as the
+        upstream names it. The client's own limit field is kept; if it gave none,
+        `default_field`. A stream always asks for the usage chunk: it is what we bill on."""
         per_choice = output_tokens // self.choices
         body = dict(self.body)
+        if model is not None:
+            body["model"] = model
         fields = [field for field in MAX_TOKEN_FIELDS if self.body.get(field) is not None] or [default_field]
         for field in fields:
             body[field] = min(self.body.get(field) or per_choice, per_choice)
@@ -156,15 +167,29 @@ def _common(body: dict[str, Any]) -> tuple[int, int | None]:
 
 def parse_chat(body: dict[str, Any], prices: Mapping[str, ModelPrice], *, default_max_tokens: int) -> CompletionRequest:
     model, price = _model_price(body, prices)
+    return chat_request(body, model, price, default_max_tokens=default_max_tokens)
+
+
+def chat_request(
+    body: dict[str, Any], model: str, price: ModelPrice, *, default_max_tokens: int, markup: Fraction | None = None
+) -> CompletionRequest:
+    """A chat request for a model already found (its name as asked, its price)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise RequestError("'messages' must be a non-empty array of message objects.")
     n, wanted = _common(body)
-    return CompletionRequest(CHAT, body, model, price, n, wanted or default_max_tokens)
+    return CompletionRequest(CHAT, body, model, price, n, wanted or default_max_tokens, markup)
 
 
 def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice]) -> CompletionRequest:
     model, price = _model_price(body, prices)
+    return legacy_request(body, model, price)
+
+
+def legacy_request(
+    body: dict[str, Any], model: str, price: ModelPrice, *, markup: Fraction | None = None
+) -> CompletionRequest:
+    """A legacy completions request for a model already found."""
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not prompt):
         raise RequestError("'prompt' must be a string or a non-empty array.")
@@ -173,7 +198,94 @@ def parse_legacy(body: dict[str, Any], prices: Mapping[str, ModelPrice]) -> Comp
     # A list of strings (or of token arrays) is that many prompts; a list of ints is one prompt.
     prompts = len(prompt) if isinstance(prompt, list) and not all(isinstance(p, int) for p in prompt) else 1
     choices = max(n, best_of) * prompts
-    return CompletionRequest(LEGACY, body, model, price, choices, wanted or LEGACY_DEFAULT_MAX_TOKENS)
+    return CompletionRequest(LEGACY, body, model, price, choices, wanted or LEGACY_DEFAULT_MAX_TOKENS, markup)
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    """A validated embeddings request: priced per input token, no output. `input` is a string,
+    strings, a token array or token arrays, as OpenAI takes it (a token array counts its length)."""
+
+    body: dict[str, Any]
+    model: str
+    price: ModelPrice
+    markup: Fraction | None = None
+    endpoint: str = EMBEDDINGS
+
+    def input_tokens(self, counter: TokenCounter) -> int:
+        return counter.count_prompt(self.model, self.body["input"])
+
+    def least_input_tokens(self, counter: TokenCounter) -> int:
+        return counter.least_prompt(self.model, self.body["input"])
+
+    def plan(self, input_tokens: int, min_output_tokens: int) -> ReservationPlan:
+        return ReservationPlan(self.price, input_tokens, 0, 0, markup=self.markup)
+
+    def upstream_body(self, model: str) -> dict[str, Any]:
+        """The client's body untouched (encoding_format, dimensions, user), `model` as the upstream names it."""
+        return {**self.body, "model": model}
+
+
+def _token_array(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value)
+    )
+
+
+def embeddings_request(
+    body: dict[str, Any], model: str, price: ModelPrice, *, markup: Fraction | None = None
+) -> EmbeddingsRequest:
+    value = body.get("input")
+    valid = (
+        (isinstance(value, str) and value != "")
+        or _token_array(value)
+        or (
+            isinstance(value, list)
+            and 0 < len(value) <= MAX_EMBEDDING_INPUTS
+            and (all(isinstance(v, str) and v != "" for v in value) or all(_token_array(v) for v in value))
+        )
+    )
+    if not valid:
+        raise RequestError(
+            "'input' must be a non-empty string, an array of non-empty strings, an array of token ids or an array "
+            f"of token id arrays (at most {MAX_EMBEDDING_INPUTS} inputs)."
+        )
+    return EmbeddingsRequest(body, model, price, markup)
+
+
+@dataclass(frozen=True)
+class ImagesRequest:
+    """A validated image generation request: `n` images at a per-request price each."""
+
+    body: dict[str, Any]
+    model: str
+    per_image: int
+    n: int
+    endpoint: str = IMAGES
+
+    def input_tokens(self, counter: TokenCounter) -> int:
+        return 0  # not priced by tokens: nothing to count
+
+    def least_input_tokens(self, counter: TokenCounter) -> int:
+        return 0
+
+    def plan(self, input_tokens: int, min_output_tokens: int) -> ReservationPlan:
+        return ReservationPlan(ModelPrice(0, 0), 0, 0, 0, fixed=self.per_image * self.n)
+
+    def upstream_body(self, model: str) -> dict[str, Any]:
+        return {**self.body, "model": model}
+
+
+def images_request(body: dict[str, Any], model: str, per_image: int) -> ImagesRequest:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("'prompt' must be a non-empty string.")
+    if body.get("stream") not in (None, False):
+        raise RequestError("Streamed image generation is not served here: leave 'stream' unset.")
+    n = _positive_int(body, "n", MAX_IMAGES) or 1
+    return ImagesRequest(body, model, per_image, n)
 
 
 # --- reading answers --------------------------------------------------------------------------
@@ -213,14 +325,24 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def reported_usage(data: dict[str, Any]) -> Usage | None:
-    """The `usage` object of a completion or a stream chunk, if it has valid token counts."""
+def _usd(value: Any) -> Decimal | None:
+    """A reported cost: a JSON number at or above 0, exact as its text (str of the parsed float
+    is its shortest round-trip text, so 0.1 stays 0.1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+        return None
+    amount = Decimal(str(value))
+    return amount if amount.is_finite() else None
+
+
+def reported_usage(data: dict[str, Any], *, output: bool = True) -> Usage | None:
+    """The `usage` object of a completion or a stream chunk, if it has valid token counts (an
+    embeddings answer has no output: `output=False`), with its `cost` when it carries one."""
     usage = data.get("usage")
     if isinstance(usage, dict):
         prompt = _count(usage.get("prompt_tokens"))
-        completion = _count(usage.get("completion_tokens"))
+        completion = _count(usage.get("completion_tokens")) if output else 0
         if prompt is not None and completion is not None:
-            return Usage(prompt, completion, UsageSource.UPSTREAM)
+            return Usage(prompt, completion, UsageSource.UPSTREAM, _usd(usage.get("cost")))
     return None
 
 

@@ -44,7 +44,7 @@ import tiktoken
 from .chain import ChainClient, ChainClock, ChainUnavailable
 from .ledger import CLOSING_MESSAGE, ChannelRecord, Ledger, Refusal, Reservation, Settlement, reservation_fit
 from .openai_format import Usage
-from .pricing import ReservationPlan, affordable_output_tokens, cost
+from .pricing import MAX_COST, ReservationPlan, affordable_output_tokens, cost, pass_through_cost
 from .protocol import (
     ChannelState,
     ContractRef,
@@ -171,7 +171,7 @@ class Charge:
         with no input and MIN_OUTPUT_TOKENS of output. Careful clients add their own input's
         cost (and more output) to it and sign exactly that."""
         assert self.settlement is not None
-        return self.settlement.next_min(cost(self.plan.price, 0, self.plan.min_output_tokens))
+        return self.settlement.next_min(self.plan.least_request)
 
     async def __aenter__(self) -> Charge:
         """Store the voucher and reserve the worst case, or raise PaymentError. Returns as soon
@@ -249,7 +249,7 @@ class Charge:
     async def _settle(self, ending: StreamEnding) -> None:
         assert self.reservation is not None
         usage = self.usage(ending)
-        price_cost = cost(self.plan.price, usage.input_tokens, usage.output_tokens)
+        price_cost, source = self.price_cost(usage)
         if price_cost > self.reserved:  # the ledger charges the reservation, not more (rule 3)
             log.warning(
                 "charge_over_reservation channel=%s usage_id=%d reported_in=%d reported_out=%d price_cost=%d "
@@ -267,7 +267,7 @@ class Charge:
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
             status=usage_status(ending),
-            usage_source=usage.source,
+            usage_source=source,
         )
         log.info(
             "paid channel=%s model=%s ending=%s in=%d out=%d cost=%d total=%d source=%s",
@@ -278,8 +278,18 @@ class Charge:
             usage.output_tokens,
             self.settlement.cost,
             self.settlement.total,
-            usage.source,
+            source,
         )
+
+    def price_cost(self, usage: Usage) -> tuple[int, UsageSource]:
+        """What `usage` costs by the plan's billing rule, and what it was computed on: the
+        per-request price; or, with a markup, the upstream's reported cost times it (when it
+        reported one); or the token prices. The ledger caps it at the reservation (rule 3)."""
+        if self.plan.fixed is not None:
+            return self.plan.fixed, UsageSource.PER_REQUEST
+        if self.plan.markup is not None and usage.cost_usd is not None:
+            return pass_through_cost(usage.cost_usd, self.plan.markup), UsageSource.UPSTREAM_COST
+        return min(cost(self.plan.price, usage.input_tokens, usage.output_tokens), MAX_COST), usage.source
 
     async def _release(self, reason: str) -> None:
         assert self.reservation is not None

@@ -7,9 +7,12 @@ money never passes through a float.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 
 
@@ -148,30 +151,57 @@ def apply_env_overrides(prices: Mapping[str, ModelPrice], env: Mapping[str, str]
     return result
 
 
+USD_BASE_UNITS = 10**6  # 1 USD is taken as 1 USDC: 10^6 base units
+MAX_COST = 2**63 - 1  # what a ledger column holds
+
+
+def pass_through_cost(cost_usd: Decimal, markup: Fraction) -> int:
+    """An upstream's reported cost in USD times the markup, in base units, rounded up; exact
+    (a Decimal made from the JSON number's text, a Fraction), never more than MAX_COST."""
+    return min(math.ceil(Fraction(cost_usd) * USD_BASE_UNITS * markup), MAX_COST)
+
+
 @dataclass(frozen=True)
 class ReservationPlan:
     """What one request may cost, decided before it goes upstream.
 
     `fit` runs inside the ledger's transaction, where the channel's headroom is known; it is
-    pure so that the money rules it encodes are tested without a database.
+    pure so that the money rules it encodes are tested without a database. `fixed` is a
+    per-request price (images): the whole of it is reserved, and charged on success. `markup`
+    is the pass-through rule: the upstream's reported cost times it, within the reservation,
+    which the token prices set.
     """
 
     price: ModelPrice
     input_tokens: int
     wanted_output_tokens: int
     min_output_tokens: int
+    fixed: int | None = None
+    markup: Fraction | None = None
 
     @property
     def worst_case(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
         return cost(self.price, self.input_tokens, self.wanted_output_tokens)
 
     @property
     def minimum(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
         return cost(self.price, self.input_tokens, min(self.min_output_tokens, self.wanted_output_tokens))
+
+    @property
+    def least_request(self) -> int:
+        """What the smallest request like this one costs: no input and the minimum output, or
+        the per-request price (X-DRAIN-Next-Min)."""
+        return self.fixed if self.fixed is not None else cost(self.price, 0, self.min_output_tokens)
 
     def fit(self, headroom: int) -> tuple[int, int] | None:
         """(amount to reserve, output tokens to allow) within `headroom`, or None when the
         headroom does not pay for the input plus the minimum output."""
+        if self.fixed is not None:
+            return (self.fixed, 0) if headroom >= self.fixed else None
         if headroom >= self.worst_case:
             return self.worst_case, self.wanted_output_tokens
         if headroom < self.minimum:

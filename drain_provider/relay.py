@@ -68,6 +68,7 @@ class StreamRelay:
         client_wants_usage: bool,
         chat: bool,
         max_bytes: int,
+        model: str | None = None,
     ) -> None:
         self.request = request
         self.upstream = upstream
@@ -76,6 +77,7 @@ class StreamRelay:
         self.client_wants_usage = client_wants_usage
         self.chat = chat
         self.max_bytes = max_bytes
+        self.model = model  # the name each chunk's `model` is given (the one the client asked), if not the upstream's
         self.ending: StreamEnding | None = None
         self.error_message = ""
         self.malformed_events = 0
@@ -154,6 +156,9 @@ class StreamRelay:
         self._failed()
 
     async def _relay_chunk(self, chunk: dict[str, Any], raw: bytes) -> bool:
+        if self.model is not None and "model" in chunk and chunk["model"] != self.model:
+            chunk["model"] = self.model
+            raw = sse.encode(data=safejson.dumps(chunk).decode())
         if chunk.get("usage"):  # most chunks have none
             self._reported = openai_format.reported_usage(chunk) or self._reported
         self._remember(chunk)

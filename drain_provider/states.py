@@ -22,10 +22,13 @@ class UsageStatus(StrEnum):
 
 
 class UsageSource(StrEnum):
-    """Where a request's token counts came from."""
+    """Where a request's token counts came from, or what else its charge was computed on."""
 
     UPSTREAM = "upstream"  # the upstream's `usage` object
     LOCAL = "local"  # counted here with tiktoken
+    # How a request was charged when not on its token counts at list price:
+    UPSTREAM_COST = "upstream_cost"  # pass-through: the upstream's reported `usage.cost` times the markup
+    PER_REQUEST = "per_request"  # a per-request price (images): counts are not what it is charged on
 
 
 class StreamEnding(StrEnum):

@@ -77,8 +77,10 @@ class Upstream:
         timeout: float,
         max_tokens_field: str = "max_tokens",
         max_answer_bytes: int = 8 * 1024 * 1024,
+        name: str = "default",
     ) -> None:
         self.session = session
+        self.name = name  # the catalog's name for it: what /health and the logs say, never its URL
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=10)
@@ -87,6 +89,15 @@ class Upstream:
         self.max_tokens_field = max_tokens_field
         self.max_answer_bytes = max_answer_bytes  # the relay bounds a stream with it too
         self.health = UpstreamHealth()
+
+    def serves(self, base_url: str, api_key: str | None, max_tokens_field: str) -> bool:
+        """Whether this client already calls `base_url` with `api_key` as asked (a reload keeps it,
+        and its health)."""
+        return (self.base_url, self._api_key, self.max_tokens_field) == (
+            base_url.rstrip("/"),
+            api_key,
+            max_tokens_field,
+        )
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -183,7 +194,7 @@ class Upstream:
         return _transport_error(exc, path)
 
     def _status_error(self, status: int, raw: bytes) -> UpstreamError:
-        log.warning("upstream_status status=%d bytes=%d", status, len(raw))
+        log.warning("upstream_status upstream=%s status=%d bytes=%d", self.name, status, len(raw))
         if status not in _CLIENT_STATUSES:
             self.health.failed(f"status {status}")
         message = f"The upstream model provider answered {status}; you were not charged."

@@ -27,7 +27,7 @@ from helpers import (
 
 import drain_provider.api
 from drain_provider.api import health as health_module
-from drain_provider.api.state import UPSTREAM
+from drain_provider.api.state import ROUTES
 from drain_provider.chain import ChainClient
 from drain_provider.devtools.demo_upstream import create_demo_upstream
 from drain_provider.devtools.devchain import DevChain
@@ -57,7 +57,7 @@ async def eventually_alerts(provider: Provider, wanted: set[str], timeout: float
 
 
 async def test_a_healthy_provider(provider: Provider) -> None:
-    upstream = provider.app[UPSTREAM].health
+    upstream = provider.app[ROUTES].upstreams["default"].health
     await wait_for(lambda: provider.watcher.last_poll_at is not None and upstream.last_ok_at is not None)
     assert await get(provider, "/health/live") == (200, {"live": True})
     assert await get(provider, "/health/ready") == (200, {"ready": True, "reasons": []})

@@ -30,6 +30,8 @@ async def test_pricing_in_the_reference_format(provider: Provider) -> None:
         "provider": provider.address,
         "chainId": provider.settings.chain_id,
         "minChannelDurationSeconds": 601,
+        "defaultMaxTokens": 4096,
+        "minOutputTokens": 16,
         "currency": "USDC",
         "decimals": 6,
         "models": {

@@ -42,7 +42,8 @@ OPENAI_KEY = "sk-test-docs-0123456789"
 REQUIRED = {"PROVIDER_PRIVATE_KEY": "0x" + KEY_HEX, "OPENAI_API_KEY": OPENAI_KEY}
 
 # Fields that no environment variable sets: only code building `Settings` (the tests) changes them.
-NOT_FROM_ENVIRONMENT = {"claim_receipt_timeout", "contracts"}  # contracts: derived from three
+# contracts: derived from three; routing: the catalog, read from MODELS_FILE (or derived)
+NOT_FROM_ENVIRONMENT = {"claim_receipt_timeout", "contracts", "routing"}
 
 
 def env_example_values(*, uncomment: bool) -> dict[str, str]:

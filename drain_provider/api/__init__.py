@@ -21,18 +21,18 @@ from ..chain import ChainClient, ChainClock
 from ..chainwatch import ChainWatcher
 from ..claimer import Claimer
 from ..closing import Closer
-from ..config import OPENAI_BASE_URL, ConfigError, Settings, load_prices
+from ..config import ConfigError, Settings, load_catalog
 from ..gas import GasGauge
 from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
-from ..upstream import Upstream
-from . import channels, completions, health, info
+from . import channels, completions, embeddings, health, images, info
 from .admin import create_admin_app
 from .body import answer_expect_headers, declared_size
 from .cors import add_cors_headers, cors_preflight
 from .errors import error_middleware
+from .routing import Routes, make_upstreams
 from .state import (
     CHAIN,
     CHAINS,
@@ -45,9 +45,10 @@ from .state import (
     LEDGER,
     LIMITER,
     PRICES,
+    ROUTES,
+    SESSION,
     SETTINGS,
     STOPPING,
-    UPSTREAM,
     WATCHER,
 )
 
@@ -60,7 +61,7 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 # a client that disconnects cancels its handler at once, which is how a stream learns to drop its
 # upstream; shutdown_timeout: how long in-flight requests get to finish on a stop.
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeout": 15.0}
-# While the upstream's last call failed, GET /models is tried this often, so that /health
+# While an upstream's last call failed, its GET /models is tried this often, so that /health
 # clears its alert when the upstream is back, even with no traffic.
 UPSTREAM_PROBE_INTERVAL = 30.0
 
@@ -90,6 +91,8 @@ def create_app(
         )
     )
     app.add_routes(completions.routes)
+    app.add_routes(embeddings.routes)
+    app.add_routes(images.routes)
     app.add_routes(channels.routes)
     app.add_routes(info.routes)
     app.add_routes(health.routes)
@@ -162,21 +165,12 @@ def _chain_ctx(given: ChainClient | None) -> Context:
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # No pool limit: every paid request in flight needs its own upstream connection, and the
-    # default cap of 100 would queue the 101st stream behind the others.
+    # default cap of 100 would queue the 101st stream behind the others. One session for every
+    # upstream: each Upstream sends its own key to its own base URL only.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    # OpenAI's own API wants max_completion_tokens (reasoning models refuse max_tokens); most
-    # OpenAI-compatible servers know only max_tokens.
-    field = "max_completion_tokens" if settings.upstream_base_url == OPENAI_BASE_URL else "max_tokens"
-    upstream = Upstream(
-        session,
-        settings.upstream_base_url,
-        settings.openai_api_key,
-        timeout=settings.upstream_timeout,
-        max_tokens_field=field,
-        max_answer_bytes=settings.max_answer_bytes,
-    )
-    app[UPSTREAM] = upstream
-    probe = asyncio.create_task(_probe_upstream(upstream, app[PRICES]), name="upstream-probe")
+    app[SESSION] = session
+    app[ROUTES] = Routes(settings.catalog, make_upstreams(session, settings.catalog, settings))
+    probe = asyncio.create_task(_probe_upstreams(app[ROUTES]), name="upstream-probe")
     yield
     probe.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -184,15 +178,17 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
-async def _probe_upstream(upstream: Upstream, prices: PriceBook) -> None:
-    """GET /models at start, in the background (an upstream that is down must not hold the
-    start up, nor stop it: it may come up later), then again while the last call failed. The
-    models priced are read at each probe: SIGHUP may have changed them."""
-    checks.log_checks(await checks.check_upstream(upstream, sorted(prices)))
+async def _probe_upstreams(routes: Routes) -> None:
+    """GET /models of every upstream at start, in the background (an upstream that is down must
+    not hold the start up, nor stop it: it may come up later), then again of each one whose last
+    call failed. The catalog is read at each probe: SIGHUP may have changed it."""
+    checks.log_checks(await checks.check_upstreams(routes.catalog, routes.upstreams))
     while True:
         await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
-        if upstream.health.failing:
-            await checks.check_upstream(upstream, sorted(prices))
+        catalog, upstreams = routes.catalog, routes.upstreams
+        failing = {name: upstream for name, upstream in upstreams.items() if upstream.health.failing}
+        if failing:
+            await checks.check_upstreams(catalog, failing)
 
 
 async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -250,7 +246,7 @@ async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
     # Loading an encoding may download it: do it once, off the event loop, before serving.
-    await asyncio.to_thread(app[COUNTER].warm_up, app[SETTINGS].prices)
+    await asyncio.to_thread(app[COUNTER].warm_up, app[SETTINGS].catalog.routes)
     # Large inputs are counted on threads of their own (tiktoken releases the GIL), all cores but
     # the event loop's: not the default executor, which aiohttp's DNS lookups queue on.
     pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="counting")
@@ -260,14 +256,21 @@ async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def reload_prices(app: web.Application, env: Mapping[str, str]) -> None:
-    """SIGHUP: the prices again from `PRICING_FILE` and the `PRICE_` variables of `env`. New
-    models' encodings are loaded before they are served; a bad setting keeps the prices being
-    served and says why in one line."""
+    """SIGHUP: the catalog again, from `MODELS_FILE` (models, prices, aliases, upstreams: a new
+    or changed upstream gets a new client on the same session), or without it the prices from
+    `PRICING_FILE` and the `PRICE_` variables of `env`. New models' encodings are loaded before
+    they are served; a bad file or setting keeps what is served and says why in one line."""
     try:
-        prices = load_prices(env)
+        catalog = load_catalog(env, app[SETTINGS])
     except ConfigError as exc:
         log.warning("prices_reload_failed error=%s", exc)
         return
-    await asyncio.to_thread(app[COUNTER].warm_up, prices)
-    app[PRICES].replace(prices)
-    log.info("prices_reloaded models=%d", len(prices))
+    await asyncio.to_thread(app[COUNTER].warm_up, catalog.routes)
+    app[ROUTES].reload(catalog, app[SESSION], app[SETTINGS])
+    app[PRICES].replace(catalog.prices)
+    log.info(
+        "prices_reloaded models=%d names=%d upstreams=%d",
+        len(catalog.routes),
+        len(catalog.names),
+        len(catalog.upstreams),
+    )

@@ -10,9 +10,9 @@ follows this text with eth-account alone against a real node, reading its facts 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from ..pricing import ModelPrice
+from ..catalog import ENDPOINTS, Catalog, Kind, ModelRoute
 from ..protocol import (
     CONSUMER_REQUEST_TYPE,
     DEPLOYMENTS,
@@ -65,7 +65,7 @@ def render_guide(
     chain_id: int,
     contracts: Sequence[ContractRef],
     usdc: str | None,
-    prices: Mapping[str, ModelPrice],
+    catalog: Catalog,
     min_channel_ttl: int,
 ) -> str:
     primary = contracts[0]
@@ -75,9 +75,10 @@ def render_guide(
     token = usdc or (
         f"the contract's {USDC_GETTER} [{selector(USDC_GETTER)}] (eth_call; the provider could not read it now)"
     )
-    models = "\n".join(
-        f"  {name}: {format_usdc(p.input_per_1k)} USDC in / {format_usdc(p.output_per_1k)} USDC out per 1k tokens"
-        for name, p in sorted(prices.items())
+    models = "\n".join(_model_line(name, route) for name, route in catalog.names.items())
+    kinds = {route.kind for route in catalog.routes.values()}
+    also = ", ".join(
+        ["/v1/completions"] + [ENDPOINTS[kind].split()[1] for kind in (Kind.EMBEDDINGS, Kind.IMAGES) if kind in kinds]
     )
     close = (
         f"5. Close early and get the unspent deposit back now (V2): POST {root}/v1/close-channel with\n"
@@ -110,9 +111,45 @@ def render_guide(
         voucher_type=VOUCHER_TYPE,
         close=close,
         models=models,
+        also=also,
+        notes=_billing_notes(catalog),
         consumer_request=CONSUMER_REQUEST_TYPE,
         errors=_codes_by_status(),
     )
+
+
+def _billing_notes(catalog: Catalog) -> str:
+    """The billing rules beyond per-token, for the models that have them."""
+    routes = catalog.routes.values()
+    notes = []
+    if any(r.kind is Kind.EMBEDDINGS for r in routes):
+        notes.append("Embeddings: the input tokens the model reports, no output; reserved as counted before the call.")
+    if any(r.kind is Kind.IMAGES for r in routes):
+        notes.append("Images: the price per image times n (default 1), reserved first, charged when the model answers.")
+    if any(r.markup is not None for r in routes):
+        notes.append(
+            'Pass-through ("charged the upstream\'s own cost"): the cost the upstream reports (USD taken as USDC)'
+            " times the markup, rounded up, never more than the token prices of the reservation."
+        )
+    return "".join("\n" + textwrap.fill(note, 95) for note in notes)
+
+
+def _model_line(name: str, route: ModelRoute) -> str:
+    """One name sold and its price, as the guide lists it."""
+    alias = f" (alias of {route.name})" if name != route.name else ""
+    if route.kind is Kind.IMAGES:
+        assert route.per_request is not None
+        return f"  {name}: {format_usdc(route.per_request)} USDC per image (POST /v1/images/generations){alias}"
+    p = route.price
+    if route.kind is Kind.EMBEDDINGS:
+        line = f"  {name}: {format_usdc(p.input_per_1k)} USDC per 1k input tokens (POST /v1/embeddings)"
+    else:
+        line = (
+            f"  {name}: {format_usdc(p.input_per_1k)} USDC in / {format_usdc(p.output_per_1k)} USDC out per 1k tokens"
+        )
+    if route.markup is not None:
+        line += f"; charged the upstream's own cost x{route.markup}, at most that"
+    return line + alias
 
 
 def _codes_by_status() -> str:
@@ -128,7 +165,7 @@ GUIDE = """\
 DRAIN provider: OpenAI-compatible chat completions, paid per token from a DRAIN payment channel.
 Amounts are USDC base units (6 decimals: 1 USDC = 1000000), as decimal strings.
 
-Endpoint   {root}/v1/chat/completions (also /v1/completions), OpenAI format
+Endpoint   {root}/v1/chat/completions (also {also}), OpenAI format
 Provider   {provider}
 Chain      {chain}; RPC {rpc}
 USDC       {usdc}
@@ -157,13 +194,13 @@ Contract   {contract} (DrainChannel {version}){others}
 4. Lost count? GET {root}/v1/channels/<channelId>: status, deposit, charged, remaining, expiry,
    lastVoucher, next {{nonce, minAmount}}: sign next.nonce and at least next.minAmount.
 {close}
-Models (USDC per 1k tokens):
+Models (USDC; an alias is sold at its model's prices):
 {models}
 
 What you are charged: the input and output tokens the model reports, at those prices
 (cost = in*inPrice//1000 + out*outPrice//1000). A request reserves its worst case (input +
 max_tokens) before it runs; a voucher that leaves room for less lowers max_tokens to what it pays
-for. Failed upstream calls are not charged.
+for. Failed upstream calls are not charged.{notes}
 
 Your own requests about a channel are signed by the consumer as EIP-712
 {consumer_request}, same domain, timestamp = unix seconds

@@ -26,7 +26,8 @@ from aiohttp import web
 from .. import __version__
 from ..gas import GasLevel
 from ..reports import money, totals_json
-from .state import CLAIMER, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
+from ..upstream import UpstreamHealth
+from .state import CLAIMER, LEDGER, ROUTES, SETTINGS, STOPPING, WATCHER
 
 routes = web.RouteTableDef()
 
@@ -71,7 +72,7 @@ def _ago(at: float | None) -> str:
 def _alerts(app: web.Application, overdue: dict[str, int] | None) -> list[Alert]:
     """What is wrong besides readiness, from the state of each part now."""
     alerts = []
-    watcher, gas, upstream = app[WATCHER], app[WATCHER].gas, app[UPSTREAM].health
+    watcher, gas = app[WATCHER], app[WATCHER].gas
     if watcher.reachable is False:
         alerts.append(
             Alert(
@@ -103,9 +104,31 @@ def _alerts(app: web.Application, overdue: dict[str, int] | None) -> list[Alert]
                 "that has not happened: see the RPC, the gas and the claimer's log.",
             )
         )
-    if upstream.failing:
-        alerts.append(Alert("upstream_failing", f"The upstream's last call failed ({upstream.last_error})."))
+    routes = app[ROUTES]
+    for name, upstream in routes.upstreams.items():
+        if upstream.health.failing:
+            which = "The upstream's" if routes.catalog.derived else f"The upstream {name}'s"
+            alerts.append(Alert("upstream_failing", f"{which} last call failed ({upstream.health.last_error})."))
     return alerts
+
+
+def _upstream_json(health: UpstreamHealth) -> dict[str, Any]:
+    return {"lastOkAt": health.last_ok_at, "lastErrorAt": health.last_error_at, "lastError": health.last_error}
+
+
+def _upstreams_json(app: web.Application) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each upstream's facts by its catalog name (never its URL), and all of them as one, as
+    `upstream` has always been: the latest success, the latest failure and what it was."""
+    healths = {name: upstream.health for name, upstream in app[ROUTES].upstreams.items()}
+    oks = [h.last_ok_at for h in healths.values() if h.last_ok_at is not None]
+    failed = [h for h in healths.values() if h.last_error_at is not None]
+    latest = max(failed, key=lambda h: h.last_error_at or 0.0, default=None)
+    combined = {
+        "lastOkAt": max(oks, default=None),
+        "lastErrorAt": None if latest is None else latest.last_error_at,
+        "lastError": None if latest is None else latest.last_error,
+    }
+    return combined, {name: _upstream_json(health) for name, health in healths.items()}
 
 
 @routes.get("/health/live")
@@ -123,7 +146,8 @@ async def ready(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     app = request.app
-    settings, watcher, claimer, upstream = app[SETTINGS], app[WATCHER], app[CLAIMER], app[UPSTREAM].health
+    settings, watcher, claimer = app[SETTINGS], app[WATCHER], app[CLAIMER]
+    upstream, upstreams = _upstreams_json(app)
     reasons = await _readiness(app)
     books: dict[str, Any] | None = None
     overdue: dict[str, int] | None = None
@@ -163,11 +187,8 @@ async def health(request: web.Request) -> web.Response:
                 "claimsLeft": None if gas is None else gas.claims_left,
                 "lowGasClaims": settings.low_gas_claims,
             },
-            "upstream": {
-                "lastOkAt": upstream.last_ok_at,
-                "lastErrorAt": upstream.last_error_at,
-                "lastError": upstream.last_error,
-            },
+            "upstream": upstream,
+            "upstreams": upstreams,
             "books": books,
             "version": __version__,
             "provider": settings.provider_address,
@@ -177,7 +198,7 @@ async def health(request: web.Request) -> web.Response:
                 {"address": c.address, "version": c.version, "feeBps": watcher.fees.get(c.address.lower())}
                 for c in settings.contracts
             ],
-            "models": len(settings.prices),
+            "models": len(app[ROUTES].catalog.names),
         },
         status=503 if reasons else 200,
     )

@@ -9,11 +9,12 @@ from typing import Any
 from aiohttp import web
 from eth_utils.address import to_checksum_address
 
+from ..catalog import Kind, ModelRoute
 from ..chain import ChainUnavailable, ContractReverted
 from ..protocol import ContractRef, Domain, format_usdc, typed_data
 from .discovery import base_url
 from .guide import known_usdc, render_guide
-from .state import CHAIN, SETTINGS
+from .state import CHAIN, ROUTES, SETTINGS
 
 STARTED_AT = int(time.time())
 routes = web.RouteTableDef()
@@ -21,12 +22,35 @@ routes = web.RouteTableDef()
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    settings = request.app[SETTINGS]
+    """Every name sold: each model and each alias (an alias is sold too)."""
     data = [
         {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "drain-provider"}
-        for name in sorted(settings.prices)
+        for name in request.app[ROUTES].catalog.names
     ]
     return web.json_response({"object": "list", "data": data})
+
+
+def model_pricing(name: str, route: ModelRoute) -> dict[str, str]:
+    """One name's entry in /v1/pricing. Per-token models keep the reference provider's fields (the
+    decimal USDC prices per 1k tokens); the others say what they are billed on."""
+    entry: dict[str, str] = {}
+    if route.kind is Kind.IMAGES:
+        assert route.per_request is not None
+        entry.update(perRequest=format_usdc(route.per_request), billing="per-request")
+    else:
+        entry.update(
+            inputPer1kTokens=format_usdc(route.price.input_per_1k),
+            outputPer1kTokens=format_usdc(route.price.output_per_1k),
+        )
+    if route.kind is not Kind.CHAT:
+        entry["kind"] = str(route.kind)
+    if route.markup is not None:
+        # The token prices are the most a request costs (its reservation); it is charged the
+        # upstream's own reported cost times the markup.
+        entry.update(markup=route.markup, billing="pass-through")
+    if name != route.name:
+        entry["aliasOf"] = route.name
+    return entry
 
 
 @routes.get("/v1/pricing")
@@ -40,13 +64,11 @@ async def pricing(request: web.Request) -> web.Response:
             "decimals": 6,
             # Vouchers are refused in a channel's last MIN_CHANNEL_TTL seconds: open for longer.
             "minChannelDurationSeconds": settings.min_channel_ttl + 1,
-            "models": {
-                name: {
-                    "inputPer1kTokens": format_usdc(price.input_per_1k),
-                    "outputPer1kTokens": format_usdc(price.output_per_1k),
-                }
-                for name, price in sorted(settings.prices.items())
-            },
+            # Output tokens reserved when a request sets no max_tokens, and the least output a
+            # voucher must leave room for (402 otherwise).
+            "defaultMaxTokens": settings.default_max_tokens,
+            "minOutputTokens": settings.min_output_tokens,
+            "models": {name: model_pricing(name, route) for name, route in request.app[ROUTES].catalog.names.items()},
         }
     )
 
@@ -114,7 +136,7 @@ async def docs(request: web.Request) -> web.Response:
         chain_id=settings.chain_id,
         contracts=settings.contracts,
         usdc=await _usdc(request),
-        prices=settings.prices,
+        catalog=request.app[ROUTES].catalog,
         min_channel_ttl=settings.min_channel_ttl,
     )
     return web.Response(text=text, content_type="text/plain")

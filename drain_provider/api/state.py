@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+import aiohttp
 from aiohttp import web
 
 from ..chain import ChainClient, ChainClock
@@ -17,7 +18,7 @@ from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
-from ..upstream import Upstream
+from .routing import Routes
 
 SETTINGS = web.AppKey("settings", Settings)
 LEDGER = web.AppKey("ledger", Ledger)
@@ -25,9 +26,12 @@ CHAIN = web.AppKey("chain", ChainClient)  # the primary contract's client
 # One client per contract served (settings.contracts' order, the primary first), on one connection.
 CHAINS: web.AppKey[tuple[ChainClient, ...]] = web.AppKey("chains")
 GATE = web.AppKey("gate", PaymentGate)
-UPSTREAM = web.AppKey("upstream", Upstream)
+# The models sold and one upstream client per upstream (api/routing.py): what SIGHUP replaces.
+ROUTES = web.AppKey("routes", Routes)
+# The one HTTP session of every upstream client.
+SESSION = web.AppKey("session", aiohttp.ClientSession)
 COUNTER = web.AppKey("counter", TokenCounter)
-# The same object as SETTINGS' prices: what SIGHUP replaces.
+# The same object as SETTINGS' prices (every name sold, per token): SIGHUP replaces it with ROUTES.
 PRICES = web.AppKey("prices", PriceBook)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)

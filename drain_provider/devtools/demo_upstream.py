@@ -11,13 +11,21 @@ usage object), `reply` (the exact answer text), `prompt_tokens`/`completion_toke
 the reported usage), `ignore_max_tokens` (true: do not stop at max_tokens), `invalid_json`
 (true: answer 200 with a body that is not JSON), `echo_key` (with `status`: put the API key
 it received in the error message, as OpenAI's 401 does), `token_delay` (seconds between
-streamed tokens).
+streamed tokens), `cost` (a number: put it in the usage as `usage.cost`, in USD, as OpenRouter
+does). An image prompt takes the same directive (`status` only).
+
+It also serves POST /v1/embeddings (deterministic vectors, float or base64 as asked, usage
+counted by tiktoken) and POST /v1/images/generations (n tiny PNGs as b64_json), so that the
+per-token-input and per-request billing can be tested end to end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +45,7 @@ class DemoStats:
     """What the server saw, for tests that check what reached the upstream."""
 
     requests: list[dict[str, Any]] = field(default_factory=list)
+    authorizations: list[str | None] = field(default_factory=list)  # each request's Authorization header
     streams_started: int = 0
     # (content events sent, time.monotonic()) of each stream whose client went away
     streams_cancelled: list[tuple[int, float]] = field(default_factory=list)
@@ -97,8 +106,7 @@ def _truncate(text: str, limit: int | None) -> tuple[str, int, str]:
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    request.app[DEMO_STATS].requests.append(body)
+    body = await _read(request)
     messages = body.get("messages") or []
     prompt_text = _last_user_text(messages)
     options = _directive(prompt_text)
@@ -108,8 +116,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 async def _legacy(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    request.app[DEMO_STATS].requests.append(body)
+    body = await _read(request)
     prompt = body.get("prompt")
     prompt_text = prompt if isinstance(prompt, str) else json.dumps(prompt)
     options = _directive(prompt_text)
@@ -146,6 +153,8 @@ async def _answer(
         "completion_tokens": int(options.get("completion_tokens", completion_tokens)),
     }
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    if "cost" in options:
+        usage["cost"] = options["cost"]
     model = body.get("model", DEMO_MODEL)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
@@ -196,7 +205,7 @@ def _stream_events(
     options: dict[str, Any],
     text: str,
     finish: str,
-    usage: dict[str, int],
+    usage: dict[str, Any],
     head: dict[str, Any],
     *,
     chat: bool,
@@ -286,6 +295,50 @@ async def _write(response: web.StreamResponse, payload: bytes, options: dict[str
         await asyncio.sleep(0.001)
 
 
+async def _read(request: web.Request) -> dict[str, Any]:
+    body: dict[str, Any] = await request.json()
+    stats = request.app[DEMO_STATS]
+    stats.requests.append(body)
+    stats.authorizations.append(request.headers.get("Authorization"))
+    return body
+
+
+def _vector(text: str, dimensions: int = 8) -> list[float]:
+    """A deterministic unit-ish vector of a text, exactly representable in float32."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return [(byte - 128) / 128 for byte in digest[:dimensions]]
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    body = await _read(request)
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value or [])
+    data = []
+    for index, item in enumerate(inputs):
+        vector = _vector(item if isinstance(item, str) else json.dumps(item))
+        embedding: Any = vector
+        if body.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    tokens = _counter().count_prompt(body.get("model", DEMO_MODEL), value)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+
+
+# A PNG of one pixel, base64.
+_PIXEL = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+
+
+async def _images(request: web.Request) -> web.Response:
+    body = await _read(request)
+    options = _directive(str(body.get("prompt", "")))
+    if options.get("status"):
+        error = {"message": f"demo upstream error {options['status']}", "type": "server_error", "code": None}
+        return web.json_response({"error": error}, status=int(options["status"]))
+    n = body.get("n") or 1
+    return web.json_response({"created": int(time.time()), "data": [{"b64_json": _PIXEL} for _ in range(n)]})
+
+
 async def _models(request: web.Request) -> web.Response:
     data = [{"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "drain-provider-demo"}]
     return web.json_response({"object": "list", "data": data})
@@ -297,6 +350,8 @@ def create_demo_upstream() -> web.Application:
     app[DEMO_STATS] = DemoStats()
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _legacy)
+    app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/v1/images/generations", _images)
     app.router.add_get("/v1/models", _models)
     return app
 

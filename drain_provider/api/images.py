@@ -1,0 +1,42 @@
+"""POST /v1/images/generations: a per-request price, `per_request` base units per image.
+
+`n` images (1 by default) cost n times the price: reserved in full before the call, charged in
+full when the upstream answers 200, nothing when it fails (502/504, as for every endpoint).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from .. import openai_format
+from ..catalog import Kind, ModelRoute
+from ..openai_format import ImagesRequest
+from ..states import StreamEnding
+from .clients import limit_payment_failures
+from .paid import begin, figures, public_answer
+
+routes = web.RouteTableDef()
+
+
+def _parse(body: dict[str, Any], route: ModelRoute, asked: str) -> ImagesRequest:
+    assert route.per_request is not None  # the catalog requires it of images
+    return openai_format.images_request(body, asked, route.per_request)
+
+
+@routes.post("/v1/images/generations")
+@limit_payment_failures
+async def generate_images(request: web.Request) -> web.StreamResponse:
+    call = await begin(request, Kind.IMAGES, _parse)
+    charge = call.charge
+    async with charge:
+        answer = await call.upstream.post_json(
+            call.request.endpoint, call.request.upstream_body(call.route.upstream_model)
+        )
+        await charge.committed()
+        charge.finish(StreamEnding.DONE, None)
+    headers = {**figures(charge), "X-DRAIN-Channel": charge.channel_id}
+    return web.Response(
+        body=public_answer(answer.data, answer.body, call), content_type="application/json", headers=headers
+    )
