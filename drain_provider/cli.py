@@ -27,15 +27,30 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"drain-provider {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the provider (the default)")
-    dev = commands.add_parser("dev", help="embedded chain + contracts + demo consumer + provider, nothing to configure")
+    dev = commands.add_parser(
+        "dev",
+        help="embedded chain + contracts + demo consumer + provider + demo model; reads no settings unless --env",
+    )
     node = dev.add_mutually_exclusive_group()
     node.add_argument("--rpc-url", help="use this dev node (anvil, hardhat) instead of the embedded chain")
     node.add_argument(
         "--anvil", action="store_true", help="start anvil (from npm install) for outside clients, stopped with dev"
     )
     dev.add_argument("--anvil-port", type=int, default=8545, help="the port of --anvil's JSON-RPC (default: 8545)")
-    dev.add_argument("--port", type=int, help="port for the provider (default: PORT or 3000)")
+    dev.add_argument("--port", type=int, help="port for the provider (default: 3000; with --env, PORT or 3000)")
     dev.add_argument("--no-serve", action="store_true", help="exit after the demo call instead of serving")
+    dev.add_argument(
+        "--upstream", metavar="URL", help="sell one model of this OpenAI-compatible API instead of the demo model"
+    )
+    dev.add_argument(
+        "--upstream-key-env",
+        metavar="NAME",
+        help="with --upstream: the environment (or .env) variable holding its API key (default: OPENAI_API_KEY)",
+    )
+    dev.add_argument("--model", help="with --upstream: the model sold and called (default: gpt-4o-mini)")
+    dev.add_argument(
+        "--env", action="store_true", help="read .env and the environment as serve does (not the chain, key, ledger)"
+    )
     claim = commands.add_parser("claim", help="claim what is due now, with or without the server running")
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
@@ -45,18 +60,9 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     env = read_environment()
     try:
         if args.command == "dev":
-            from .devtools.dev import run_dev
+            from .devtools.dev import DevOptions, run_dev
 
-            return asyncio.run(
-                run_dev(
-                    env,
-                    rpc_url=args.rpc_url,
-                    port=args.port,
-                    serve=not args.no_serve,
-                    started=started,
-                    anvil_port=args.anvil_port if args.anvil else None,
-                )
-            )
+            return asyncio.run(run_dev(env, DevOptions.from_args(args), started=started))
         if args.command == "doctor":
             from .doctor import run_doctor
 

@@ -22,6 +22,8 @@ from drain_provider.protocol import Voucher
 
 
 def test_dev_mode_on_an_external_node(anvil_url: str, tmp_path: Path) -> None:
+    """`dev --rpc-url URL --no-serve`: the contracts deployed on that node, one paid call, and a
+    banner that says which node it used and what outlives dev."""
     port = free_port()
     run = subprocess.run(
         [sys.executable, "-m", "drain_provider", "dev", "--rpc-url", anvil_url, "--port", str(port), "--no-serve"],
@@ -31,7 +33,10 @@ def test_dev_mode_on_an_external_node(anvil_url: str, tmp_path: Path) -> None:
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    assert f"chain      {anvil_url}, chain id 31337" in run.stdout
+    # It names the node it used, claims no embedded chain, and says the node goes on without it.
+    assert f"chain      {anvil_url} (the dev node of --rpc-url), chain id 31337" in run.stdout
+    assert "embedded" not in run.stdout and "Press Ctrl-C" not in run.stdout
+    assert f"is stopped, while the node at {anvil_url} and its channels go on." in run.stdout
     facts = json.loads((tmp_path / "data" / "dev.json").read_text())
     assert facts["rpcUrl"] == anvil_url and facts["chainId"] == 31337
     assert facts["lastNonce"] == "1"

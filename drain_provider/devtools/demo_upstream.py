@@ -89,7 +89,7 @@ def demo_reply(prompt: str) -> str:
     opening = " ".join(words[:6]) + (" ..." if len(words) > 6 else "")
     return (
         f'This is the demo model of drain-provider. Your message had {len(words)} words and began "{opening}". '
-        "Set UPSTREAM_BASE_URL and OPENAI_API_KEY to sell a real model's answers instead."
+        "To sell a real model's answers: dev --upstream URL, or UPSTREAM_BASE_URL for the server."
     )
 
 

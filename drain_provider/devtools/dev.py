@@ -1,20 +1,29 @@
 """`python -m drain_provider dev`: the whole DRAIN flow on this machine, nothing to configure.
 
 Starts a chain (embedded, `--rpc-url`, or `--anvil`: an anvil it starts, so that programs
-outside this process have a JSON-RPC to open channels over), deploys the test token and the channel contracts (V2
-and V1, both served),
-funds a demo consumer and opens a channel to a throwaway provider key, starts the provider
-(with the built-in demo model unless UPSTREAM_BASE_URL / OPENAI_API_KEY name a real one),
-proves the flow with one paid call, then prints and writes to data/dev.json what a person needs
-to call it.
+outside this process have a JSON-RPC to open channels over), deploys the test token and the
+channel contracts (V2 and V1, both served), funds a demo consumer and opens a channel to a
+throwaway provider key, starts the provider with the built-in demo model, proves the flow with
+one paid call, then prints and writes to data/dev.json what a person needs to call it.
+
+It stays self-contained whatever the directory holds: `.env` and the environment's settings
+(the upstream and its key, the provider key, HOST, PORT, the chain, the ledger, the prices)
+are not read, because a production `.env` next to it must not turn a demo into calls to a paid
+upstream or into a start-up error. `--upstream URL` sells one model of a real OpenAI-compatible
+upstream instead; `--env` reads `.env` and the environment as `serve` does, but for what dev
+must own whatever they say (`DEV_OWNED`: its chain, its key, its ledger, loopback).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import os
+import re
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +32,9 @@ from aiohttp import web
 from eth_account import Account
 
 from ..api import create_app
-from ..config import ConfigError, Settings, load_settings
+from ..config import SETTINGS, ConfigError, Settings, _url, load_settings
 from ..consumer import DrainConsumer
-from ..logs import setup_logging
+from ..logs import redact, setup_logging
 from ..pricing import ModelPrice
 from ..privatefile import write_private
 from ..protocol import Domain
@@ -40,6 +49,95 @@ DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)  # $0.001 / $0.00
 CONSUMER_USDC = 100_000_000  # 100 test USDC minted to the demo consumer
 CHANNEL_DEPOSIT = 10_000_000  # 10 USDC locked in the demo channel
 CHANNEL_DURATION = 7 * 86_400
+DEFAULT_UPSTREAM_MODEL = "gpt-4o-mini"  # what --upstream sells unless --model names another
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
+# What dev decides itself, even with --env (a setting's name starts with one of these): its own
+# chain and contracts, its throwaway provider key (and no keystore), a ledger of its own (each run
+# is a new chain), and loopback only.
+DEV_OWNED = ("PROVIDER_", "CHAIN_ID", "RPC_URL", "DRAIN_CONTRACT", "HOST", "DATABASE_PATH", "STORAGE_PATH")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    """The `dev` command line."""
+
+    rpc_url: str | None = None
+    anvil_port: int | None = None  # start anvil there (`--anvil`) and use it as the dev node
+    port: int | None = None
+    serve: bool = True
+    read_env: bool = False  # --env
+    upstream: str | None = None  # --upstream: an OpenAI-compatible base URL instead of the demo model
+    upstream_key_env: str | None = None  # --upstream-key-env: the variable holding its key
+    model: str | None = None  # --model: the upstream's model sold
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DevOptions:
+        return cls(
+            rpc_url=args.rpc_url,
+            anvil_port=args.anvil_port if args.anvil else None,
+            port=args.port,
+            serve=not args.no_serve,
+            read_env=args.env,
+            upstream=args.upstream,
+            upstream_key_env=args.upstream_key_env,
+            model=args.model,
+        )
+
+
+@dataclass(frozen=True)
+class DevUpstream:
+    """Where dev's paid calls go, and how that was decided (for the banner)."""
+
+    url: str | None  # None: the built-in demo model, which dev starts
+    model: str | None  # the one model sold, at the demo price; None: the settings' prices (--env)
+    origin: str
+
+
+def _setting_names() -> set[str]:
+    return {name for setting in SETTINGS for name in (setting.name, *setting.aliases)}
+
+
+def _is_setting(name: str) -> bool:
+    return name in _setting_names() or name.startswith("PRICE_")
+
+
+def _dev_owned(name: str) -> bool:
+    return name.startswith(DEV_OWNED)
+
+
+def dev_environment(
+    environment: Mapping[str, str], options: DevOptions
+) -> tuple[dict[str, str], DevUpstream, list[str]]:
+    """From `environment` (the process environment over `.env`, as `read_environment` gives it):
+    the settings dev loads, where its paid calls go, and the names of the settings set there
+    that it leaves alone (the banner lists them, never their values)."""
+    if options.upstream is None and (options.upstream_key_env is not None or options.model is not None):
+        flag = "--upstream-key-env" if options.upstream_key_env is not None else "--model"
+        raise ConfigError(f"{flag}: only with --upstream URL")
+    set_here = sorted(name for name, value in environment.items() if value.strip() and _is_setting(name))
+    if options.read_env:
+        env = {name: value for name, value in environment.items() if not _dev_owned(name)}
+        unused = [name for name in set_here if _dev_owned(name)]
+    else:
+        env, unused = {}, [name for name in set_here if name != "LOG_LEVEL"]
+    if options.upstream is not None:
+        url = _url("--upstream", options.upstream.strip())
+        key_env = options.upstream_key_env or DEFAULT_KEY_ENV
+        if not _ENV_NAME.fullmatch(key_env):
+            raise ConfigError("--upstream-key-env: must be the name of an environment variable")
+        key = environment.get(key_env, "").strip()
+        if not key and options.upstream_key_env is not None:
+            raise ConfigError(f"--upstream-key-env: {key_env} is not set (in the environment or .env)")
+        env.pop("OPENAI_API_KEY", None)
+        env.update({"UPSTREAM_BASE_URL": url, **({"OPENAI_API_KEY": key} if key else {})})
+        unused = [name for name in unused if name != key_env]
+        model = options.model or DEFAULT_UPSTREAM_MODEL
+        origin = f"--upstream, selling {model}; " + (f"key from {key_env}" if key else f"no key ({key_env} unset)")
+        return env, DevUpstream(url, model, origin), unused
+    if options.read_env and (env.get("UPSTREAM_BASE_URL", "").strip() or env.get("OPENAI_API_KEY", "").strip()):
+        return env, DevUpstream(None, None, "--env: from .env and the environment"), unused
+    return env, DevUpstream(None, DEMO_MODEL, "demo"), unused
 
 
 async def _serve_demo_upstream() -> tuple[web.AppRunner, str]:
@@ -50,15 +148,19 @@ async def _serve_demo_upstream() -> tuple[web.AppRunner, str]:
     return runner, f"http://{host}:{port}/v1"
 
 
-def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upstream_url: str | None) -> Settings:
-    """The environment's settings, with the chain, keys and ledger of this dev run."""
+def dev_settings(
+    env: Mapping[str, str], chain: DevChain, provider_key: bytes, upstream_url: str | None, model: str = DEMO_MODEL
+) -> Settings:
+    """`env`'s settings, with the chain, keys and ledger of this dev run. With `upstream_url`,
+    that upstream sells `model` alone, at the demo price; without, the settings' upstream and
+    prices."""
     overrides = {
         "PROVIDER_PRIVATE_KEY": "0x" + provider_key.hex(),
         "CHAIN_ID": str(chain.chain_id),
         "DRAIN_CONTRACT": chain.contract,
         "DRAIN_CONTRACT_V1": chain.contract_v1,  # both served, as on Polygon and Amoy
         "RPC_URL": chain.rpc_url or "http://embedded.invalid",
-        "HOST": env.get("HOST") or "127.0.0.1",
+        "HOST": "127.0.0.1",  # a dev chain's provider has no business on a public interface
         "DATABASE_PATH": env.get("DATABASE_PATH") or DEV_DATABASE,
         # One developer on loopback, whose mistakes are refused payments: no limit on them.
         "PAYMENT_FAILURES_PER_MINUTE": env.get("PAYMENT_FAILURES_PER_MINUTE") or "0",
@@ -66,7 +168,7 @@ def dev_settings(env: dict[str, str], chain: DevChain, provider_key: bytes, upst
     if upstream_url is not None:
         overrides["UPSTREAM_BASE_URL"] = upstream_url
     settings = load_settings({**env, **overrides})
-    prices = {DEMO_MODEL: DEMO_PRICE} if upstream_url is not None else dict(settings.prices)
+    prices = {model: DEMO_PRICE} if upstream_url is not None else dict(settings.prices)
     return replace(settings, rpc_url=chain.rpc_url, prices=prices)
 
 
@@ -83,8 +185,12 @@ async def _paid_call(api: str, consumer: DrainConsumer, model: str, price: Model
         session.post(f"{api}/chat/completions", json=body, headers=headers) as resp,
     ):
         answer = await resp.json()
-        if resp.status != 200:
-            raise RuntimeError(f"the demo paid call failed: {resp.status} {answer}")
+        if resp.status != 200:  # a real upstream (--upstream, --env) that is down, or refuses its key or model
+            error = answer.get("error", {}) if isinstance(answer, dict) else {}
+            raise ConfigError(
+                f"the demo paid call to {model} failed: {resp.status} {error.get('code')}: {error.get('message')} "
+                "(check the upstream's URL, key and model)"
+            )
         consumer.record(resp.headers)
         return {"answer": answer, "headers": dict(resp.headers)}
 
@@ -158,38 +264,31 @@ async def _start_chain(rpc_url: str | None) -> DevChain:
         ) from None
 
 
-async def run_dev(
-    env: dict[str, str],
-    *,
-    rpc_url: str | None,
-    port: int | None,
-    serve: bool,
-    started: float | None,
-    anvil_port: int | None = None,
-) -> int:
-    """`anvil_port`: start anvil there (`--anvil`) and use it as the dev node."""
+async def run_dev(environment: Mapping[str, str], options: DevOptions, *, started: float | None = None) -> int:
+    """`environment`: the process environment over `.env`; what of it is used, `dev_environment` decides."""
     started = started or time.monotonic()
-    setup_logging(env.get("LOG_LEVEL", "WARNING").upper(), fmt="%(levelname)s %(name)s %(message)s")
+    env, upstream, unused = dev_environment(environment, options)
+    level = (environment if options.read_env else os.environ).get("LOG_LEVEL") or "WARNING"
+    setup_logging(level.upper(), fmt="%(levelname)s %(name)s %(message)s")
+    rpc_url = options.rpc_url
     async with contextlib.AsyncExitStack() as stack:  # whatever fails, what was started is stopped
-        if anvil_port is not None:  # stopped last: the provider may still read the chain as it stops
-            node = await start_anvil(anvil_port)
+        if options.anvil_port is not None:  # stopped last: the provider may still read the chain as it stops
+            node = await start_anvil(options.anvil_port)
             stack.push_async_callback(node.stop)
             rpc_url = node.url
         chain = await _start_chain(rpc_url)
         stack.push_async_callback(chain.close)
         provider_key = bytes(Account.create().key)
         consumer_key = bytes(Account.create().key)
-        use_demo = not (env.get("UPSTREAM_BASE_URL") or env.get("OPENAI_API_KEY"))
-        demo_url = None
-        if use_demo:
-            demo_runner, demo_url = await _serve_demo_upstream()
+        upstream_url = upstream.url
+        if upstream.model == DEMO_MODEL:
+            demo_runner, upstream_url = await _serve_demo_upstream()
             stack.push_async_callback(demo_runner.cleanup)
 
-        if not env.get("DATABASE_PATH"):
-            _forget_last_dev_ledger()
-        settings = dev_settings(env, chain, provider_key, demo_url)
-        if port is not None:
-            settings = replace(settings, port=port)
+        _forget_last_dev_ledger()
+        settings = dev_settings(env, chain, provider_key, upstream_url, upstream.model or DEMO_MODEL)
+        if options.port is not None:
+            settings = replace(settings, port=options.port)
         await chain.fund(settings.provider_address)
         consumer_address = Account.from_key(consumer_key).address
         await chain.fund(consumer_address, usdc=CONSUMER_USDC)
@@ -213,82 +312,143 @@ async def run_dev(
             duration=CHANNEL_DURATION,
             token=chain.token,
         )
-        model = DEMO_MODEL if use_demo else sorted(settings.prices)[0]
+        model = upstream.model or sorted(settings.prices)[0]
         call = await _paid_call(api, consumer, model, settings.prices[model])
         ready = time.monotonic() - started
         write_dev_file(DEV_FILE, api, chain, settings, consumer)
-        print(_banner(api, chain, settings, consumer, model, call, ready, anvil=anvil_port is not None))
-        if serve:
+        run = DevRun(api, chain, settings, consumer, model, upstream, unused, options)
+        print(_banner(run, call, ready))
+        if options.serve:
             with Signals() as signals:  # SIGINT, SIGTERM or a terminal's SIGHUP
                 await signals.wait()
     return 0
 
 
-def _outside_clients(api: str, chain: DevChain, consumer: DrainConsumer) -> str:
+@dataclass(frozen=True)
+class DevRun:
+    """What the banner reports."""
+
+    api: str
+    chain: DevChain
+    settings: Settings
+    consumer: DrainConsumer
+    model: str
+    upstream: DevUpstream
+    unused: list[str]  # settings set in .env or the environment that this run does not use
+    options: DevOptions
+
+
+def _outside_clients(run: DevRun) -> str:
+    api, chain, consumer = run.api, run.chain, run.consumer
     command = kit_command(api, chain.rpc_url)
     if command is None:
         return "  (the embedded chain has no JSON-RPC for other programs: `dev --anvil` gives them one)\n"
     key = "0x" + bytes(consumer.account.key).hex()
     return f"""
 Pay it from another program (viem, the MCP server, the consumer kit) over the chain's JSON-RPC:
-  rpc        {chain.rpc_url}   chain id {chain.chain_id}   token {chain.token}
+  rpc        {redact(chain.rpc_url or "")}   chain id {chain.chain_id}   token {chain.token}
   export CONSUMER_PRIVATE_KEY={key}   # the demo consumer's key
   {command}
   python -m drain_provider.consumer chat "Hello!"
 """
 
 
-def _banner(
-    api: str,
-    chain: DevChain,
-    settings: Settings,
-    consumer: DrainConsumer,
-    model: str,
-    call: dict[str, Any],
-    ready: float,
-    *,
-    anvil: bool,
-) -> str:
-    content = call["answer"]["choices"][0]["message"]["content"]
-    headers = call["headers"]
-    where = chain.rpc_url or "embedded py-evm chain (in this process)"
-    if anvil:
-        where += " (anvil, started by dev)"
-        ends = "anvil, its chain and its channels end with dev"
-    else:
-        ends = (
-            "the embedded chain and its channels end with the process" if chain.rpc_url is None else "the node goes on"
+def _chain_line(run: DevRun) -> str:
+    if run.chain.rpc_url is None:
+        return "embedded py-evm chain (in this process)"
+    if run.options.anvil_port is not None:
+        return f"{run.chain.rpc_url} (anvil, started by dev)"
+    return f"{redact(run.chain.rpc_url)} (the dev node of --rpc-url)"
+
+
+def _chain_fate(run: DevRun) -> str:
+    """What becomes of the chain and its channels when dev is stopped."""
+    if run.chain.rpc_url is None:
+        return "the embedded chain and its channels end with the process"
+    if run.options.anvil_port is not None:
+        return "anvil, its chain and its channels end with dev"
+    return f"the node at {redact(run.chain.rpc_url)} and its channels go on"
+
+
+def _gone(run: DevRun) -> str:
+    """What became of the chain and its channels, once `--no-serve` has exited."""
+    if run.chain.rpc_url is None:
+        return "and the embedded chain and its channels are gone"
+    if run.options.anvil_port is not None:
+        return "and anvil, its chain and its channels are gone"
+    return f"while the node at {redact(run.chain.rpc_url)} and its channels go on"
+
+
+def _upstream_lines(run: DevRun) -> str:
+    upstream = run.upstream
+    if upstream.origin == "demo":
+        line = (
+            "  upstream   built-in demo model, in this process: no paid upstream is called\n"
+            "             (a real OpenAI-compatible one: --upstream URL [--upstream-key-env NAME] [--model NAME],\n"
+            "             or --env to use .env's settings)"
         )
-    contracts = "\n".join(f"  contract   {ref.address} ({ref.version})" for ref in settings.contracts)
-    return f"""
-drain-provider dev mode: ready in {ready:.2f} s
-  chain      {where}, chain id {chain.chain_id}
-{contracts}
-  token      {chain.token} (test USDC)
-  provider   {settings.provider_address}
-  upstream   {settings.upstream_base_url}{" (built-in demo model)" if model == DEMO_MODEL else ""}
+    else:
+        line = f"  upstream   {redact(run.settings.upstream_base_url)} ({upstream.origin})"
+    if run.unused:
+        why = (
+            "dev's own chain, key, ledger and loopback address"
+            if run.options.read_env
+            else "dev is self-contained; --env reads them"
+        )
+        line += f"\n  not used   {', '.join(run.unused)}\n             (set in .env or the environment: {why})"
+    return line
 
-Demo paid call ({model}):
-  answer     {content}
-  cost       {headers["X-DRAIN-Cost"]} base units (X-DRAIN-Total {headers["X-DRAIN-Total"]}, \
-X-DRAIN-Remaining {headers["X-DRAIN-Remaining"]})
 
-Call it yourself (facts in {DEV_FILE}):
-  endpoint   {api}
-  consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
-  channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
-
-pip install openai   # once: the snippet uses the official SDK, paid through the consumer kit
+def _snippet(run: DevRun) -> str:
+    """The openai SDK snippet, unindented so that its heredoc ends when pasted into bash."""
+    return f"""pip install openai   # once: the snippet uses the official SDK, paid through the consumer kit
 python - <<'EOF'
 from openai import OpenAI
 from drain_provider.consumer.transport import drain_http_client
 from drain_provider.devtools.dev import load_dev_consumer, save_dev_consumer
 consumer = load_dev_consumer("{DEV_FILE}")
 client = OpenAI(base_url=consumer.api, api_key="drain", http_client=drain_http_client(consumer))
-answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
+answer = client.chat.completions.create(model="{run.model}", messages=[{{"role": "user", "content": "Hi!"}}])
 save_dev_consumer(consumer, "{DEV_FILE}")
 print(answer.choices[0].message.content, "| cost", consumer.last_cost)
 EOF
-{_outside_clients(api, chain, consumer)}
-Press Ctrl-C to stop ({ends}).
 """
+
+
+def _banner(run: DevRun, call: dict[str, Any], ready: float) -> str:
+    content = call["answer"]["choices"][0]["message"]["content"]
+    headers = call["headers"]
+    consumer = run.consumer
+    contracts = "\n".join(f"  contract   {ref.address} ({ref.version})" for ref in run.settings.contracts)
+    head = f"""
+drain-provider dev mode: ready in {ready:.2f} s
+  chain      {_chain_line(run)}, chain id {run.chain.chain_id}
+{contracts}
+  token      {run.chain.token} (test USDC)
+  provider   {run.settings.provider_address}
+{_upstream_lines(run)}
+
+Demo paid call ({run.model}):
+  answer     {content}
+  cost       {headers["X-DRAIN-Cost"]} base units (X-DRAIN-Total {headers["X-DRAIN-Total"]}, \
+X-DRAIN-Remaining {headers["X-DRAIN-Remaining"]})
+  consumer   {consumer.address}  key {"0x" + bytes(consumer.account.key).hex()}
+  channel    {consumer.channel_id}  (deposit {consumer.deposit} base units, last nonce {consumer.nonce})
+"""
+    if not run.options.serve:
+        return (
+            head
+            + f"""
+Exited after the demo call (--no-serve): the provider at {run.api} is stopped, {_gone(run)}.
+Run `python -m drain_provider dev` without --no-serve to keep it serving and call it yourself.
+"""
+        )
+    return (
+        head
+        + f"""
+Call it yourself at {run.api} (facts in {DEV_FILE}):
+
+{_snippet(run)}{_outside_clients(run)}
+Press Ctrl-C to stop ({_chain_fate(run)}).
+"""
+    )
