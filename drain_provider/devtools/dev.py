@@ -32,6 +32,7 @@ from aiohttp import web
 from eth_account import Account
 
 from ..api import create_app
+from ..catalog import Kind
 from ..config import SETTINGS, ConfigError, Settings, _url, load_settings
 from ..consumer import DrainConsumer
 from ..logs import redact, setup_logging
@@ -165,8 +166,8 @@ def dev_settings(
         # One developer on loopback, whose mistakes are refused payments: no limit on them.
         "PAYMENT_FAILURES_PER_MINUTE": env.get("PAYMENT_FAILURES_PER_MINUTE") or "0",
     }
-    if upstream_url is not None:
-        overrides["UPSTREAM_BASE_URL"] = upstream_url
+    if upstream_url is not None:  # that upstream alone: a routing or pricing file of --env's does not apply
+        overrides.update(UPSTREAM_BASE_URL=upstream_url, MODELS_FILE="", PRICING_FILE="")
     settings = load_settings({**env, **overrides})
     prices = {model: DEMO_PRICE} if upstream_url is not None else dict(settings.prices)
     return replace(settings, rpc_url=chain.rpc_url, prices=prices)
@@ -312,7 +313,7 @@ async def run_dev(environment: Mapping[str, str], options: DevOptions, *, starte
             duration=CHANNEL_DURATION,
             token=chain.token,
         )
-        model = upstream.model or sorted(settings.prices)[0]
+        model = upstream.model or next(r.name for r in settings.catalog.routes.values() if r.kind is Kind.CHAT)
         call = await _paid_call(api, consumer, model, settings.prices[model])
         ready = time.monotonic() - started
         write_dev_file(DEV_FILE, api, chain, settings, consumer)
