@@ -41,6 +41,9 @@ from .protocol import format_usdc, parse_usdc
 log = logging.getLogger(__name__)
 
 NONCE_TRIES = 3
+# More than an ERC-20 transfer takes (USDC's: about 40,000 to 65,000): what to ask for when a node
+# will not estimate the transfer for an account too poor to pay for it at its gas price.
+TRANSFER_GAS_BOUND = 100_000
 
 
 class WithdrawError(Exception):
@@ -125,13 +128,21 @@ class Withdrawal:
             ) from None
         except ContractReverted as exc:
             raise WithdrawError(f"the token refuses the transfer ({exc.error}); nothing was sent") from None
+        except ChainUnavailable:
+            fees = await self.chain.fees()
+            bound = TRANSFER_GAS_BOUND * fees.get("maxFeePerGas", fees.get("gasPrice", 0))
+            if balance < bound:
+                raise self._short_of_gas(balance, bound) from None
+            raise
         if balance < prepared.max_cost:
-            raise WithdrawError(
-                f"not enough POL for the gas: {address} holds {_pol(balance)}, the transfer may cost up to "
-                f"{_pol(prepared.max_cost, round_up=True)} at current fees; send it at least "
-                f"{_pol(prepared.max_cost - balance, round_up=True)}"
-            )
+            raise self._short_of_gas(balance, prepared.max_cost)
         return prepared
+
+    def _short_of_gas(self, balance: int, cost: int) -> WithdrawError:
+        return WithdrawError(
+            f"not enough POL for the gas: {self.account.address} holds {_pol(balance)}, the transfer may cost up "
+            f"to {_pol(cost, round_up=True)} at current fees; send it at least {_pol(cost - balance, round_up=True)}"
+        )
 
     async def send(self, to: str, amount: int, prepared: PreparedTx) -> PreparedTx:
         """Broadcast, signing again from the new pending nonce if a claim took this one."""
