@@ -44,7 +44,7 @@ async def test_withdraw_moves_exactly_the_balance_and_leaves_the_gas(
     await earn(provider, open_channel)
     held = await chain.usdc_balance(provider.address)
     assert held > 0
-    pol_before = await chain.w3.eth.get_balance(provider.address)
+    pol_before = await chain.client().balance(provider.address)
     plans: list[str] = []
     printed: list[str] = []
 
@@ -62,7 +62,7 @@ async def test_withdraw_moves_exactly_the_balance_and_leaves_the_gas(
     tx_hash = printed[1].split()[1]
     receipt = await chain.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
     gas_paid = receipt["gasUsed"] * receipt["effectiveGasPrice"]
-    assert await chain.w3.eth.get_balance(provider.address) == pol_before - gas_paid
+    assert await chain.client().balance(provider.address) == pol_before - gas_paid
     assert printed[0] == f"sent {format_usdc(held)} USDC to {payout}"
     assert "keeps 0 USDC" in printed[2]
 
@@ -102,7 +102,7 @@ async def test_not_enough_gas_sends_nothing(chain: DevChain, provider_factory: P
     assert message.startswith("not enough POL for the gas") and provider.address in message
     assert ("send it at least" in message) if pol else ("holds 0 POL" in message)
     assert await chain.usdc_balance(provider.address) == 5 * USDC
-    assert await chain.w3.eth.get_balance(provider.address) == pol
+    assert await chain.client().balance(provider.address) == pol
 
 
 async def test_nothing_to_withdraw(chain: DevChain, provider_factory: ProviderFactory) -> None:
