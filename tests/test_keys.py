@@ -234,3 +234,13 @@ def test_the_command_line_says_it_in_one_line(tmp_path: Path) -> None:
     for command in ("doctor", "status", "serve", "withdraw"):
         line = one_line_error(python_m(tmp_path, command, env=env), "wrong password")
         assert "wrong-password-123" not in line and PASSWORD not in line
+
+
+def test_dev_ignores_the_keystore_of_env(tmp_path: Path) -> None:
+    """`dev` runs on its own throwaway key: a .env set up for a keystore neither clashes with it
+    nor makes it pay for scrypt."""
+    (tmp_path / ".env").write_text(
+        "PROVIDER_KEYSTORE=data/provider-keystore.json\nPROVIDER_KEYSTORE_PASSWORD_FILE=data/keystore-password\n"
+    )
+    result = python_m(tmp_path, "dev", "--no-serve", env={"LOG_LEVEL": "ERROR"})
+    assert result.returncode == 0, result.stderr
