@@ -50,7 +50,7 @@ class FeeAboveCeiling(Exception):
 
 
 class NonceTooLow(Exception):
-    """The account nonce of a transaction was already used."""
+    """The account nonce of a transaction was already used, or a pending transaction holds it."""
 
 
 class InsufficientGasFunds(Exception):
@@ -73,6 +73,25 @@ class TxResult:
     block_number: int
     gas_used: int
     receipt: Any = field(repr=False, compare=False)
+
+
+# The two ERC-20 functions `withdraw` needs, whatever token a contract takes deposits in.
+_ERC20_ABI: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "name": "balanceOf",
+        "stateMutability": "view",
+        "inputs": [{"name": "owner", "type": "address"}],
+        "outputs": [{"name": "", "type": "uint256"}],
+    },
+    {
+        "type": "function",
+        "name": "transfer",
+        "stateMutability": "nonpayable",
+        "inputs": [{"name": "to", "type": "address"}, {"name": "amount", "type": "uint256"}],
+        "outputs": [{"name": "", "type": "bool"}],
+    },
+]
 
 
 def _is_embedded_revert(exc: BaseException) -> bool:
@@ -255,6 +274,18 @@ class ChainClient:
             self._usdc = to_checksum_address(await self._rpc("usdc", self.contract.functions.usdc().call()))
         return self._usdc
 
+    def _token(self, token: str) -> Any:
+        return self.w3.eth.contract(address=to_checksum_address(token), abi=_ERC20_ABI)
+
+    async def token_balance(self, token: str, owner: str) -> int:
+        """What `owner` holds of the ERC-20 `token` (base units)."""
+        call = self._token(token).functions.balanceOf(to_checksum_address(owner)).call()
+        return int(await self._rpc("balanceOf", call))
+
+    def transfer_call(self, token: str, to: str, amount: int) -> Any:
+        """An ERC-20 transfer of `amount` base units of `token` to `to`, for `prepare`."""
+        return self._token(token).functions.transfer(to_checksum_address(to), amount)
+
     async def fee_bps(self) -> int:
         """The protocol fee in basis points (V2); 0 for a contract without one (V1)."""
         if self.version == "v1":
@@ -389,6 +420,8 @@ class ChainClient:
             if "already known" in message or "known transaction" in message or "already imported" in message:
                 return
             if "nonce too low" in message or ("nonce" in message and "low" in message):
+                raise NonceTooLow(str(exc)[:200]) from None
+            if "replacement transaction underpriced" in message:  # another transaction holds the nonce
                 raise NonceTooLow(str(exc)[:200]) from None
             if "insufficient funds" in message:
                 raise InsufficientGasFunds(str(exc)[:200]) from None

@@ -1,5 +1,6 @@
 """The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
-`doctor` checks what the provider depends on, `consumer` pays one (the consumer kit's CLI)."""
+`doctor` checks what the provider depends on, `keygen`, `withdraw` and `backup` look after its
+key, its earnings and its ledger, `consumer` pays one (the consumer kit's CLI)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, Settings, load_settings, read_environment
+from .backup import BackupError, run_backup
+from .config import ConfigError, Settings, database_path, load_settings, read_environment
+from .keystore import DEFAULT_KEYSTORE, KeystoreError, keygen
 from .logs import setup_logging
 
 log = logging.getLogger("drain_provider")
@@ -55,10 +59,23 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     claim.add_argument("--force", action="store_true", help="claim every channel with unclaimed earnings")
     commands.add_parser("status", help="earnings, claims and gas balance, as JSON")
     commands.add_parser("doctor", help="check the settings, ledger, chain, contract, gas and upstream; print a table")
+    keygen = commands.add_parser("keygen", help="a new provider key, in an encrypted keystore file (0600)")
+    keygen.add_argument("--out", type=Path, default=DEFAULT_KEYSTORE, help=f"default: {DEFAULT_KEYSTORE}")
+    password = keygen.add_mutually_exclusive_group()
+    password.add_argument("--password-file", type=Path, help="read the password from this file's first line")
+    password.add_argument("--new-password-file", type=Path, help="make a strong password and write it here (0600)")
+    withdraw = commands.add_parser("withdraw", help="send the account's USDC to PAYOUT_ADDRESS; the gas stays")
+    withdraw.add_argument("--amount", help="USDC to send, such as 12.5 (default: all of it)")
+    withdraw.add_argument("--to", help="the address to send to (default: PAYOUT_ADDRESS)")
+    withdraw.add_argument("--yes", action="store_true", help="send without asking")
+    backup = commands.add_parser("backup", help="copy the ledger to a new file, safe while the server runs")
+    backup.add_argument("--out", type=Path, help="default: backup-<UTC time>.db beside DATABASE_PATH")
     commands.add_parser("consumer", help="pay a provider: open, status, chat, close (the consumer kit)")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
+        if args.command in ("keygen", "withdraw", "backup"):
+            return keys_and_payouts(args, env)
         if args.command == "dev":
             from .devtools.dev import DevOptions, run_dev
 
@@ -81,8 +98,27 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     except ConfigError as exc:
         print(f"drain-provider: configuration error: {exc}", file=sys.stderr)
         return 2
+    except (KeystoreError, BackupError) as exc:
+        print(f"drain-provider: {exc}", file=sys.stderr)
+        return exc.code if isinstance(exc, BackupError) else 2
     except KeyboardInterrupt:
         return 0
+
+
+def keys_and_payouts(args: argparse.Namespace, env: dict[str, str]) -> int:
+    if args.command == "keygen":
+        return keygen(args.out, args.password_file, args.new_password_file)
+    if args.command == "backup":
+        return run_backup(database_path(env), args.out)
+    from .payout import WithdrawError, run_withdraw
+
+    settings = load_settings(env)
+    setup_logging("DEBUG" if settings.log_level == "DEBUG" else "ERROR")  # what it did is printed
+    try:
+        return asyncio.run(run_withdraw(settings, amount=args.amount, to=args.to, yes=args.yes))
+    except WithdrawError as exc:
+        print(f"drain-provider: {exc}", file=sys.stderr)
+        return exc.code
 
 
 def serve(env: dict[str, str]) -> int:

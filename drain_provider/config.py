@@ -30,6 +30,7 @@ from eth_keys.datatypes import PrivateKey
 from eth_utils.address import is_hex_address, to_checksum_address
 
 from .catalog import Catalog, CatalogError, Kind, derived_catalog, read_catalog
+from .keystore import KeystoreError, decrypt_keystore
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
 from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef, parse_usdc
 from .states import SyncMode
@@ -51,6 +52,9 @@ class Settings:
     drain_contract: str  # the primary contract: the V2 one when there is one (402 discovery)
     contract_version: str  # the primary contract's version, "v1" or "v2"
     rpc_url: str | None  # None: the embedded chain of `dev` and the tests
+    provider_keystore: Path | None = None  # where provider_private_key was decrypted from, if so
+    provider_keystore_password_file: Path | None = None
+    payout_address: str | None = None  # where `withdraw` sends the USDC earned
     host: str = "0.0.0.0"
     port: int = 3000
     max_connections: int = 1000
@@ -307,6 +311,7 @@ class Section(StrEnum):
     """The groups of env.example and of the README's table, in their order."""
 
     REQUIRED = "required"
+    KEYS = "keys and payouts"
     CHAIN = "chain"
     SERVER = "server"
     UPSTREAM = "upstream"
@@ -333,7 +338,6 @@ class Setting:
     default: str | None = None
     default_doc: str = ""
     example: str | None = None  # shown uncommented in env.example; otherwise the default, commented out
-    required: bool = False
     secret: bool = False
     aliases: tuple[str, ...] = ()  # other names read when `name` is unset, in this order
 
@@ -348,9 +352,9 @@ SETTINGS: tuple[Setting, ...] = (
         parse_private_key,
         Section.REQUIRED,
         "The provider's private key, 64 hex digits: channels are opened to its address, and it signs "
-        "the claims that collect their earnings.",
+        "the claims that collect their earnings. Required, unless PROVIDER_KEYSTORE is set instead.",
+        default_doc="required, or PROVIDER_KEYSTORE",
         example="0x...",
-        required=True,
         secret=True,
     ),
     Setting(
@@ -363,6 +367,35 @@ SETTINGS: tuple[Setting, ...] = (
         default_doc="required for api.openai.com",
         example="sk-...",
         secret=True,
+    ),
+    Setting(
+        "PROVIDER_KEYSTORE",
+        "provider_keystore",
+        _path,
+        Section.KEYS,
+        "An encrypted JSON keystore of the provider's key (`python -m drain_provider keygen` writes one; "
+        "geth's and `cast wallet`'s work too), instead of PROVIDER_PRIVATE_KEY: set one of the two. It is "
+        "decrypted at start with PROVIDER_KEYSTORE_PASSWORD_FILE. It must be readable by its owner only "
+        "(`chmod 600`), or the server does not start.",
+        default_doc="none",
+    ),
+    Setting(
+        "PROVIDER_KEYSTORE_PASSWORD_FILE",
+        "provider_keystore_password_file",
+        _path,
+        Section.KEYS,
+        "The file whose first line is PROVIDER_KEYSTORE's password; required with it. It must be readable "
+        "by its owner only (`chmod 600`), or the server does not start.",
+        default_doc="none",
+    ),
+    Setting(
+        "PAYOUT_ADDRESS",
+        "payout_address",
+        _address,
+        Section.KEYS,
+        "Where `python -m drain_provider withdraw` sends the USDC the provider's account has been paid "
+        "(a wallet you hold elsewhere, ideally not on this server); the gas money stays.",
+        default_doc="none: withdraw needs --to",
     ),
     Setting(
         "CHAIN_ID",
@@ -732,8 +765,6 @@ def _read(setting: Setting, env: Mapping[str, str]) -> Any:
         raw = env.get(name, "").strip()
         if raw:
             return setting.parse(name, raw)
-    if setting.required:
-        raise ConfigError(f"{setting.name}: not set, and it is required (see env.example)")
     return None if setting.default is None else setting.parse(setting.name, setting.default)
 
 
@@ -824,6 +855,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     """Validate everything up front: a provider that starts is a provider whose settings work."""
     # Any: each entry's parser gives its field's type; the table tests pin that they match.
     values: dict[str, Any] = {setting.field: _read(setting, env) for setting in SETTINGS}
+    values["provider_private_key"] = _provider_key(
+        values["provider_private_key"], values["provider_keystore"], values["provider_keystore_password_file"]
+    )
     contracts = _contracts(
         values["drain_contract"], values["drain_contract_v1"], values["chain_id"], values["contract_version"]
     )
@@ -837,6 +871,39 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         values["prices"] = _prices(values["prices"], env)
     _require_final_claim_window(values["claim_interval"], values["min_channel_ttl"])
     return Settings(**values)
+
+
+def _provider_key(raw_key: bytes | None, keystore: Path | None, password_file: Path | None) -> bytes:
+    """The key, from PROVIDER_PRIVATE_KEY or decrypted from PROVIDER_KEYSTORE: exactly one of the
+    two ways, so that no one wonders which key a provider signs with."""
+    if raw_key is not None and keystore is not None:
+        raise ConfigError("PROVIDER_KEYSTORE: set, and so is PROVIDER_PRIVATE_KEY: keep one of the two")
+    if keystore is None:
+        if password_file is not None:
+            raise ConfigError("PROVIDER_KEYSTORE_PASSWORD_FILE: set without PROVIDER_KEYSTORE, which it opens")
+        if raw_key is None:
+            raise ConfigError(
+                "PROVIDER_PRIVATE_KEY: not set, and a key is required: set it, or PROVIDER_KEYSTORE and "
+                "PROVIDER_KEYSTORE_PASSWORD_FILE (`python -m drain_provider keygen` makes them; see env.example)"
+            )
+        return raw_key
+    if password_file is None:
+        raise ConfigError("PROVIDER_KEYSTORE_PASSWORD_FILE: not set, and PROVIDER_KEYSTORE needs its password")
+    try:
+        return decrypt_keystore(
+            keystore,
+            password_file,
+            keystore_name="PROVIDER_KEYSTORE",
+            password_name="PROVIDER_KEYSTORE_PASSWORD_FILE",
+        )
+    except KeystoreError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def database_path(env: Mapping[str, str]) -> Path:
+    """DATABASE_PATH alone, as `load_settings` reads it: what `backup` needs (no key, no chain)."""
+    (setting,) = (setting for setting in SETTINGS if setting.field == "database_path")
+    return Path(_read(setting, env))
 
 
 def _require_final_claim_window(claim_interval: float, min_channel_ttl: int) -> None:
@@ -911,8 +978,6 @@ def render_env_example() -> str:
 
 
 def _markdown_default(setting: Setting) -> str:
-    if setting.required:
-        return "required"
     if setting.default is not None:
         return f"`{setting.default}`"
     return setting.default_doc

@@ -22,6 +22,7 @@ from helpers import (
     ProviderFactory,
     RpcProxy,
     Upstream,
+    amoy_replica,
     anvil_node,
     make_settings,
 )
@@ -163,3 +164,19 @@ async def anvil_chain(anvil_url: str) -> AsyncIterator[DevChain]:
     dev_chain = await attach_dev_node(anvil_url)
     yield dev_chain
     await dev_chain.close()
+
+
+@pytest.fixture(scope="module")
+def amoy_url() -> Iterator[str]:
+    """An anvil node with Amoy's chain id, for one test module."""
+    with anvil_node("--chain-id", "80002") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def amoy(amoy_url: str) -> AsyncIterator[DevChain]:
+    """A replica of Amoy on `amoy_url` (helpers.amoy_replica): its `contract` and `token` are
+    Amoy's V2 DrainChannel and USDC addresses."""
+    chain = await amoy_replica(amoy_url)
+    yield chain
+    await chain.close()

@@ -34,7 +34,7 @@ from drain_provider.claimer import Claimer
 from drain_provider.config import Settings
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL, DemoStats
-from drain_provider.devtools.devchain import DevChain
+from drain_provider.devtools.devchain import DevChain, attach_dev_node
 from drain_provider.ledger import Ledger
 from drain_provider.logs import (
     BAD_REQUEST_LINES,
@@ -45,7 +45,7 @@ from drain_provider.logs import (
     quiet_bad_requests,
 )
 from drain_provider.pricing import ModelPrice
-from drain_provider.protocol import EIP712_TYPES, Domain
+from drain_provider.protocol import DEPLOYMENTS, EIP712_TYPES, Domain
 from drain_provider.tokens import TokenCounter
 
 DEMO_PRICE = ModelPrice(input_per_1k=1000, output_per_1k=2000)
@@ -82,6 +82,36 @@ def anvil_node(*options: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def amoy_replica(rpc_url: str) -> DevChain:
+    """Amoy on a dev node with chain id 80002: our token and contract, deployed, then copied to
+    Amoy's USDC, V2 and V1 addresses: the code (with the contract's immutable domain separator
+    made the copy's own) and the storage (its token pointing at the copy of the token). A
+    provider configured by CHAIN_ID=80002 alone serves it as it would serve Amoy."""
+    amoy = DEPLOYMENTS[80002]
+    chain = await attach_dev_node(rpc_url)
+    rpc = chain.w3.provider
+
+    async def call(method: str, *params: Any) -> Any:
+        answer = await rpc.make_request(method, list(params))
+        assert "error" not in answer, answer
+        return answer["result"]
+
+    await call("anvil_setCode", amoy.usdc, await call("eth_getCode", chain.token, "latest"))
+    code = await call("eth_getCode", chain.contract, "latest")
+    deployed_separator = Domain(80002, chain.contract).separator.hex()
+    token_word = "0x" + chain.token[2:].lower().rjust(64, "0")
+    for address in (amoy.v2, amoy.v1):
+        own = code.replace(deployed_separator, Domain(80002, address).separator.hex())
+        assert own != code
+        await call("anvil_setCode", address, own)
+        for slot in range(8):
+            word = await call("eth_getStorageAt", chain.contract, hex(slot), "latest")
+            if int(word, 16):
+                word = "0x" + amoy.usdc[2:].lower().rjust(64, "0") if word == token_word else word
+                await call("anvil_setStorageAt", address, hex(slot), "0x" + word[2:].rjust(64, "0"))
+    return replace(chain, contract=amoy.v2, token=amoy.usdc)
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:

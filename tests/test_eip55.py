@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from eth_account import Account
 from eth_utils.address import is_checksum_address, to_checksum_address
-from helpers import DEMO_PRICE, USDC, ChannelFactory, Provider, ProviderFactory, Upstream, anvil_node
+from helpers import DEMO_PRICE, USDC, ChannelFactory, Provider, ProviderFactory, Upstream
 from pytest_aiohttp import AiohttpServer
 
 from drain_provider.api import create_app
@@ -31,8 +30,8 @@ from drain_provider.checks import inspect_ledger, open_ledger
 from drain_provider.config import ConfigError, load_settings
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL
-from drain_provider.devtools.devchain import DevChain, attach_dev_node
-from drain_provider.protocol import DEPLOYMENTS, ContractRef, Domain
+from drain_provider.devtools.devchain import DevChain
+from drain_provider.protocol import DEPLOYMENTS, ContractRef
 
 AMOY = DEPLOYMENTS[80002]
 ADMIN_TOKEN = "an-admin-token-for-the-eip55-test"
@@ -53,43 +52,7 @@ def assert_eip55(text: str, *expected: str) -> None:
     assert set(expected) <= found, sorted(set(expected) - found)
 
 
-# --- a replica of Amoy ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def amoy_url() -> Iterator[str]:
-    with anvil_node("--chain-id", "80002") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-async def amoy(amoy_url: str) -> AsyncIterator[DevChain]:
-    """Our token and contract, deployed, then copied to Amoy's USDC, V2 and V1 addresses: the
-    code (with the contract's immutable domain separator made the copy's own) and the storage
-    (its token pointing at the copy of the token)."""
-    chain = await attach_dev_node(amoy_url)
-    rpc = chain.w3.provider
-
-    async def call(method: str, *params: Any) -> Any:
-        answer = await rpc.make_request(method, list(params))
-        assert "error" not in answer, answer
-        return answer["result"]
-
-    await call("anvil_setCode", AMOY.usdc, await call("eth_getCode", chain.token, "latest"))
-    code = await call("eth_getCode", chain.contract, "latest")
-    deployed_separator = Domain(80002, chain.contract).separator.hex()
-    token_word = "0x" + chain.token[2:].lower().rjust(64, "0")
-    for address in (AMOY.v2, AMOY.v1):
-        own = code.replace(deployed_separator, Domain(80002, address).separator.hex())
-        assert own != code
-        await call("anvil_setCode", address, own)
-        for slot in range(8):
-            word = await call("eth_getStorageAt", chain.contract, hex(slot), "latest")
-            if int(word, 16):
-                word = "0x" + AMOY.usdc[2:].lower().rjust(64, "0") if word == token_word else word
-                await call("anvil_setStorageAt", address, hex(slot), "0x" + word[2:].rjust(64, "0"))
-    yield replace(chain, contract=AMOY.v2, token=AMOY.usdc)
-    await chain.close()
+# --- a replica of Amoy: the `amoy` and `amoy_url` fixtures of conftest.py ---------------------
 
 
 def amoy_env(amoy_url: str, key: bytes, upstream_url: str, database: Path) -> dict[str, str]:

@@ -103,7 +103,7 @@ def test_names_and_aliases_are_unique() -> None:
 
 def test_every_entry_documents_its_default() -> None:
     for s in SETTINGS:
-        assert s.required or s.default is not None or s.default_doc, s.name
+        assert s.default is not None or s.default_doc, s.name
         assert s.help.strip() and "\n" not in s.help, s.name
 
 

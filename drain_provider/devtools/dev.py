@@ -157,6 +157,8 @@ def dev_settings(
     prices."""
     overrides = {
         "PROVIDER_PRIVATE_KEY": "0x" + provider_key.hex(),
+        "PROVIDER_KEYSTORE": "",  # dev's own throwaway key, never the .env's keystore (nor its scrypt)
+        "PROVIDER_KEYSTORE_PASSWORD_FILE": "",
         "CHAIN_ID": str(chain.chain_id),
         "DRAIN_CONTRACT": chain.contract,
         "DRAIN_CONTRACT_V1": chain.contract_v1,  # both served, as on Polygon and Amoy
