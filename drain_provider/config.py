@@ -31,7 +31,7 @@ from eth_utils.address import is_hex_address, to_checksum_address
 
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
 from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef, parse_usdc
-from .states import SyncMode
+from .states import LogFormat, PaymentMode, SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -82,6 +82,10 @@ class Settings:
     min_output_tokens: int = 16
     close_requires_signature: bool = False
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+    metrics_port: int | None = None  # None: /metrics on the main port only, behind ADMIN_TOKEN
+    metrics_host: str = "127.0.0.1"
+    payment_mode: PaymentMode = PaymentMode.ENFORCE
     drain_contract_v1: str | None = None  # as set; `contracts` holds what it means
     # Every contract served, the primary first. Empty when built by hand: then the primary alone.
     contracts: tuple[ContractRef, ...] = ()
@@ -534,6 +538,44 @@ SETTINGS: tuple[Setting, ...] = (
         default="INFO",
     ),
     Setting(
+        "LOG_FORMAT",
+        "log_format",
+        _choice(*LogFormat),
+        Section.SERVER,
+        "text: `time level=... logger=... event key=value ...` lines; json: one JSON object per line "
+        "(`ts`, `level`, `logger`, `event` and each key=value as a key), for log collectors. Both redact "
+        "URL secrets.",
+        default="text",
+    ),
+    Setting(
+        "METRICS_PORT",
+        "metrics_port",
+        _whole(1, 65535),
+        Section.SERVER,
+        "Also serve Prometheus `GET /metrics` on this port, without a token, on `METRICS_HOST`. "
+        "Unset: `/metrics` only on the main port, behind `ADMIN_TOKEN`.",
+        default_doc="unset",
+    ),
+    Setting(
+        "METRICS_HOST",
+        "metrics_host",
+        _text,
+        Section.SERVER,
+        "The address the `METRICS_PORT` listener binds: keep it private (a firewall, or this machine only).",
+        default="127.0.0.1",
+    ),
+    Setting(
+        "PAYMENT_MODE",
+        "payment_mode",
+        _choice(*PaymentMode),
+        Section.SERVER,
+        "enforce: a request without a valid payment is refused (402). shadow: vouchers are checked and a "
+        "valid one is charged, but a request whose payment would be refused is served free and logged "
+        "(`payment_refusal_shadowed`), for a rollout. off: nothing is charged, no voucher is read (private "
+        "use). shadow and off are loud: a WARNING at start and every 10 minutes, an alert in `/health`.",
+        default="enforce",
+    ),
+    Setting(
         "UPSTREAM_BASE_URL",
         "upstream_base_url",
         _url,
@@ -759,6 +801,12 @@ def load_prices(env: Mapping[str, str]) -> dict[str, ModelPrice]:
     running server reloads on SIGHUP. A ConfigError names what is wrong."""
     (pricing_file,) = (setting for setting in SETTINGS if setting.field == "prices")
     return _prices(_read(pricing_file, env), env)
+
+
+def read_setting(name: str, env: Mapping[str, str]) -> Any:
+    """One setting alone, parsed as `load_settings` would, for a command that needs no more
+    (`usage` reads only DATABASE_PATH)."""
+    return _read(next(setting for setting in SETTINGS if setting.name == name), env)
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:

@@ -65,7 +65,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, voucher: Voucher, paid: CompletionRequest, body_bytes: int
+    request: web.Request, voucher: Voucher | None, paid: CompletionRequest, body_bytes: int
 ) -> web.StreamResponse:
     app = request.app
     charge = app[GATE].charge(
@@ -80,7 +80,9 @@ async def _serve(
     return await _serve_json(request, paid, charge)
 
 
-async def _plan(request: web.Request, paid: CompletionRequest, voucher: Voucher, body_bytes: int) -> ReservationPlan:
+async def _plan(
+    request: web.Request, paid: CompletionRequest, voucher: Voucher | None, body_bytes: int
+) -> ReservationPlan:
     """The reservation plan, the input counted: what a paid request's counting costs must not
     hold up the event loop, nor be spent on a voucher that cannot pay for it."""
     app = request.app
@@ -93,9 +95,11 @@ async def _plan(request: web.Request, paid: CompletionRequest, voucher: Voucher,
 
 
 def _figures(charge: Charge) -> dict[str, str]:
-    """What the request cost and where the channel stands: headers, or SSE comment lines."""
+    """What the request cost and where the channel stands: headers, or SSE comment lines. None
+    for a request served free (PAYMENT_MODE shadow or off): it has no channel to speak of."""
     settlement = charge.settlement
-    assert settlement is not None
+    if settlement is None:
+        return {}
     return {
         "X-DRAIN-Cost": str(settlement.cost),
         "X-DRAIN-Total": str(settlement.total),
@@ -121,7 +125,9 @@ async def _serve_json(request: web.Request, paid: CompletionRequest, charge: Cha
         else:  # the upstream ignored max_tokens: the answer is cut where the reservation ends
             relayed = _cut_at_budget(answer.data, reported, charge)
             charge.finish(StreamEnding.BUDGET, None)
-    headers = {**_figures(charge), "X-DRAIN-Channel": charge.channel_id}
+    headers = _figures(charge)
+    if charge.channel_id is not None:
+        headers["X-DRAIN-Channel"] = charge.channel_id
     return web.Response(body=relayed, content_type="application/json", headers=headers)
 
 
@@ -151,16 +157,17 @@ async def _serve_stream(request: web.Request, paid: CompletionRequest, charge: C
         response = await upstream.open_stream(paid.endpoint, body)
         with contextlib.closing(response):  # closing drops the upstream: it stops generating
             await charge.committed()  # before the first byte reaches the client
+            headers = {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
+            }
+            if charge.paid:
+                headers.update({"X-DRAIN-Channel": str(charge.channel_id), "X-DRAIN-Reserved": str(charge.reserved)})
             relay = StreamRelay(
                 request,
                 response,
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
-                    "X-DRAIN-Channel": charge.channel_id,
-                    "X-DRAIN-Reserved": str(charge.reserved),
-                },
+                headers=headers,
                 meter=charge.meter,
                 client_wants_usage=paid.client_wants_usage,
                 chat=paid.chat,

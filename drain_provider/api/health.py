@@ -6,7 +6,8 @@
   ledger, and new ones get a clear 503 chain_unavailable until it answers again. 503 with the
   reasons when not ready.
 - /health: ready's status code, plus what is wrong as `alerts` (status "degraded") and the facts
-  behind them: the RPC, the claimer, the gas, the upstream, the books.
+  behind them: the RPC, the claimer, the gas, the upstream, the books, the payment mode (shadow
+  and off are an alert for as long as they are set: nobody should forget them).
 
 Every alert is recomputed from the current state at each request, so it clears as soon as its
 cause is gone (a refilled gas account at the next chain poll, a recovered RPC, a claim that went
@@ -26,7 +27,8 @@ from aiohttp import web
 from .. import __version__
 from ..gas import GasLevel
 from ..reports import money, totals_json
-from .state import CLAIMER, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
+from ..states import PaymentMode
+from .state import CLAIMER, GATE, LEDGER, SETTINGS, STOPPING, UPSTREAM, WATCHER
 
 routes = web.RouteTableDef()
 
@@ -105,6 +107,20 @@ def _alerts(app: web.Application, overdue: dict[str, int] | None) -> list[Alert]
         )
     if upstream.failing:
         alerts.append(Alert("upstream_failing", f"The upstream's last call failed ({upstream.last_error})."))
+    mode = app[SETTINGS].payment_mode
+    if mode is PaymentMode.SHADOW:
+        shadowed = sum(app[GATE].shadowed.values())
+        alerts.append(
+            Alert(
+                "payment_not_enforced",
+                f"PAYMENT_MODE=shadow: requests whose payment is refused are served free ({shadowed} since the "
+                "start); set PAYMENT_MODE=enforce to charge them.",
+            )
+        )
+    elif mode is PaymentMode.OFF:
+        alerts.append(
+            Alert("payment_not_enforced", "PAYMENT_MODE=off: every request is served free, no voucher is read.")
+        )
     return alerts
 
 
@@ -178,6 +194,7 @@ async def health(request: web.Request) -> web.Response:
                 for c in settings.contracts
             ],
             "models": len(settings.prices),
+            "paymentMode": settings.payment_mode,
         },
         status=503 if reasons else 200,
     )
