@@ -20,8 +20,9 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
     from .claimer import Claimer
     from .payments import PaymentGate
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format, which every Prometheus (and its look-alikes) reads.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 OTHER_MODEL = "other"
 UNMATCHED_ROUTE = "unmatched"
 NO_ERROR = "none"

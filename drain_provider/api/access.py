@@ -32,6 +32,7 @@ from aiohttp.typedefs import Middleware
 from ..config import Settings
 from ..metrics import NO_ERROR, UNMATCHED_ROUTE, Metrics
 from ..requestinfo import CURRENT, RequestInfo, now
+from .body import unrouted
 from .clients import client_address
 from .errors import Handler
 
@@ -51,8 +52,12 @@ def request_id(sent: str | None) -> str:
 
 
 def _route(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return UNMATCHED_ROUTE if resource is None else resource.canonical
+    """The route's canonical path; "unmatched" for a path no route serves (the catch-all of
+    api/body.py answers those 404)."""
+    route = request.match_info.route
+    if route.resource is None or route.handler is unrouted:
+        return UNMATCHED_ROUTE
+    return route.resource.canonical
 
 
 def access_middleware(settings: Settings, metrics: Metrics) -> Middleware:
