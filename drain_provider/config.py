@@ -285,6 +285,16 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+_BIND_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+
+
+def _bind_host(name: str, raw: str) -> str:
+    """An address or host name to listen on (an IPv6 address without brackets)."""
+    if not _BIND_HOST.fullmatch(raw):
+        raise ConfigError(f"{name}: must be an IP address or a host name, such as 127.0.0.1")
+    return raw
+
+
 def _path(name: str, raw: str) -> Path:
     return Path(raw)
 
@@ -559,7 +569,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "METRICS_HOST",
         "metrics_host",
-        _text,
+        _bind_host,
         Section.SERVER,
         "The address the `METRICS_PORT` listener binds: keep it private (a firewall, or this machine only).",
         default="127.0.0.1",
