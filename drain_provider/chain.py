@@ -11,6 +11,7 @@ import ast
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,9 +170,13 @@ class ChainClient:
     (`for_contract`): V1's functions and events are V2's with the same signatures, so every
     client reads through V2's ABI, and `version` says what the contract has (V1: no fee)."""
 
-    def __init__(self, w3: AsyncWeb3[Any], contract_address: str, version: str = "v2") -> None:
+    def __init__(
+        self, w3: AsyncWeb3[Any], contract_address: str, version: str = "v2", rpc_errors: Counter[str] | None = None
+    ) -> None:
         self.w3 = w3
         self.version = version
+        # RPC calls that failed, by call: one count for every client on this connection (metrics).
+        self.rpc_errors: Counter[str] = Counter() if rpc_errors is None else rpc_errors
         abi = load_artifact("DrainChannel")["abi"]
         self.contract = w3.eth.contract(address=to_checksum_address(contract_address), abi=abi)
         self._errors = _error_selectors(abi)
@@ -196,7 +201,7 @@ class ChainClient:
         """A client of another contract on this client's connection (no new session)."""
         if ref.address.lower() == self.address.lower() and ref.version == self.version:
             return self
-        return ChainClient(self.w3, ref.address, ref.version)
+        return ChainClient(self.w3, ref.address, ref.version, self.rpc_errors)
 
     @property
     def address(self) -> str:
@@ -231,6 +236,7 @@ class ChainClient:
             if isinstance(exc, ContractLogicError) or _is_embedded_revert(exc):
                 raise ContractReverted(self.revert_name(exc)) from None
             log.warning("chain_rpc_failed what=%s error=%s", what, type(exc).__name__)
+            self.rpc_errors[what] += 1
             raise ChainUnavailable(f"{what} failed: {type(exc).__name__}") from None
 
     async def chain_id(self) -> int:
@@ -426,6 +432,7 @@ class ChainClient:
             if "insufficient funds" in message:
                 raise InsufficientGasFunds(str(exc)[:200]) from None
             log.warning("chain_rpc_failed what=eth_sendRawTransaction error=%s", type(exc).__name__)
+            self.rpc_errors["eth_sendRawTransaction"] += 1
             raise ChainUnavailable(f"eth_sendRawTransaction failed: {type(exc).__name__}") from None
 
     async def receipt(self, tx_hash: str) -> TxResult | None:
@@ -438,6 +445,7 @@ class ChainClient:
             raise
         except Exception as exc:
             log.warning("chain_rpc_failed what=eth_getTransactionReceipt error=%s", type(exc).__name__)
+            self.rpc_errors["eth_getTransactionReceipt"] += 1
             raise ChainUnavailable(f"eth_getTransactionReceipt failed: {type(exc).__name__}") from None
         if receipt is None:
             return None

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from eth_account.signers.local import LocalAccount
@@ -90,6 +91,7 @@ class Claimer:
         self._submit = asyncio.Lock()  # one transaction signed and sent at a time: nonces in order
         self._next_nonce: int | None = None
         self._in_flight: set[int] = set()  # claim ids this process is working on
+        self.outcomes: Counter[ClaimStatus] = Counter()  # of every cycle's claims (metrics)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class Claimer:
             await self.watcher.refresh_stale(synced_before=time.time() - self.settings.claim_interval)
             outcomes = await self.reconcile()
             outcomes += await self.claim_due(force=force)
+            self.outcomes.update(outcome.status for outcome in outcomes)
         finally:
             self.last_cycle_at = time.time()
         self.last_success_at = self.last_cycle_at

@@ -1,6 +1,7 @@
 """The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
 `doctor` checks what the provider depends on, `keygen`, `withdraw` and `backup` look after its
-key, its earnings and its ledger, `consumer` pays one (the consumer kit's CLI)."""
+key, its earnings and its ledger, `usage` lists the paid requests, `consumer` pays one (the
+consumer kit's CLI)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,23 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
 from .backup import BackupError, run_backup
-from .config import ConfigError, Settings, database_path, load_settings, read_environment
+from .config import ConfigError, Settings, database_path, load_settings, read_environment, read_setting
 from .keystore import DEFAULT_KEYSTORE, KeystoreError, keygen
 from .logs import setup_logging
 
 log = logging.getLogger("drain_provider")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line and exit 2, as a bad setting is (not argparse's usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"drain-provider: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
@@ -27,7 +37,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
         from .consumer.cli import main as consumer_main
 
         return consumer_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m drain_provider", description=__doc__)
+    parser = OneLineParser(prog="python -m drain_provider", description=__doc__)
     parser.add_argument("--version", action="version", version=f"drain-provider {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the provider (the default)")
@@ -71,6 +81,14 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     backup = commands.add_parser("backup", help="copy the ledger to a new file, safe while the server runs")
     backup.add_argument("--out", type=Path, help="default: backup-<UTC time>.db beside DATABASE_PATH")
     commands.add_parser("consumer", help="pay a provider: open, status, chat, close (the consumer kit)")
+    usage = commands.add_parser("usage", help="the paid requests in the ledger, newest first (read-only)")
+    usage.add_argument("--channel", help="one channel's requests (its 0x id)")
+    usage.add_argument("--model", help="one model's requests")
+    usage.add_argument("--since", help="started at or after (unix seconds)")
+    usage.add_argument("--until", help="started before (unix seconds)")
+    usage.add_argument("--before", help="ids below this one (the next page)")
+    usage.add_argument("--limit", help="at most this many rows (default 100, at most 1000)")
+    usage.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     args = parser.parse_args(argv)
     env = read_environment()
     try:
@@ -80,6 +98,11 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             from .devtools.dev import DevOptions, run_dev
 
             return asyncio.run(run_dev(env, DevOptions.from_args(args), started=started))
+        if args.command == "usage":
+            from .usage_view import FILTERS, run_usage
+
+            wanted = {name: getattr(args, name) for name in FILTERS if getattr(args, name) is not None}
+            return run_usage(read_setting("DATABASE_PATH", env), wanted, as_json=args.json)
         if args.command == "doctor":
             from .doctor import run_doctor
 
@@ -88,7 +111,7 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             return asyncio.run(run_doctor(settings))
         if args.command in ("claim", "status"):
             settings = load_settings(env)
-            setup_logging(settings.log_level)
+            setup_logging(settings.log_level, log_format=settings.log_format)
             return asyncio.run(
                 claim_or_status(
                     settings, claim=args.command == "claim", force=args.force if args.command == "claim" else False
@@ -123,7 +146,7 @@ def keys_and_payouts(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 def serve(env: dict[str, str]) -> int:
     settings = load_settings(env)
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, log_format=settings.log_format)
     from .api import create_app, reload_prices
     from .process import run
     from .server import Listener

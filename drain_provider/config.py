@@ -33,7 +33,7 @@ from .catalog import Catalog, CatalogError, Kind, derived_catalog, read_catalog
 from .keystore import KeystoreError, decrypt_keystore
 from .pricing import DEFAULT_PRICES, ModelPrice, PricingError, apply_env_overrides, env_names, load_pricing_file
 from .protocol import DEPLOYMENTS, SECP256K1_N, ContractRef, parse_usdc
-from .states import SyncMode
+from .states import LogFormat, PaymentMode, SyncMode
 
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 
@@ -87,6 +87,10 @@ class Settings:
     min_output_tokens: int = 16
     close_requires_signature: bool = False
     log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.TEXT
+    metrics_port: int | None = None  # None: /metrics on the main port only, behind ADMIN_TOKEN
+    metrics_host: str = "127.0.0.1"
+    payment_mode: PaymentMode = PaymentMode.ENFORCE
     drain_contract_v1: str | None = None  # as set; `contracts` holds what it means
     # Every contract served, the primary first. Empty when built by hand: then the primary alone.
     contracts: tuple[ContractRef, ...] = ()
@@ -298,6 +302,16 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         default_port = {"http": 80, "https": 443}[parsed.scheme]  # a browser leaves it out
         origins.append(f"{parsed.scheme}://{host}" + (f":{port}" if port not in (None, default_port) else ""))
     return tuple(origins)
+
+
+_BIND_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}")
+
+
+def _bind_host(name: str, raw: str) -> str:
+    """An address or host name to listen on (an IPv6 address without brackets)."""
+    if not _BIND_HOST.fullmatch(raw):
+        raise ConfigError(f"{name}: must be an IP address or a host name, such as 127.0.0.1")
+    return raw
 
 
 def _path(name: str, raw: str) -> Path:
@@ -594,6 +608,44 @@ SETTINGS: tuple[Setting, ...] = (
         default_doc="none: UPSTREAM_BASE_URL, OPENAI_API_KEY and the prices below",
     ),
     Setting(
+        "LOG_FORMAT",
+        "log_format",
+        _choice(*LogFormat),
+        Section.SERVER,
+        "text: `time level=... logger=... event key=value ...` lines; json: one JSON object per line "
+        "(`ts`, `level`, `logger`, `event` and each key=value as a key), for log collectors. Both redact "
+        "URL secrets.",
+        default="text",
+    ),
+    Setting(
+        "METRICS_PORT",
+        "metrics_port",
+        _whole(1, 65535),
+        Section.SERVER,
+        "Also serve Prometheus `GET /metrics` on this port, without a token, on `METRICS_HOST`. "
+        "Unset: `/metrics` only on the main port, behind `ADMIN_TOKEN`.",
+        default_doc="unset",
+    ),
+    Setting(
+        "METRICS_HOST",
+        "metrics_host",
+        _bind_host,
+        Section.SERVER,
+        "The address the `METRICS_PORT` listener binds: keep it private (a firewall, or this machine only).",
+        default="127.0.0.1",
+    ),
+    Setting(
+        "PAYMENT_MODE",
+        "payment_mode",
+        _choice(*PaymentMode),
+        Section.SERVER,
+        "enforce: a request without a valid payment is refused (402). shadow: vouchers are checked and a "
+        "valid one is charged, but a request whose payment would be refused is served free and logged "
+        "(`payment_refusal_shadowed`), for a rollout. off: nothing is charged, no voucher is read (private "
+        "use). shadow and off are loud: a WARNING at start and every 10 minutes, an alert in `/health`.",
+        default="enforce",
+    ),
+    Setting(
         "UPSTREAM_BASE_URL",
         "upstream_base_url",
         _url,
@@ -849,6 +901,12 @@ def load_catalog(env: Mapping[str, str], settings: Settings) -> Catalog:
     if path is not None:
         return _file_catalog(path, env)
     return derived_catalog(load_prices(env), settings.upstream_base_url, settings.openai_api_key)
+
+
+def read_setting(name: str, env: Mapping[str, str]) -> Any:
+    """One setting alone, parsed as `load_settings` would, for a command that needs no more
+    (`usage` reads only DATABASE_PATH)."""
+    return _read(next(setting for setting in SETTINGS if setting.name == name), env)
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:

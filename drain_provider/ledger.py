@@ -144,6 +144,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE channels ADD COLUMN close_signature TEXT;
     ALTER TABLE channels ADD COLUMN close_signed_at REAL;
     """,
+    # 6: the request id of each paid request (X-Request-Id), to join the access log to the ledger.
+    """
+    ALTER TABLE usage ADD COLUMN request_id TEXT;
+    """,
 ]
 
 
@@ -367,6 +371,65 @@ class UsageItem:
     cost: int
     nonce: int  # of the voucher that paid for it
     voucher_amount: int
+
+
+@dataclass(frozen=True)
+class UsageFilter:
+    """Which paid requests a usage listing shows (GET /v1/admin/usage, `usage`): newest first,
+    `limit` of them, with ids below `before` (the previous page's last id)."""
+
+    limit: int = 100
+    before: int | None = None
+    channel: str | None = None
+    model: str | None = None
+    since: int | None = None  # unix seconds, started at or after
+    until: int | None = None  # unix seconds, started before
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One row of the usage table, as the operator's listings show it."""
+
+    id: int
+    started_at: float
+    finished_at: float | None
+    channel_id: str
+    endpoint: str
+    model: str
+    status: str
+    input_tokens: int
+    output_tokens: int
+    reserved: int
+    cost: int
+    price_cost: int
+    request_id: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> UsageRecord:
+        return cls(**{name: row[name] for name in _USAGE_FIELDS})
+
+
+_USAGE_FIELDS = tuple(UsageRecord.__dataclass_fields__)
+
+
+def usage_query(wanted: UsageFilter, *, with_request_id: bool = True) -> tuple[str, tuple[Any, ...]]:
+    """The SELECT of a usage listing and its parameters, for the server's reader and for a
+    read-only connection of the CLI alike. `with_request_id` False: a ledger from before
+    migration 6 (the CLI may read one the server has not migrated yet)."""
+    where = ["id < ?"]
+    params: list[Any] = [INT64_MAX if wanted.before is None else wanted.before]
+    for clause, value in (
+        ("channel_id = ?", wanted.channel),
+        ("model = ?", wanted.model),
+        ("started_at >= ?", wanted.since),
+        ("started_at < ?", wanted.until),
+    ):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    columns = ", ".join(_USAGE_FIELDS if with_request_id else (*_USAGE_FIELDS[:-1], "NULL AS request_id"))
+    sql = f"SELECT {columns} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
+    return sql, (*params, wanted.limit)
 
 
 @dataclass(frozen=True)
@@ -727,6 +790,10 @@ class Ledger:
             for row in rows
         ]
 
+    async def usage_page(self, wanted: UsageFilter) -> list[UsageRecord]:
+        """Every channel's paid requests, as `wanted` filters them (newest first)."""
+        return [UsageRecord.from_row(row) for row in await self._select(*usage_query(wanted))]
+
     # --- the two money transactions -----------------------------------------------------------
 
     def authorize(
@@ -736,6 +803,7 @@ class Ledger:
         *,
         endpoint: str,
         model: str,
+        request_id: str | None = None,
         before_commit: asyncio.Future[Reservation | Refusal] | None = None,
     ) -> asyncio.Future[Reservation | Refusal]:
         """Store the voucher and reserve the request's worst case, or refuse; all or nothing.
@@ -781,9 +849,19 @@ class Ledger:
             )
             usage_id = conn.execute(
                 """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
-                                      input_tokens, started_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
-                (voucher.channel_id, voucher_id, endpoint, model, UsageStatus.RESERVED, amount, plan.input_tokens, now),
+                                      input_tokens, started_at, request_id)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    voucher.channel_id,
+                    voucher_id,
+                    endpoint,
+                    model,
+                    UsageStatus.RESERVED,
+                    amount,
+                    plan.input_tokens,
+                    now,
+                    request_id,
+                ),
             ).lastrowid
             assert usage_id is not None
             return Reservation(usage_id, voucher.channel_id, amount, output_tokens)

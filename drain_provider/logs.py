@@ -10,14 +10,22 @@ aiohttp logs every request it cannot parse at ERROR with a traceback and the cli
 on an open port that is anyone's to fill. `BadRequestFilter` turns those records into one short
 line at INFO, at most `BAD_REQUEST_LINES` per `BAD_REQUEST_WINDOW` seconds, and leaves every
 other aiohttp error (a real bug) as it was.
+
+LOG_FORMAT=json writes each record as one JSON object (`JsonFormatter`): `ts`, `level`,
+`logger`, `event` (the first word of an `event key=value ...` line, or a library's whole
+message) and each key=value as a key of its own; a traceback is one `exc` string. The redacting
+filter runs before any formatter, so a JSON line is redacted exactly as a text line is.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import time
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web import RequestPayloadError
@@ -163,12 +171,56 @@ def quiet_bad_requests() -> None:
         logger.addFilter(BadRequestFilter())
 
 
-def setup_logging(level: str, fmt: str = FORMAT) -> None:
-    """Lines to stderr at `level`, every handler redacting; malformed requests quiet."""
+# --- JSON lines -------------------------------------------------------------------------------
+
+# Where a `key=value` field starts: a space, then a name and "=". A value runs to the next one,
+# so a value with spaces (an error's text) stays whole.
+_FIELD = re.compile(r" (?=[A-Za-z_][A-Za-z0-9_.]*=)")
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+_RESERVED = frozenset({"ts", "level", "logger", "event", "exc", "stack"})
+
+
+def fields(message: str) -> dict[str, Any]:
+    """`event key=value ...` as {"event": ..., key: value}; whole numbers as numbers. A message
+    not in that shape (a library's) is all `event`."""
+    head, *rest = _FIELD.split(message)
+    parsed: dict[str, Any] = {"event": head}
+    for part in rest:
+        key, _, value = part.partition("=")
+        if key in _RESERVED:
+            key = "field_" + key
+        parsed[key] = int(value) if _INTEGER.fullmatch(value) else value
+    return parsed
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (LOG_FORMAT=json), for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+        }
+        line.update(fields(record.getMessage()))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exc"] = redact(record.exc_text)
+        if record.stack_info:
+            line["stack"] = redact(record.stack_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: str, fmt: str = FORMAT, *, log_format: str = "text") -> None:
+    """Lines to stderr at `level` (`fmt` for text, or JSON objects), every handler redacting;
+    malformed requests quiet."""
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+        if log_format == "json":
+            handler.setFormatter(JsonFormatter())
     # web3 logs full RPC requests at DEBUG; they may carry signed payloads but never keys.
     logging.getLogger("web3").setLevel(max(logging.INFO, logging.getLevelName(level)))
     quiet_bad_requests()

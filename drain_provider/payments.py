@@ -28,12 +28,22 @@ Leaving the block decides, once, what the request costs, never more than its res
     upstream broke off  settle what was delivered; release if no output token was (rule 5)
     server stopping     release: the shutdown is our doing, nothing is charged
     any error           release: an upstream failure before the client got a byte, or ours
+
+PAYMENT_MODE is decided here, and only here, so that every paid endpoint built on the two
+follows it: `enforce` is the above. `off`: `accept` looks at no header and returns None, and a
+charge of None is free: no ledger, the upstream capped at the request's own max_tokens (or
+DEFAULT_MAX_TOKENS), what is delivered still metered. `shadow`: a valid voucher is charged as in
+`enforce`; a refusal (any PaymentError, from `accept`, `precheck` or the reservation) is logged
+as `payment_refusal_shadowed`, counted in `PaymentGate.shadowed`, and the request is served free
+as in `off`. A bad body is refused as always. What each request was (channel, model, tokens,
+cost, a shadowed refusal) goes to the access log's `requestinfo.current()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -56,7 +66,8 @@ from .protocol import (
     signature_well_formed,
     voucher_digest,
 )
-from .states import ChannelStatus, StreamEnding, UsageSource, UsageStatus
+from .requestinfo import current
+from .states import ChannelStatus, PaymentMode, StreamEnding, UsageSource, UsageStatus
 from .tokens import TokenMeter
 from .upstream import UpstreamError
 
@@ -120,12 +131,14 @@ def _log_if_failed(future: asyncio.Future[Reservation | Refusal] | asyncio.Futur
 
 
 class Charge:
-    """One paid request's money; see the module docstring. Use it once, with `async with`."""
+    """One paid request's money; see the module docstring. Use it once, with `async with`. With
+    no voucher (PAYMENT_MODE off, or a refusal shadowed) it is free: nothing reserved or settled,
+    `settlement` stays None, the output is still bounded and metered."""
 
     def __init__(
         self,
         gate: PaymentGate,
-        voucher: Voucher,
+        voucher: Voucher | None,
         plan: ReservationPlan,
         *,
         encoding: tiktoken.Encoding,
@@ -133,7 +146,7 @@ class Charge:
         model: str,
     ) -> None:
         self._gate = gate
-        self.voucher = voucher  # accepted by the gate
+        self.voucher = voucher  # accepted by the gate; None: served free
         self.plan = plan
         self.endpoint = endpoint
         self.model = model
@@ -143,11 +156,19 @@ class Charge:
         self.reservation: Reservation | None = None
         self.meter = TokenMeter(encoding, 0)  # its limit is set once the reservation is known
         self.settlement: Settlement | None = None
+        self._info = current()
+
+    @property
+    def paid(self) -> bool:
+        """Whether the request holds a reservation (False: served free)."""
+        return self.reservation is not None
 
     @property
     def output_tokens(self) -> int:
-        """The most output tokens the reservation pays for: the cap for the upstream."""
-        assert self.reservation is not None
+        """The most output tokens the reservation pays for (free: what the request asked): the
+        cap for the upstream."""
+        if self.reservation is None:
+            return self.plan.wanted_output_tokens
         return self.reservation.output_tokens
 
     @property
@@ -162,8 +183,8 @@ class Charge:
         return self.settlement is not None and self.settlement.cost > 0
 
     @property
-    def channel_id(self) -> str:
-        return self.voucher.channel_id
+    def channel_id(self) -> str | None:
+        return None if self.voucher is None else self.voucher.channel_id
 
     @property
     def next_min(self) -> int:
@@ -176,10 +197,18 @@ class Charge:
     async def __aenter__(self) -> Charge:
         """Store the voucher and reserve the worst case, or raise PaymentError. Returns as soon
         as the reservation is known; its COMMIT (an fsync) may still be running."""
+        if self.voucher is None:
+            return self._free()
         ledger = self._gate.ledger
+        info = self._info
         before_commit: asyncio.Future[Reservation | Refusal] = asyncio.get_running_loop().create_future()
         self._durable = ledger.authorize(
-            self.voucher, self.plan, endpoint=self.endpoint, model=self.model, before_commit=before_commit
+            self.voucher,
+            self.plan,
+            endpoint=self.endpoint,
+            model=self.model,
+            request_id=None if info is None else info.request_id,
+            before_commit=before_commit,
         )
         self._durable.add_done_callback(_log_if_failed)
         try:
@@ -190,9 +219,23 @@ class Charge:
             self._durable.add_done_callback(self._release_orphan)
             raise
         if isinstance(outcome, Refusal):
-            raise _refused(outcome)
+            error = _refused(outcome)
+            if self._gate.mode is not PaymentMode.SHADOW:
+                raise error
+            self._gate.shadow(error)
+            self.voucher, self._durable = None, None
+            return self._free()
         self.reservation = outcome
+        self._gate.reservations_held += 1
         self.meter.limit = affordable_output_tokens(self.plan.price, self.reservation.amount, self.plan.input_tokens)
+        return self
+
+    def _free(self) -> Charge:
+        """Served without payment: the output bounded by what the request asked, as a paid one
+        whose voucher covers it all."""
+        self.meter.limit = self.plan.wanted_output_tokens
+        if self._info is not None:
+            self._info.free = True
         return self
 
     def _release_orphan(self, durable: asyncio.Future[Reservation | Refusal]) -> None:
@@ -206,9 +249,9 @@ class Charge:
 
     async def committed(self) -> None:
         """Wait until the voucher and the reservation are durable. Nothing may reach the client
-        before; if the COMMIT failed, this raises and nothing was stored."""
-        assert self._durable is not None
-        await self._durable
+        before; if the COMMIT failed, this raises and nothing was stored. Free: nothing to wait for."""
+        if self._durable is not None:
+            await self._durable
 
     def finish(self, ending: StreamEnding, reported: Usage | None) -> None:
         """How the request ended, and the usage the upstream reported (None if it reported none,
@@ -219,7 +262,29 @@ class Charge:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        assert self.reservation is not None
+        if self.reservation is None:
+            self._end_free(exc)
+            return
+        try:
+            await self._end(exc)
+        finally:
+            self._gate.reservations_held -= 1
+
+    def _end_free(self, exc: BaseException | None) -> None:
+        """A free request's ending, for the access log and the metrics: what it would be charged on."""
+        ending = self._ending
+        if ending is None and isinstance(exc, asyncio.CancelledError):
+            ending = StreamEnding.CLIENT_GONE
+        if ending is not None and (exc is None or ending is StreamEnding.CLIENT_GONE):
+            self._note(ending, self.usage(ending), None)
+
+    def _note(self, ending: StreamEnding, usage: Usage, charged: int | None) -> None:
+        info = self._info
+        if info is not None:
+            info.model, info.ending, info.cost = self.model, ending, charged
+            info.input_tokens, info.output_tokens = usage.input_tokens, usage.output_tokens
+
+    async def _end(self, exc: BaseException | None) -> None:
         if exc is None and self._ending is not None:
             if self._ending is StreamEnding.UPSTREAM_FAILED and self.meter.tokens == 0:
                 # Only a role chunk, or nothing, reached the client: it got none of what it paid for.
@@ -269,6 +334,7 @@ class Charge:
             status=usage_status(ending),
             usage_source=source,
         )
+        self._note(ending, usage, self.settlement.cost)
         log.info(
             "paid channel=%s model=%s ending=%s in=%d out=%d cost=%d total=%d source=%s",
             self.channel_id,
@@ -294,6 +360,8 @@ class Charge:
     async def _release(self, reason: str) -> None:
         assert self.reservation is not None
         self.settlement = await self._gate.ledger.release(self.reservation, error=reason)
+        if self._info is not None:
+            self._info.model, self._info.cost = self.model, 0
 
 
 class PaymentGate:
@@ -310,8 +378,12 @@ class PaymentGate:
         clock: ChainClock | None = None,
         min_channel_ttl: int = 600,
         stopping: asyncio.Event | None = None,
+        mode: PaymentMode = PaymentMode.ENFORCE,
     ) -> None:
         self.ledger = ledger
+        self.mode = mode
+        self.shadowed: Counter[str] = Counter()  # refusals served anyway (shadow), by code
+        self.reservations_held = 0  # charges in flight holding a reservation
         self.chains = tuple(chains)
         self.contracts = tuple(chain.ref for chain in self.chains)
         self.chain = self.chains[0]  # the primary's: what discovery headers name
@@ -354,12 +426,37 @@ class PaymentGate:
         return self._served_by(record)[0]
 
     def charge(
-        self, voucher: Voucher, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
+        self, voucher: Voucher | None, plan: ReservationPlan, *, encoding: tiktoken.Encoding, endpoint: str, model: str
     ) -> Charge:
-        """The charge of a request whose `voucher` was accepted, to be entered with `async with`."""
+        """The charge of a request whose `voucher` was accepted (None: free), to be entered with
+        `async with`."""
         return Charge(self, voucher, plan, encoding=encoding, endpoint=endpoint, model=model)
 
-    async def precheck(self, voucher: Voucher, plan: ReservationPlan) -> None:
+    def shadow(self, error: PaymentError) -> None:
+        """PAYMENT_MODE=shadow: a refusal served anyway, logged and counted."""
+        self.shadowed[error.code] += 1
+        info = current()
+        if info is not None:
+            info.shadowed = error.code
+        log.warning(
+            "payment_refusal_shadowed code=%s route=%s request_id=%s",
+            error.code,
+            "-" if info is None else info.route,
+            "-" if info is None else info.request_id,
+        )
+
+    async def precheck(self, voucher: Voucher | None, plan: ReservationPlan) -> None:
+        """`_precheck`, for a voucher that pays; in shadow mode a refusal is left to the
+        reservation, which refuses it again and serves the request free."""
+        if voucher is None:
+            return
+        try:
+            await self._precheck(voucher, plan)
+        except PaymentError:
+            if self.mode is not PaymentMode.SHADOW:
+                raise
+
+    async def _precheck(self, voucher: Voucher, plan: ReservationPlan) -> None:
         """Refuse, on one ledger read, an accepted voucher the reservation would surely refuse
         for `plan`: a nonce or amount already passed, or a headroom short of the plan's minimum.
         For a large body, before its input is counted: `plan` then holds a lower bound of the
@@ -386,7 +483,20 @@ class PaymentGate:
                 )
             raise _refused(fit)
 
-    async def accept(self, header: str | None) -> Voucher:
+    async def accept(self, header: str | None) -> Voucher | None:
+        """`_accept` as PAYMENT_MODE says. None: the request is served free (off, or a refusal
+        shadowed)."""
+        if self.mode is PaymentMode.OFF:
+            return None
+        try:
+            return await self._accept(header)
+        except PaymentError as exc:
+            if self.mode is not PaymentMode.SHADOW:
+                raise
+            self.shadow(exc)
+            return None
+
+    async def _accept(self, header: str | None) -> Voucher:
         """The voucher of `header`, if it may pay on one of our channels; PaymentError if not.
         What depends on the ledger's state (nonce, amount, headroom) is checked when reserving.
 
@@ -399,6 +509,9 @@ class PaymentGate:
             voucher = parse_voucher(header)
         except VoucherFormatError as exc:
             raise PaymentError("invalid_voucher_format", f"Malformed X-DRAIN-Voucher: {exc}") from None
+        info = current()
+        if info is not None:
+            info.channel = voucher.channel_id
         channel = self._known.get(voucher.channel_id)
         if channel is None:
             if not signature_well_formed(voucher.signature):  # refused before any ledger or chain read

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from . import openai_format, safejson, sse
 from .openai_format import Usage
+from .requestinfo import current, now
 from .states import StreamEnding, UsageSource
 from .tokens import TokenMeter
 from .upstream import UpstreamError
@@ -84,6 +85,8 @@ class StreamRelay:
         self._reported: Usage | None = None
         self._identity: dict[str, Any] = {}
         self._choices: set[int] = set()
+        self._info = current()  # the access log's record: when streaming began, the first content
+        self._content_sent = False
 
     @property
     def started(self) -> bool:
@@ -173,6 +176,10 @@ class StreamRelay:
         if await self._send(raw):
             return True
         self.meter.add(text)
+        if text and not self._content_sent:
+            self._content_sent = True
+            if self._info is not None:
+                self._info.first_content = now()
         return False
 
     def _remember(self, chunk: dict[str, Any]) -> None:
@@ -186,6 +193,8 @@ class StreamRelay:
         try:
             if not self.started:
                 await self.response.prepare(self.request)
+                if self._info is not None:
+                    self._info.streaming = True
             await self.response.write(data)
         except ConnectionResetError:
             self.ending = StreamEnding.CLIENT_GONE
@@ -212,7 +221,8 @@ class StreamRelay:
             outcome = " You were charged for what was delivered." if charged else " You were not charged."
             message = (self.error_message or "The upstream failed mid-stream.") + outcome
             await self._send_json(openai_format.error_body(message, "upstream_error", "upstream_error"), event="error")
-        await self._send(sse.encode(comments=comments))
+        if comments:  # none when the request was served free
+            await self._send(sse.encode(comments=comments))
         if self.ending is not StreamEnding.UPSTREAM_FAILED:
             await self._send(sse.encode(data="[DONE]"))
         with contextlib.suppress(ConnectionResetError):

@@ -73,3 +73,18 @@ class SyncMode(StrEnum):
 
     FULL = "FULL"  # a committed voucher survives a power cut
     NORMAL = "NORMAL"  # it survives a process crash; the last commits may not survive a power cut
+
+
+class PaymentMode(StrEnum):
+    """What a paid endpoint does with payment (PAYMENT_MODE): a rollout starts with `shadow`."""
+
+    ENFORCE = "enforce"  # no valid voucher, no answer (402)
+    SHADOW = "shadow"  # a valid voucher is charged; a refused payment is logged and served free
+    OFF = "off"  # no voucher is looked at: everything is free (private use)
+
+
+class LogFormat(StrEnum):
+    """How log lines are written (LOG_FORMAT)."""
+
+    TEXT = "text"  # `time level=... logger=... event key=value ...`
+    JSON = "json"  # one JSON object per line

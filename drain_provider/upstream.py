@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 
 from . import safejson
+from .requestinfo import current, now
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,17 @@ class Upstream:
         if stream:
             headers["Accept"] = "text/event-stream"
         timeout = self.stream_timeout if stream else self.timeout
+        started = now()
         try:
-            return await self.session.post(
+            response = await self.session.post(
                 self.base_url + path, data=safejson.dumps(body), headers=headers, timeout=timeout
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._transport_error(exc, path) from None
+        info = current()
+        if info is not None:  # the access log's and the metrics' upstream latency
+            info.upstream_head = now() - started
+        return response
 
     async def post_json(self, path: str, body: dict[str, Any]) -> UpstreamResponse:
         """POST a JSON body and return the parsed JSON answer, or raise UpstreamError."""

@@ -12,7 +12,14 @@ from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 from drain_provider.devtools.devchain import DevChain
 
 TOKEN = "admin-0123456789abcdef-secret"
-ENDPOINTS = [("POST", "/claim"), ("GET", "/stats"), ("GET", "/vouchers"), ("GET", "/channels"), ("GET", "/claims")]
+ENDPOINTS = [
+    ("POST", "/claim"),
+    ("GET", "/stats"),
+    ("GET", "/vouchers"),
+    ("GET", "/channels"),
+    ("GET", "/claims"),
+    ("GET", "/usage"),
+]
 
 
 async def call(provider: Provider, method: str, path: str, token: str | None = None) -> tuple[int, Any, Any]:

@@ -4,7 +4,11 @@ one quiet line while its real errors stay errors."""
 from __future__ import annotations
 
 import io
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from aiohttp.http_exceptions import BadStatusLine, LineTooLong
@@ -106,3 +110,43 @@ def test_aiohttp_parse_errors_are_one_line_and_its_other_errors_stay_errors(
     assert quiet.getMessage().startswith("bad_http_request peer=10.0.0.1 error=BadStatusLine: ")
     assert bug.name == SERVER_LOGGER and bug.levelno == logging.ERROR and bug.exc_info is not None
     assert body.getMessage() == "bad_http_request peer=- error=RequestPayloadError: 400, message: Can not decode"
+
+
+def test_json_lines_are_redacted_and_carry_the_fields(tmp_path: Path) -> None:
+    """LOG_FORMAT=json through setup_logging, as the server sets it up: every logger (ours and a
+    library's) writes one JSON object per line, redacted like a text line."""
+    script = f"""
+import logging
+from pathlib import Path
+from drain_provider.logs import setup_logging
+setup_logging("INFO", log_format="json")
+url = "https://user:pw@eth.example.com/v2/{ALCHEMY_KEY}?apikey=QUERYSECRET"
+chain = logging.getLogger("drain_provider.chain")
+chain.warning("chain_rpc_failed url=%s error=%s blocks=%d", url, "Timeout error", 12)
+logging.getLogger("web3.providers").info("Closing session %s", url)
+try:
+    raise RuntimeError("cannot reach " + url)
+except RuntimeError:
+    logging.getLogger("drain_provider.x").exception("crashed level=%s", "level")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [line["event"] for line in lines] == [
+        "chain_rpc_failed",
+        "Closing session https://***@eth.example.com/v2/***?***",
+        "crashed",
+    ]
+    first = lines[0]
+    assert (first["level"], first["logger"], first["error"], first["blocks"]) == (
+        "WARNING",
+        "drain_provider.chain",
+        "Timeout error",
+        12,
+    )
+    assert first["url"] == "https://***@eth.example.com/v2/***?***"
+    assert first["ts"].endswith("+00:00")
+    assert lines[2]["field_level"] == "level"  # a field never overwrites ts, level, logger or event
+    assert "RuntimeError: cannot reach https://***@" in lines[2]["exc"]
+    for secret in ("pw@", ALCHEMY_KEY, "QUERYSECRET"):
+        assert secret not in done.stderr

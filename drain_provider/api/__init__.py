@@ -23,11 +23,14 @@ from ..claimer import Claimer
 from ..closing import Closer
 from ..config import ConfigError, Settings, load_catalog
 from ..gas import GasGauge
+from ..metrics import Metrics
 from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
+from ..states import PaymentMode
 from ..tokens import TokenCounter
-from . import channels, completions, embeddings, health, images, info
+from . import channels, completions, embeddings, health, images, info, scrape
+from .access import access_middleware, add_request_id
 from .admin import create_admin_app
 from .body import answer_expect_headers, declared_size
 from .cors import add_cors_headers, cors_preflight
@@ -44,6 +47,7 @@ from .state import (
     GATE,
     LEDGER,
     LIMITER,
+    METRICS,
     PRICES,
     ROUTES,
     SESSION,
@@ -64,6 +68,12 @@ RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True, "shutdown_timeou
 # While an upstream's last call failed, its GET /models is tried this often, so that /health
 # clears its alert when the upstream is back, even with no traffic.
 UPSTREAM_PROBE_INTERVAL = 30.0
+# While PAYMENT_MODE is not enforce, a WARNING says so this often (and once at start).
+PAYMENT_MODE_REMINDER = 600.0
+PAYMENT_MODE_NOTES = {
+    PaymentMode.SHADOW: "requests whose payment is refused are served free",
+    PaymentMode.OFF: "every request is served free, no voucher is read",
+}
 
 
 def create_app(
@@ -72,22 +82,36 @@ def create_app(
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
     chain (its connection serves every contract of `settings.contracts`); otherwise the app
     connects to `settings.rpc_url` and owns that connection."""
-    # CORS outermost: a preflight is answered before anything else looks at the request.
-    middlewares = [cors_preflight] if settings.cors_origins else []
+    prices = PriceBook(settings.prices)
+    settings = replace(settings, prices=prices)
+    metrics = Metrics(prices, settings.payment_mode)
+    # The access log outermost: it sees every answer as sent, the errors made answers inside it
+    # included. Then CORS: a preflight is answered before anything else looks at the request.
+    middlewares = [access_middleware(settings, metrics), *([cors_preflight] if settings.cors_origins else [])]
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[*middlewares, error_middleware, declared_size]
     )
+    app.on_response_prepare.append(add_request_id)  # before CORS, which exposes it
     if settings.cors_origins:
         app.on_response_prepare.append(add_cors_headers)
-    app[PRICES] = prices = PriceBook(settings.prices)
-    app[SETTINGS] = replace(settings, prices=prices)
+    app[PRICES] = prices
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[COUNTER] = counter or TokenCounter()
     app[LIMITER] = FailureLimiter(settings.payment_failures_per_minute)
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(
         _all_or_nothing(
-            _ledger_ctx, _chain_ctx(chain), _upstream_ctx, _gate_ctx, _watcher_ctx, _claimer_ctx, _tokenizer_ctx
+            _ledger_ctx,
+            _chain_ctx(chain),
+            _upstream_ctx,
+            _gate_ctx,
+            _watcher_ctx,
+            _claimer_ctx,
+            _tokenizer_ctx,
+            _payment_mode_ctx,
+            scrape.metrics_listener_ctx,
         )
     )
     app.add_routes(completions.routes)
@@ -96,6 +120,7 @@ def create_app(
     app.add_routes(channels.routes)
     app.add_routes(info.routes)
     app.add_routes(health.routes)
+    app.add_routes(scrape.routes)
     app.add_subapp("/v1/admin/", create_admin_app())
     answer_expect_headers(app)
     return app
@@ -153,7 +178,7 @@ def _chain_ctx(given: ChainClient | None) -> Context:
             if owned:
                 await base.close()
             raise
-        app[CHAIN] = chains[0]
+        app[CHAIN] = app[METRICS].chain = chains[0]
         app[CHAINS] = chains
         yield
         if owned:
@@ -203,7 +228,9 @@ async def _gate_ctx(app: web.Application) -> AsyncIterator[None]:
         clock=app[CLOCK],
         min_channel_ttl=settings.min_channel_ttl,
         stopping=app[STOPPING],
+        mode=settings.payment_mode,
     )
+    app[METRICS].gate = app[GATE]
     app[CLOSER] = Closer(app[GATE], settings.provider_private_key)
     yield
 
@@ -219,7 +246,7 @@ async def _watcher_ctx(app: web.Application) -> AsyncIterator[None]:
         on_closed=app[GATE].forget,
         gas=GasGauge(settings.provider_address, settings.low_gas_claims),
     )
-    app[WATCHER] = watcher
+    app[WATCHER] = app[METRICS].watcher = watcher
     task = asyncio.create_task(watcher.run(), name="chain-watcher")
     yield
     task.cancel()
@@ -233,7 +260,7 @@ async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     account = Account.from_key(settings.provider_private_key)
     claimer = Claimer(app[LEDGER], app[CHAIN], account, settings, app[WATCHER])
-    app[CLAIMER] = claimer
+    app[CLAIMER] = app[METRICS].claimer = claimer
     # CLAIM_INTERVAL=0: no automatic claims (POST /v1/admin/claim or the CLI instead), but what
     # a previous run left pending is still reconciled at start.
     work = claimer.run() if settings.claim_interval > 0 else claimer.recover()
@@ -253,6 +280,30 @@ async def _tokenizer_ctx(app: web.Application) -> AsyncIterator[None]:
     app[COUNTING] = pool
     yield
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _payment_mode_ctx(app: web.Application) -> AsyncIterator[None]:
+    """PAYMENT_MODE shadow or off is loud: a WARNING at start and every PAYMENT_MODE_REMINDER."""
+    mode = app[SETTINGS].payment_mode
+    if mode is PaymentMode.ENFORCE:
+        yield
+        return
+
+    def warn() -> None:
+        shadowed = sum(app[GATE].shadowed.values())
+        log.warning("payment_not_enforced mode=%s shadowed=%d note=%s", mode, shadowed, PAYMENT_MODE_NOTES[mode])
+
+    async def remind() -> None:
+        while True:
+            await asyncio.sleep(PAYMENT_MODE_REMINDER)
+            warn()
+
+    warn()
+    task = asyncio.create_task(remind(), name="payment-mode-reminder")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def reload_prices(app: web.Application, env: Mapping[str, str]) -> None:

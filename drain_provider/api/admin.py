@@ -1,4 +1,4 @@
-"""The admin API, a sub-application mounted at /v1/admin/: claims, stats, vouchers, channels.
+"""The admin API, a sub-application mounted at /v1/admin/: claims, stats, vouchers, channels, usage.
 
 Its own middleware lets through only `Authorization: Bearer <ADMIN_TOKEN>` (compared in constant
 time, never logged). Without ADMIN_TOKEN the whole API answers 403 and says how to turn it on;
@@ -9,10 +9,11 @@ a missing or wrong token is 401. Handlers read the provider's state through
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 
 from aiohttp import web
 
-from .. import reports
+from .. import reports, usage_view
 from ..chain import ChainUnavailable
 from ..states import ClaimStatus
 from .body import answer_expect_headers
@@ -24,6 +25,13 @@ routes = web.RouteTableDef()
 
 @web.middleware
 async def require_admin_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    check_admin_token(request)
+    return await handler(request)
+
+
+def check_admin_token(request: web.Request) -> None:
+    """ApiError unless the request carries the admin token (the admin API, and /metrics on the
+    main port)."""
     token = request.config_dict[SETTINGS].admin_token
     if token is None:
         raise ApiError(
@@ -38,7 +46,6 @@ async def require_admin_token(request: web.Request, handler: Handler) -> web.Str
         raise ApiError(
             "unauthorized", "Send 'Authorization: Bearer <ADMIN_TOKEN>'.", headers={"WWW-Authenticate": "Bearer"}
         )
-    return await handler(request)
 
 
 @routes.post("/claim")
@@ -78,6 +85,17 @@ async def claims(request: web.Request) -> web.Response:
         raise ApiError("invalid_request", f"'status' must be one of {', '.join(ClaimStatus)}.")
     records = await request.config_dict[LEDGER].claims(status=ClaimStatus(raw) if raw else None)
     return web.json_response({"claims": [reports.claim_json(record) for record in records]})
+
+
+@routes.get("/usage")
+async def usage(request: web.Request) -> web.Response:
+    """Every channel's paid requests, newest first, filtered and paged (usage_view.py)."""
+    try:
+        wanted = usage_view.parse_filter(request.query)
+    except usage_view.UsageQueryError as exc:
+        raise ApiError("invalid_request", str(exc)) from None
+    rows = await request.config_dict[LEDGER].usage_page(replace(wanted, limit=wanted.limit + 1))
+    return web.json_response(usage_view.page_json(rows, wanted))
 
 
 def create_admin_app() -> web.Application:

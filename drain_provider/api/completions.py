@@ -21,7 +21,7 @@ from ..openai_format import CompletionRequest, Usage
 from ..relay import StreamRelay
 from ..states import StreamEnding, UsageSource
 from .clients import limit_payment_failures
-from .paid import PaidCall, begin, figures, public_answer
+from .paid import PaidCall, answer_headers, begin, figures, public_answer
 from .state import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ async def _serve_json(call: PaidCall[CompletionRequest]) -> web.StreamResponse:
         else:  # the upstream ignored max_tokens: the answer is cut where the reservation ends
             relayed = _cut_at_budget(answer.data, reported, call)
             charge.finish(StreamEnding.BUDGET, None)
-    headers = {**figures(charge), "X-DRAIN-Channel": charge.channel_id}
+    headers = answer_headers(charge)
     return web.Response(body=relayed, content_type="application/json", headers=headers)
 
 
@@ -106,16 +106,17 @@ async def _serve_stream(request: web.Request, call: PaidCall[CompletionRequest])
         response = await upstream.open_stream(paid.endpoint, body)
         with contextlib.closing(response):  # closing drops the upstream: it stops generating
             await charge.committed()  # before the first byte reaches the client
+            headers = {
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
+            }
+            if charge.paid:
+                headers.update({"X-DRAIN-Channel": str(charge.channel_id), "X-DRAIN-Reserved": str(charge.reserved)})
             relay = StreamRelay(
                 request,
                 response,
-                headers={
-                    "Content-Type": "text/event-stream",
-                    "Cache-Control": "no-cache",
-                    "X-Accel-Buffering": "no",  # nginx and friends: do not hold events back
-                    "X-DRAIN-Channel": charge.channel_id,
-                    "X-DRAIN-Reserved": str(charge.reserved),
-                },
+                headers=headers,
                 meter=charge.meter,
                 client_wants_usage=paid.client_wants_usage,
                 chat=paid.chat,

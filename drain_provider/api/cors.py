@@ -5,7 +5,7 @@ body make it a non-simple request), and lets the page read only the response hea
 `Access-Control-Expose-Headers`: without them a web app sees neither what a request cost nor why
 a payment was refused. So the preflight is answered here, before anything else runs (it carries
 no voucher, is not a refused payment and reads no body), and every answer of an allowed origin
-exposes the X-DRAIN-*, X-Payment-* and Retry-After headers it carries. The headers are added when
+exposes the X-DRAIN-*, X-Payment-*, Retry-After and X-Request-Id headers it carries. The headers are added when
 a response is prepared, not by the middleware: a stream's headers leave before its handler
 returns. `/v1/admin` never answers a browser: its bearer token belongs to the operator's scripts.
 """
@@ -26,7 +26,7 @@ ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = ("Content-Type", "Authorization", "X-DRAIN-Voucher", "X-Request-Id")
 MAX_AGE = "7200"  # seconds a browser may cache a preflight (Chromium's own ceiling)
 EXPOSED_PREFIXES = ("x-drain-", "x-payment-")
-EXPOSED_NAMES = frozenset({"retry-after"})
+EXPOSED_NAMES = frozenset({"retry-after", "x-request-id"})
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _MAX_REQUESTED = 32  # names taken from one preflight's Access-Control-Request-Headers
 

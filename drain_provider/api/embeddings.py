@@ -18,7 +18,7 @@ from ..catalog import Kind, ModelRoute
 from ..openai_format import EmbeddingsRequest
 from ..states import StreamEnding
 from .clients import limit_payment_failures
-from .paid import begin, figures, public_answer
+from .paid import answer_headers, begin, public_answer
 
 routes = web.RouteTableDef()
 
@@ -38,7 +38,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         )
         await charge.committed()
         charge.finish(StreamEnding.DONE, openai_format.reported_usage(answer.data, output=False))
-    headers = {**figures(charge), "X-DRAIN-Channel": charge.channel_id}
+    headers = answer_headers(charge)
     return web.Response(
         body=public_answer(answer.data, answer.body, call), content_type="application/json", headers=headers
     )

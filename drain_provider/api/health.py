@@ -6,7 +6,8 @@
   ledger, and new ones get a clear 503 chain_unavailable until it answers again. 503 with the
   reasons when not ready.
 - /health: ready's status code, plus what is wrong as `alerts` (status "degraded") and the facts
-  behind them: the RPC, the claimer, the gas, the upstream, the books.
+  behind them: the RPC, the claimer, the gas, the upstream, the books, the payment mode (shadow
+  and off are an alert for as long as they are set: nobody should forget them).
 
 Every alert is recomputed from the current state at each request, so it clears as soon as its
 cause is gone (a refilled gas account at the next chain poll, a recovered RPC, a claim that went
@@ -26,8 +27,9 @@ from aiohttp import web
 from .. import __version__
 from ..gas import GasLevel
 from ..reports import money, totals_json
+from ..states import PaymentMode
 from ..upstream import UpstreamHealth
-from .state import CLAIMER, LEDGER, ROUTES, SETTINGS, STOPPING, WATCHER
+from .state import CLAIMER, GATE, LEDGER, ROUTES, SETTINGS, STOPPING, WATCHER
 
 routes = web.RouteTableDef()
 
@@ -109,6 +111,20 @@ def _alerts(app: web.Application, overdue: dict[str, int] | None) -> list[Alert]
         if upstream.health.failing:
             which = "The upstream's" if routes.catalog.derived else f"The upstream {name}'s"
             alerts.append(Alert("upstream_failing", f"{which} last call failed ({upstream.health.last_error})."))
+    mode = app[SETTINGS].payment_mode
+    if mode is PaymentMode.SHADOW:
+        shadowed = sum(app[GATE].shadowed.values())
+        alerts.append(
+            Alert(
+                "payment_not_enforced",
+                f"PAYMENT_MODE=shadow: requests whose payment is refused are served free ({shadowed} since the "
+                "start); set PAYMENT_MODE=enforce to charge them.",
+            )
+        )
+    elif mode is PaymentMode.OFF:
+        alerts.append(
+            Alert("payment_not_enforced", "PAYMENT_MODE=off: every request is served free, no voucher is read.")
+        )
     return alerts
 
 
@@ -199,6 +215,7 @@ async def health(request: web.Request) -> web.Response:
                 for c in settings.contracts
             ],
             "models": len(app[ROUTES].catalog.names),
+            "paymentMode": settings.payment_mode,
         },
         status=503 if reasons else 200,
     )

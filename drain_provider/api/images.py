@@ -15,7 +15,7 @@ from ..catalog import Kind, ModelRoute
 from ..openai_format import ImagesRequest
 from ..states import StreamEnding
 from .clients import limit_payment_failures
-from .paid import begin, figures, public_answer
+from .paid import answer_headers, begin, public_answer
 
 routes = web.RouteTableDef()
 
@@ -36,7 +36,7 @@ async def generate_images(request: web.Request) -> web.StreamResponse:
         )
         await charge.committed()
         charge.finish(StreamEnding.DONE, None)
-    headers = {**figures(charge), "X-DRAIN-Channel": charge.channel_id}
+    headers = answer_headers(charge)
     return web.Response(
         body=public_answer(answer.data, answer.body, call), content_type="application/json", headers=headers
     )

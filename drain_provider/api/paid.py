@@ -88,7 +88,7 @@ async def begin(request: web.Request, kind: Kind, parse: Callable[[dict[str, Any
     return PaidCall(paid, route, upstream, charge, asked)
 
 
-async def _plan(request: web.Request, paid: PaidRequest, voucher: Voucher, body_bytes: int) -> ReservationPlan:
+async def _plan(request: web.Request, paid: PaidRequest, voucher: Voucher | None, body_bytes: int) -> ReservationPlan:
     """The reservation plan, the input counted: what a paid request's counting costs must not
     hold up the event loop, nor be spent on a voucher that cannot pay for it."""
     app = request.app
@@ -101,15 +101,25 @@ async def _plan(request: web.Request, paid: PaidRequest, voucher: Voucher, body_
 
 
 def figures(charge: Charge) -> dict[str, str]:
-    """What the request cost and where the channel stands: headers, or SSE comment lines."""
+    """What the request cost and where the channel stands: headers, or SSE comment lines. None
+    for a request served free (PAYMENT_MODE shadow or off): it has no channel to speak of."""
     settlement = charge.settlement
-    assert settlement is not None
+    if settlement is None:
+        return {}
     return {
         "X-DRAIN-Cost": str(settlement.cost),
         "X-DRAIN-Total": str(settlement.total),
         "X-DRAIN-Remaining": str(settlement.remaining),
         "X-DRAIN-Next-Min": str(charge.next_min),
     }
+
+
+def answer_headers(charge: Charge) -> dict[str, str]:
+    """The headers of a JSON answer: the figures and the channel, for a paid request."""
+    headers = figures(charge)
+    if charge.channel_id is not None:
+        headers["X-DRAIN-Channel"] = charge.channel_id
+    return headers
 
 
 def public_answer(data: dict[str, Any], raw: bytes, call: PaidCall[Any]) -> bytes:

@@ -14,6 +14,7 @@ from ..claimer import Claimer
 from ..closing import Closer
 from ..config import Settings
 from ..ledger import Ledger
+from ..metrics import Metrics
 from ..payments import PaymentGate
 from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
@@ -42,3 +43,5 @@ LIMITER = web.AppKey("limiter", FailureLimiter)
 COUNTING = web.AppKey("counting", ThreadPoolExecutor)
 # Set when the server begins to stop: a request cancelled after that was not left by its client.
 STOPPING = web.AppKey("stopping", asyncio.Event)
+# The app's Prometheus metrics (metrics.py), on its own registry.
+METRICS = web.AppKey("metrics", Metrics)
