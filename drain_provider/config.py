@@ -596,18 +596,6 @@ SETTINGS: tuple[Setting, ...] = (
         default="INFO",
     ),
     Setting(
-        "MODELS_FILE",
-        "models_file",
-        _path,
-        Section.UPSTREAM,
-        "A routing file (TOML, YAML or JSON, by its extension) naming the upstreams (base URL, the "
-        "environment variable holding each one's key) and every model sold: its upstream, its name "
-        "there, aliases, prices, per-request prices (images), pass-through markup. When set, it alone "
-        "says what is sold: UPSTREAM_BASE_URL and PRICING_FILE must be unset, and the `PRICE_<MODEL>_*` "
-        'variables still override its per-token prices. See the README, "Models and upstreams".',
-        default_doc="none: UPSTREAM_BASE_URL, OPENAI_API_KEY and the prices below",
-    ),
-    Setting(
         "LOG_FORMAT",
         "log_format",
         _choice(*LogFormat),
@@ -652,6 +640,18 @@ SETTINGS: tuple[Setting, ...] = (
         Section.UPSTREAM,
         "The base URL of any OpenAI-compatible API (OpenAI, OpenRouter, vLLM, Ollama's /v1, ...).",
         default=OPENAI_BASE_URL,
+    ),
+    Setting(
+        "MODELS_FILE",
+        "models_file",
+        _path,
+        Section.UPSTREAM,
+        "A routing file (TOML, YAML or JSON, by its extension) naming the upstreams (base URL, the "
+        "environment variable holding each one's key) and every model sold: its upstream, its name "
+        "there, aliases, prices, per-request prices (images), pass-through markup. When set, it alone "
+        "says what is sold: UPSTREAM_BASE_URL and PRICING_FILE must be unset, and the `PRICE_<MODEL>_*` "
+        'variables still override its per-token prices. See the README, "Models and upstreams".',
+        default_doc="none: UPSTREAM_BASE_URL, OPENAI_API_KEY and the prices below",
     ),
     Setting(
         "UPSTREAM_TIMEOUT",
