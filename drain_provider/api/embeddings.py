@@ -16,9 +16,8 @@ from aiohttp import web
 from .. import openai_format
 from ..catalog import Kind, ModelRoute
 from ..openai_format import EmbeddingsRequest
-from ..states import StreamEnding
 from .clients import limit_payment_failures
-from .paid import answer_headers, begin, public_answer
+from .paid import begin, serve_json
 
 routes = web.RouteTableDef()
 
@@ -30,15 +29,6 @@ def _parse(body: dict[str, Any], route: ModelRoute, asked: str) -> EmbeddingsReq
 @routes.post("/v1/embeddings")
 @limit_payment_failures
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    call = await begin(request, Kind.EMBEDDINGS, _parse)
-    charge = call.charge
-    async with charge:
-        answer = await call.upstream.post_json(
-            call.request.endpoint, call.request.upstream_body(call.route.upstream_model)
-        )
-        await charge.committed()
-        charge.finish(StreamEnding.DONE, openai_format.reported_usage(answer.data, output=False))
-    headers = answer_headers(charge)
-    return web.Response(
-        body=public_answer(answer.data, answer.body, call), content_type="application/json", headers=headers
+    return await serve_json(
+        await begin(request, Kind.EMBEDDINGS, _parse), lambda data: openai_format.reported_usage(data, output=False)
     )

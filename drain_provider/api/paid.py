@@ -27,9 +27,11 @@ from aiohttp import web
 
 from .. import safejson
 from ..catalog import Kind, ModelRoute
+from ..openai_format import Usage
 from ..payments import Charge
 from ..pricing import ReservationPlan
 from ..protocol import VOUCHER_HEADER, Voucher
+from ..states import StreamEnding
 from ..tokens import TokenCounter
 from ..upstream import Upstream
 from .body import parse_json_object, read_body
@@ -120,6 +122,24 @@ def answer_headers(charge: Charge) -> dict[str, str]:
     if charge.channel_id is not None:
         headers["X-DRAIN-Channel"] = charge.channel_id
     return headers
+
+
+async def serve_json(call: PaidCall[Any], usage_of: Callable[[dict[str, Any]], Usage | None]) -> web.Response:
+    """The whole of a JSON-only endpoint (embeddings, images): the upstream called inside the
+    charge, the charge finished on what `usage_of` reads from the answer (None: the plan's own
+    cost), the answer sent with its figures."""
+    charge = call.charge
+    async with charge:
+        answer = await call.upstream.post_json(
+            call.request.endpoint, call.request.upstream_body(call.route.upstream_model)
+        )
+        await charge.committed()
+        charge.finish(StreamEnding.DONE, usage_of(answer.data))
+    return web.Response(
+        body=public_answer(answer.data, answer.body, call),
+        content_type="application/json",
+        headers=answer_headers(charge),
+    )
 
 
 def public_answer(data: dict[str, Any], raw: bytes, call: PaidCall[Any]) -> bytes:
