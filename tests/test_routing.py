@@ -19,6 +19,7 @@ from drain_provider.api import reload_prices
 from drain_provider.catalog import Catalog, read_catalog
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_STATS, create_demo_upstream
+from drain_provider.states import PaymentMode
 from drain_provider.tokens import TokenCounter
 
 KEYS = {"KEY_ONE": "sk-one-0123456789", "KEY_TWO": "sk-two-0123456789", "KEY_THREE": "sk-three-0123456789"}
@@ -302,3 +303,23 @@ def test_a_bad_models_file_stops_the_start_with_one_line(tmp_path: Path) -> None
     env = {"PROVIDER_PRIVATE_KEY": "0x" + "11" * 32, "CHAIN_ID": "137", "MODELS_FILE": str(path)}
     line = one_line(cli([], env, tmp_path), "MODELS_FILE: upstreams.one.api_key_env")
     assert "NOT_SET_ANYWHERE is not set" in line
+
+
+@pytest.mark.parametrize("mode", [PaymentMode.SHADOW, PaymentMode.OFF])
+async def test_embeddings_and_images_follow_the_payment_mode(
+    provider_factory: ProviderFactory, upstream: Upstream, second: Upstream, tmp_path: Path, mode: PaymentMode
+) -> None:
+    """The rollout modes live in the one paid flow (api/paid.begin): the endpoints beside chat
+    serve a request without a voucher free, and nothing reaches the ledger."""
+    path = catalog_file(tmp_path, upstream, second)
+    catalog: Catalog = read_catalog(path, KEYS)
+    provider = await provider_factory(routing=catalog, prices=catalog.prices, models_file=path, payment_mode=mode)
+    client = provider.client()
+    vectors = await client.embeddings.with_raw_response.create(model="vec", input="hello world")
+    images = await client.images.with_raw_response.generate(model="pic", prompt="a cat", n=2)
+    for raw in (vectors, images):
+        assert raw.http_response.status_code == 200
+        assert "X-DRAIN-Cost" not in raw.headers and "X-DRAIN-Channel" not in raw.headers
+    assert len(images.parse().data or []) == 2 and len(vectors.parse().data[0].embedding) == 8
+    row = await provider.ledger.fetchone("SELECT (SELECT COUNT(*) FROM usage), (SELECT COUNT(*) FROM vouchers)")
+    assert row == (0, 0)
