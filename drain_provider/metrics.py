@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import sys
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Container, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -65,11 +65,12 @@ class Histogram:
 
 
 class Metrics(Collector):
-    """The provider's metrics (see the module docstring). The app's contexts set `gate`,
+    """The provider's metrics (see the module docstring). The app's contexts set `sold`, `gate`,
     `watcher`, `claimer` and `chain` once they exist; until then their series are absent."""
 
-    def __init__(self, sold: Mapping[str, Any], mode: PaymentMode) -> None:
-        self.sold = sold  # the price book: SIGHUP changes it in place
+    def __init__(self, mode: PaymentMode) -> None:
+        # The names sold (api/routing.Routes, whose catalog SIGHUP swaps): a model label is one of them.
+        self.sold: Container[str] = ()
         self.mode = mode
         self.requests: dict[tuple[str, int, str], int] = {}
         self.input_tokens: dict[str, int] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
@@ -29,36 +29,6 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4-turbo": ModelPrice(15000, 45000),
     "gpt-3.5-turbo": ModelPrice(750, 2250),
 }
-
-
-class PriceBook(Mapping[str, ModelPrice]):
-    """The prices a running server charges: a mapping whose contents are replaced whole when the
-    operator reloads them (SIGHUP), so that the code reading prices needs no other handle. A
-    reader holding a view or an iterator keeps the prices it started with, never a mix."""
-
-    def __init__(self, prices: Mapping[str, ModelPrice]) -> None:
-        self._prices = dict(prices)
-
-    def replace(self, prices: Mapping[str, ModelPrice]) -> None:
-        self._prices = dict(prices)
-
-    def __getitem__(self, model: str) -> ModelPrice:
-        return self._prices[model]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._prices)
-
-    def __len__(self) -> int:
-        return len(self._prices)
-
-    def keys(self) -> KeysView[str]:
-        return self._prices.keys()
-
-    def items(self) -> ItemsView[str, ModelPrice]:
-        return self._prices.items()
-
-    def values(self) -> ValuesView[ModelPrice]:
-        return self._prices.values()
 
 
 def cost(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:

@@ -9,7 +9,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -25,7 +24,6 @@ from ..config import ConfigError, Settings, load_catalog
 from ..gas import GasGauge
 from ..metrics import Metrics
 from ..payments import PaymentGate
-from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
 from ..states import PaymentMode
 from ..tokens import TokenCounter
@@ -48,7 +46,6 @@ from .state import (
     LEDGER,
     LIMITER,
     METRICS,
-    PRICES,
     ROUTES,
     SESSION,
     SETTINGS,
@@ -82,9 +79,7 @@ def create_app(
     """Build the provider app. `chain` lets `dev` and the tests pass a client for an embedded
     chain (its connection serves every contract of `settings.contracts`); otherwise the app
     connects to `settings.rpc_url` and owns that connection."""
-    prices = PriceBook(settings.prices)
-    settings = replace(settings, prices=prices)
-    metrics = Metrics(prices, settings.payment_mode)
+    metrics = Metrics(settings.payment_mode)
     # The access log outermost: it sees every answer as sent, the errors made answers inside it
     # included. Then CORS: a preflight is answered before anything else looks at the request.
     middlewares = [access_middleware(settings, metrics), *([cors_preflight] if settings.cors_origins else [])]
@@ -94,7 +89,6 @@ def create_app(
     app.on_response_prepare.append(add_request_id)  # before CORS, which exposes it
     if settings.cors_origins:
         app.on_response_prepare.append(add_cors_headers)
-    app[PRICES] = prices
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[COUNTER] = counter or TokenCounter()
@@ -194,7 +188,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     # upstream: each Upstream sends its own key to its own base URL only.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     app[SESSION] = session
-    app[ROUTES] = Routes(settings.catalog, make_upstreams(session, settings.catalog, settings))
+    app[ROUTES] = app[METRICS].sold = Routes(settings.catalog, make_upstreams(session, settings.catalog, settings))
     probe = asyncio.create_task(_probe_upstreams(app[ROUTES]), name="upstream-probe")
     yield
     probe.cancel()
@@ -318,7 +312,6 @@ async def reload_prices(app: web.Application, env: Mapping[str, str]) -> None:
         return
     await asyncio.to_thread(app[COUNTER].warm_up, catalog.routes)
     app[ROUTES].reload(catalog, app[SESSION], app[SETTINGS])
-    app[PRICES].replace(catalog.prices)
     log.info(
         "prices_reloaded models=%d names=%d upstreams=%d",
         len(catalog.routes),

@@ -68,6 +68,10 @@ class Routes:
     def upstreams(self) -> dict[str, Upstream]:
         return self._state[1]
 
+    def __contains__(self, name: object) -> bool:
+        """Whether `name` is sold (a model or an alias), on any endpoint."""
+        return name in self._state[2]
+
     def find(self, model: Any, kind: Kind) -> tuple[ModelRoute, Upstream]:
         """The route and upstream of the model a request names, for an endpoint of `kind`;
         RequestError (the code and message the client sees) if it is not sold there."""

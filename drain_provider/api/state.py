@@ -16,7 +16,6 @@ from ..config import Settings
 from ..ledger import Ledger
 from ..metrics import Metrics
 from ..payments import PaymentGate
-from ..pricing import PriceBook
 from ..ratelimit import FailureLimiter
 from ..tokens import TokenCounter
 from .routing import Routes
@@ -32,8 +31,6 @@ ROUTES = web.AppKey("routes", Routes)
 # The one HTTP session of every upstream client.
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 COUNTER = web.AppKey("counter", TokenCounter)
-# The same object as SETTINGS' prices (every name sold, per token): SIGHUP replaces it with ROUTES.
-PRICES = web.AppKey("prices", PriceBook)
 CLOCK = web.AppKey("clock", ChainClock)
 CLAIMER = web.AppKey("claimer", Claimer)
 CLOSER = web.AppKey("closer", Closer)
