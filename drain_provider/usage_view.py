@@ -31,7 +31,9 @@ class UsageQueryError(ValueError):
     """A filter that does not parse; the message says which and how, and quotes nothing sent."""
 
 
-def _whole(params: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int | None:
+def whole_param(params: Mapping[str, str], name: str, *, minimum: int, maximum: int) -> int | None:
+    """A whole-number query parameter (or CLI option) within bounds, None when absent; the
+    channel endpoints' paging reads theirs with it too."""
     raw = params.get(name)
     if raw is None:
         return None
@@ -51,14 +53,14 @@ def parse_filter(params: Mapping[str, str]) -> UsageFilter:
     model = params.get("model")
     if model is not None and not 0 < len(model) <= MAX_MODEL_CHARS:
         raise UsageQueryError(f"model must be a model name of 1 to {MAX_MODEL_CHARS} characters.")
-    since = _whole(params, "since", minimum=0, maximum=INT64_MAX)
-    until = _whole(params, "until", minimum=0, maximum=INT64_MAX)
+    since = whole_param(params, "since", minimum=0, maximum=INT64_MAX)
+    until = whole_param(params, "until", minimum=0, maximum=INT64_MAX)
     if since is not None and until is not None and until <= since:
         raise UsageQueryError("until must be after since (unix seconds).")
-    limit = _whole(params, "limit", minimum=1, maximum=MAX_LIMIT)
+    limit = whole_param(params, "limit", minimum=1, maximum=MAX_LIMIT)
     return UsageFilter(
         limit=DEFAULT_LIMIT if limit is None else limit,
-        before=_whole(params, "before", minimum=1, maximum=INT64_MAX),
+        before=whole_param(params, "before", minimum=1, maximum=INT64_MAX),
         channel=None if channel is None else channel.lower(),
         model=model,
         since=since,

@@ -24,6 +24,7 @@ from eth_utils.address import to_checksum_address
 from ..consumer_auth import ConsumerRequestError, SignedRequest, check_signed_request, parse_signed_request
 from ..ledger import ChannelRecord
 from ..payments import PaymentError
+from ..usage_view import UsageQueryError, whole_param
 from .body import parse_json_object, read_body
 from .clients import limit_channel_failures
 from .errors import ApiError
@@ -33,7 +34,6 @@ routes = web.RouteTableDef()
 
 _CHANNEL_ID = re.compile(r"0x[0-9a-fA-F]{64}")
 _CLOSE_FIELDS = frozenset({"channelId", "timestamp", "signature"})
-_DIGITS = re.compile(r"[0-9]{1,19}")
 USAGE_LIMIT = 100
 MAX_USAGE_LIMIT = 500
 NO_STORE = {"Cache-Control": "no-store"}
@@ -157,12 +157,11 @@ async def channel_status(request: web.Request) -> web.Response:
 
 
 def _count(query: Any, name: str, *, default: int | None, maximum: int) -> int | None:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    if not _DIGITS.fullmatch(raw) or not 1 <= int(raw) <= maximum:
-        raise ApiError("invalid_request", f"{name} must be a whole number from 1 to {maximum}.")
-    return int(raw)
+    try:
+        value = whole_param(query, name, minimum=1, maximum=maximum)
+    except UsageQueryError as exc:
+        raise ApiError("invalid_request", str(exc)) from None
+    return default if value is None else value
 
 
 @routes.get("/v1/channels/{channel_id}/usage")
