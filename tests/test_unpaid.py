@@ -150,16 +150,18 @@ async def test_large_inputs_are_counted_off_the_event_loop(
 async def test_a_small_paid_request_does_not_wait_for_a_large_count(
     provider_factory: ProviderFactory, open_channel: ChannelFactory
 ) -> None:
-    """A megabyte of one repeated letter takes tiktoken about half a second to count: a small
-    paid request sent meanwhile is answered before that count is done. (The large request's
-    voucher covers the least its input could count, not what it counts: it is refused once
-    counted, so that the demo upstream, on this test's event loop too, never counts it again.)"""
+    """Two megabytes of one repeated letter take tiktoken about a second to count: a small paid
+    request sent meanwhile is answered before that count is done. (The large request's voucher
+    covers the least its input could count, not what it counts: it is refused once counted, so
+    that the demo upstream, on this test's event loop too, never counts it again.) The count is
+    made long enough that the small request, which waits its turns for the GIL with the counting
+    thread, is done well before it even on a loaded machine."""
     counter = CountingCounter()
-    provider = await provider_factory(counter=counter)
+    provider = await provider_factory(counter=counter, max_body_bytes=3 * 1024 * 1024)
     large, small = await open_channel(provider), await open_channel(provider)
-    slow = chat("x" * 1_000_000)  # 125,007 tokens, at least 7,820
-    large_request = asyncio.create_task(post(provider, slow, large.sign(20_000).header_value()))
-    await wait_for(lambda: counter.spy.encoded_bytes >= 1_000_000)  # the count has begun
+    slow = chat("x" * 2_000_000)  # 250,007 tokens, at least 15,640
+    large_request = asyncio.create_task(post(provider, slow, large.sign(40_000).header_value()))
+    await wait_for(lambda: counter.spy.encoded_bytes >= 2_000_000)  # the count has begun
     await paid_chat(provider.client(), small)
     assert not large_request.done()
     status, headers, _ = await large_request
