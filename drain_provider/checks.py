@@ -81,23 +81,44 @@ def _ledger_problem(path: Path, exc: BaseException) -> str:
 
 
 async def open_ledger(settings: Settings) -> Ledger:
-    """The ledger, open and bound to this chain and contract, or a ConfigError naming
-    DATABASE_PATH: never a traceback, and nothing left running."""
+    """The ledger, open and bound to this chain and contract (`open_unbound_ledger`, then
+    `bind_ledger`), or a ConfigError naming DATABASE_PATH."""
+    ledger = await open_unbound_ledger(settings)
+    try:
+        await bind_ledger(ledger, settings)
+    except BaseException:
+        await ledger.close()
+        raise
+    return ledger
+
+
+async def open_unbound_ledger(settings: Settings) -> Ledger:
+    """The ledger file opened (and migrated), or a ConfigError naming DATABASE_PATH: never a
+    traceback, and nothing left running. A start finds a bad ledger file first, before any
+    slow check; it binds the ledger only once the chain is checked (`bind_ledger`)."""
     ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
     try:
         await ledger.open()
+    except (sqlite3.Error, OSError) as exc:
+        await ledger.close()
+        raise ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}") from None
+    return ledger
+
+
+async def bind_ledger(ledger: Ledger, settings: Settings) -> None:
+    """Bind the ledger to this chain and contract (a new one), or check that it is theirs: a
+    ConfigError naming DATABASE_PATH if not. After `require_chain`, so that a start refused for
+    its chain id or contract never leaves a new ledger bound to the wrong ones."""
+    try:
         await ledger.bind(
             chain_id=settings.chain_id,
             contract=settings.drain_contract,
             served=[contract.address for contract in settings.contracts],
         )
     except LedgerMismatch as exc:
-        await ledger.close()
         raise ConfigError(f"DATABASE_PATH: {exc}") from None
     except (sqlite3.Error, OSError) as exc:
-        await ledger.close()
         raise ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}") from None
-    return ledger
 
 
 def inspect_ledger(settings: Settings) -> Check:

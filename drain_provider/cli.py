@@ -185,19 +185,20 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
 
     from .chain import ChainClient, ChainClock, ChainUnavailable
     from .chainwatch import ChainWatcher
-    from .checks import open_ledger, require_chain
+    from .checks import bind_ledger, open_unbound_ledger, require_chain
     from .claimer import Claimer
     from .reports import claim_json, cycle_report, status_report
     from .states import ClaimStatus
 
     assert settings.rpc_url is not None
-    ledger = await open_ledger(settings)
+    ledger = await open_unbound_ledger(settings)
     primary = settings.contracts[0]
     chain = ChainClient.over_http(settings.rpc_url, primary.address, version=primary.version)
     chains = [chain.for_contract(contract) for contract in settings.contracts]  # each channel on its own
     watcher = ChainWatcher(ledger, chains, ChainClock(), poll_interval=settings.chain_poll_interval)
     try:
         await require_chain(chains, settings)
+        await bind_ledger(ledger, settings)  # once the chain is checked, as the server does
         if not claim:
             report = await status_report(settings, ledger, chain, None, watcher)
             report["pendingClaims"] = [claim_json(r) for r in await ledger.claims(status=ClaimStatus.PENDING)]

@@ -93,7 +93,9 @@ async def test_rpc_down_for_a_new_channel_is_503(
 async def test_a_start_up_error_is_one_line_and_exit_code_2(
     anvil_chain: DevChain, tmp_path: Path, problem: str
 ) -> None:
-    """Whatever fails while starting, after the ledger is open: one line, exit 2, nothing left running."""
+    """Whatever fails while starting: one line, exit 2, nothing left running; and a start refused
+    for its chain or contract has not made a ledger bound to them (the operator's next start,
+    with the setting fixed, would be refused for that ledger)."""
     ledger = tmp_path / "drain.db"
     key = Account.create()
     await anvil_chain.fund(key.address)  # or the first poll logs, rightly, that it has no gas
@@ -137,6 +139,13 @@ async def test_a_start_up_error_is_one_line_and_exit_code_2(
     assert {"chain_id": "CHAIN_ID", "port": "PORT", "ledger": "DATABASE_PATH", "contract": "DRAIN_CONTRACT"}[
         problem
     ] in line
+    if problem in ("chain_id", "contract"):  # fixed, the next command is served by that ledger
+        fixed = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "drain_provider", "status"],
+            env={**env, "CHAIN_ID": "31337", "DRAIN_CONTRACT": anvil_chain.contract}, cwd=tmp_path,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert fixed.returncode == 0, fixed.stderr
     if problem == "contract":  # found at start, not as a 503 "RPC unavailable" on every new channel
         assert "no contract at its address on chain 31337" in line and "0x" + "ab" * 20 not in line.lower()
         assert time.monotonic() - started < 20  # no RPC timeout waited for (mostly Python's start-up, under load)

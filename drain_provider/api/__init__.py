@@ -99,6 +99,7 @@ def create_app(
         _all_or_nothing(
             _ledger_ctx,
             _chain_ctx(chain),
+            _bound_ledger_ctx,
             _upstream_ctx,
             _gate_ctx,
             _watcher_ctx,
@@ -146,11 +147,20 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    ledger = await checks.open_ledger(app[SETTINGS])
-    await ledger.release_abandoned()
+    """The ledger file, opened first (a bad one is found before any slow check); bound to the
+    chain by `_bound_ledger_ctx`, once the chain is checked."""
+    ledger = await checks.open_unbound_ledger(app[SETTINGS])
     app[LEDGER] = ledger
     yield
     await ledger.close()
+
+
+async def _bound_ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """After the chain check: a start refused for its chain id or contract has not bound a new
+    ledger to them. What a crash left reserved is released only in a ledger that is ours."""
+    await checks.bind_ledger(app[LEDGER], app[SETTINGS])
+    await app[LEDGER].release_abandoned()
+    yield
 
 
 def _chain_ctx(given: ChainClient | None) -> Context:
