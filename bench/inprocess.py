@@ -32,7 +32,7 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_MODEL, create_demo_upstream
 from drain_provider.devtools.dev import dev_settings
 from drain_provider.devtools.devchain import DevChain, start_embedded_chain
-from drain_provider.ledger import Ledger, Reservation
+from drain_provider.ledger import Reservation, SQLiteLedger
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 from drain_provider.states import UsageSource, UsageStatus
@@ -104,7 +104,7 @@ async def paid_requests(count: int, *, stream: bool) -> dict[str, float]:
 
 async def ledger_pairs(count: int) -> dict[str, float]:
     plan = ReservationPlan(PRICE, input_tokens=100, wanted_output_tokens=400, min_output_tokens=16)
-    ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
+    ledger = SQLiteLedger(Path(tempfile.mkdtemp()) / "ledger.db")
     await ledger.open()
     channels = [f"0x{i + 1:064x}" for i in range(32)]
     for channel in channels:

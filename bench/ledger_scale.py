@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from drain_provider.ledger import Ledger
+from drain_provider.ledger import SQLiteLedger
 
 from .harness import Rig
 from .overhead import load
@@ -53,7 +53,7 @@ def _fill(path: Path, rows: int) -> None:
 
 
 async def populated_ledger(path: Path, rows: int) -> None:
-    ledger = Ledger(path)  # creates the schema through the real migrations
+    ledger = SQLiteLedger(path)  # creates the schema through the real migrations
     await ledger.open()
     await ledger.close()
     await asyncio.to_thread(_fill, path, rows)

@@ -27,7 +27,7 @@ from .catalog import Catalog, UpstreamSpec
 from .chain import ChainClient, ChainUnavailable
 from .config import ConfigError, Settings
 from .gas import GasGauge, GasLevel, format_gas
-from .ledger import Ledger, LedgerMismatch, shown_address
+from .ledger import Ledger, LedgerMismatch, make_ledger, shown_address
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ async def open_unbound_ledger(settings: Settings) -> Ledger:
     """The ledger file opened (and migrated), or a ConfigError naming DATABASE_PATH: never a
     traceback, and nothing left running. A start finds a bad ledger file first, before any
     slow check; it binds the ledger only once the chain is checked (`bind_ledger`)."""
-    ledger = Ledger(settings.database_path, synchronous=settings.ledger_sync)
+    ledger = make_ledger(settings.database_path, url=settings.database_url, synchronous=settings.ledger_sync)
     try:
         await ledger.open()
     except (sqlite3.Error, OSError) as exc:

@@ -65,6 +65,7 @@ class Settings:
     upstream_timeout: float = 300.0
     max_answer_bytes: int = 8 * 1024 * 1024
     database_path: Path = Path("data/drain.db")
+    database_url: str | None = field(default=None, repr=False)
     ledger_sync: SyncMode = SyncMode.FULL
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
@@ -316,6 +317,17 @@ def _bind_host(name: str, raw: str) -> str:
 
 def _path(name: str, raw: str) -> Path:
     return Path(raw)
+
+
+def _database_url(name: str, raw: str) -> str:
+    try:
+        parsed = urlparse(raw)
+        valid = parsed.scheme in ("postgres", "postgresql") and bool(parsed.hostname or "host=" in parsed.query)
+    except ValueError:
+        raise ConfigError(f"{name}: is not a valid URL") from None
+    if not valid:
+        raise ConfigError(f"{name}: must be a postgresql:// URL with a host (postgresql://user:password@host/db)")
+    return raw
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -707,6 +719,17 @@ SETTINGS: tuple[Setting, ...] = (
         "The SQLite ledger of channels, vouchers, usage and claims; its directory is created if missing.",
         default="data/drain.db",
         aliases=("STORAGE_PATH",),
+    ),
+    Setting(
+        "DATABASE_URL",
+        "database_url",
+        _database_url,
+        Section.LEDGER,
+        "A PostgreSQL ledger instead of the SQLite file (`postgresql://user:password@host:5432/db`): "
+        "several provider instances can then share it behind a load balancer, one of them claiming. "
+        "DATABASE_PATH and LEDGER_SYNC are not used.",
+        default_doc="unset: the SQLite file",
+        secret=True,
     ),
     Setting(
         "LEDGER_SYNC",

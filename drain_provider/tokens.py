@@ -54,6 +54,8 @@ def load_encoding(name: str) -> tiktoken.Encoding:
 
 
 def _load(name: str) -> tiktoken.Encoding:
+    # Logged before the load: a first load downloads, and tiktoken sets no timeout.
+    log.info("tokenizer_loading encoding=%s", name)
     try:
         return tiktoken.get_encoding(name)
     except Exception as exc:  # network, missing cache, unknown name: all end in the fallback

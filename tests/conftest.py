@@ -26,12 +26,14 @@ from helpers import (
     anvil_node,
     make_settings,
 )
+from postgres_server import PostgresServer, running_server
 
 from drain_provider.api import RUNNER_OPTIONS, create_app
 from drain_provider.chain import ChainClient
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.demo_upstream import DEMO_STATS, create_demo_upstream
 from drain_provider.devtools.devchain import DevChain, attach_dev_node, start_embedded_chain
+from drain_provider.ledger import Ledger, make_ledger
 from drain_provider.tokens import TokenCounter
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -47,6 +49,60 @@ async def chain() -> AsyncIterator[DevChain]:
     dev_chain = await start_embedded_chain()
     yield dev_chain
     await dev_chain.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for this test process, started on first use (tests/postgres_server.py)."""
+    with running_server() as server:
+        yield server
+
+
+@pytest.fixture
+def engine(request: pytest.FixtureRequest) -> str:
+    """The ledger engine of this test: `sqlite` unless parametrized. A module whose tests must hold
+    on both engines says `pytestmark = pytest.mark.parametrize("engine", ENGINES, indirect=True)`
+    (helpers.ENGINES): its providers (provider_factory) and ledgers (`new_ledger`) use each in turn."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+async def database_urls(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Makes fresh PostgreSQL databases for this test (dropped at its end)."""
+    made: list[str] = []
+    server: PostgresServer | None = None
+
+    async def make() -> str:
+        nonlocal server
+        server = server or request.getfixturevalue("postgres_server")
+        made.append(await server.create_database())
+        return made[-1]
+
+    yield make
+    for url in made:
+        assert server is not None
+        await server.drop_database(url)
+
+
+@pytest.fixture
+async def new_ledger(
+    engine: str, tmp_path: Path, database_urls: Callable[[], Awaitable[str]]
+) -> AsyncIterator[Callable[[], Awaitable[Ledger]]]:
+    """Opens fresh, empty ledgers of this test's engine (closed at its end)."""
+    opened: list[Ledger] = []
+
+    async def open_() -> Ledger:
+        if engine == "postgresql":
+            ledger: Ledger = make_ledger(tmp_path, url=await database_urls())
+        else:
+            ledger = make_ledger(tmp_path / f"ledger{len(opened)}.db")
+        await ledger.open()
+        opened.append(ledger)
+        return ledger
+
+    yield open_
+    for ledger in opened:
+        await ledger.close()
 
 
 @pytest.fixture
@@ -65,7 +121,12 @@ async def upstream(aiohttp_server: ServerFactory) -> Upstream:
 
 @pytest.fixture
 async def provider_factory(
-    chain: DevChain, upstream: Upstream, aiohttp_server: ServerFactory, tmp_path: Path
+    chain: DevChain,
+    upstream: Upstream,
+    aiohttp_server: ServerFactory,
+    tmp_path: Path,
+    engine: str,
+    database_urls: Callable[[], Awaitable[str]],
 ) -> AsyncIterator[ProviderFactory]:
     started: list[Provider] = []
 
@@ -84,6 +145,8 @@ async def provider_factory(
         dev_chain = on or chain
         if v1:
             overrides.setdefault("contracts", dev_chain.contracts)
+        if engine == "postgresql" and "database_url" not in overrides:
+            overrides["database_url"] = await database_urls()
         settings = make_settings(dev_chain, upstream.url, tmp_path / f"ledger{len(started)}.db", **overrides)
         if fund:  # gas money for claims
             await dev_chain.fund(settings.provider_address)

@@ -173,6 +173,10 @@ ProviderFactory = Callable[..., Awaitable[Provider]]
 ChannelFactory = Callable[..., Awaitable[DrainConsumer]]
 
 
+# The ledger's engines, for `pytest.mark.parametrize("engine", ENGINES, indirect=True)`.
+ENGINES = ("sqlite", "postgresql")
+
+
 def make_settings(chain: DevChain, upstream_url: str, database: Path, **overrides: Any) -> Settings:
     settings = Settings(
         provider_private_key=bytes(Account.create().key),

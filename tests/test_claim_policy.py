@@ -84,7 +84,7 @@ async def test_a_threshold_claim_that_costs_more_gas_than_it_brings_is_held_but_
     assert (await chain.client().get_channel(consumer.channel_id)).claimed == 0  # nothing was sent
     await chain.travel(seconds=3600 - 600 + 60)  # past the cut-off: the final claim goes whatever its gas
     provider.claimer.settings = replace(provider.claimer.settings, claim_retry_seconds=0)
-    await provider.ledger.write(lambda conn: conn.execute("UPDATE channels SET claim_retry_at = NULL"))
+    await provider.ledger.execute("UPDATE channels SET claim_retry_at = NULL")
     (final,) = await provider.claimer.cycle()
     assert final.status == "confirmed" and final.amount >= consumer.charged
 

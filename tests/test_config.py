@@ -348,7 +348,12 @@ HOSTILE_VALUES = [
 
 
 def test_the_secrets_are_the_ones_we_know() -> None:
-    assert {s.name for s in SETTINGS if s.secret} == {"PROVIDER_PRIVATE_KEY", "OPENAI_API_KEY", "ADMIN_TOKEN"}
+    assert {s.name for s in SETTINGS if s.secret} == {
+        "PROVIDER_PRIVATE_KEY",
+        "OPENAI_API_KEY",
+        "ADMIN_TOKEN",
+        "DATABASE_URL",
+    }
     assert URL_SETTINGS.issubset(s.name for s in SETTINGS)
 
 

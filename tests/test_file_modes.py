@@ -12,7 +12,7 @@ from eth_account import Account
 
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.dev import save_dev_consumer
-from drain_provider.ledger import Ledger
+from drain_provider.ledger import SQLiteLedger
 from drain_provider.privatefile import write_private
 from drain_provider.protocol import Domain
 
@@ -24,7 +24,7 @@ def mode(path: Path) -> int:
 async def test_a_new_ledger_is_private_with_its_wal_files(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)  # the usual one, which gives 0644 files and 0755 directories
     try:
-        ledger = Ledger(tmp_path / "ledger" / "drain.db")
+        ledger = SQLiteLedger(tmp_path / "ledger" / "drain.db")
         await ledger.open()
         await ledger.bind(chain_id=1, contract="0x" + "ab" * 20)  # a write: the WAL exists now
         try:
@@ -38,12 +38,12 @@ async def test_a_new_ledger_is_private_with_its_wal_files(tmp_path: Path) -> Non
 
 
 async def test_an_existing_ledger_keeps_working_and_keeps_its_mode(tmp_path: Path) -> None:
-    first = Ledger(tmp_path / "drain.db")
+    first = SQLiteLedger(tmp_path / "drain.db")
     await first.open()
     await first.bind(chain_id=1, contract="0x" + "ab" * 20)
     await first.close()
     os.chmod(tmp_path / "drain.db", 0o640)  # its owner's choice, say for a backup group
-    again = Ledger(tmp_path / "drain.db")
+    again = SQLiteLedger(tmp_path / "drain.db")
     await again.open()
     try:
         await again.bind(chain_id=1, contract="0x" + "ab" * 20)

@@ -32,6 +32,7 @@ from drain_provider.chain import ChainClient
 from drain_provider.devtools.demo_upstream import create_demo_upstream
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.gas import CLAIM_GAS, GasGauge, GasLevel, format_gas
+from drain_provider.ledger import SQLiteLedger
 from drain_provider.protocol import keccak
 
 
@@ -77,7 +78,9 @@ async def test_a_stuck_ledger_is_not_ready_until_it_moves(provider: Provider, mo
     puts it back when it answers again."""
     monkeypatch.setattr(health_module, "LEDGER_TIMEOUT", 0.2)
     stuck = threading.Event()
-    blocker = provider.ledger.write(lambda conn: stuck.wait(10))
+    ledger = provider.ledger
+    assert isinstance(ledger, SQLiteLedger)  # stuck on SQLite's writer thread
+    blocker = ledger.write(lambda conn: stuck.wait(10))
     status, body = await get(provider, "/health/ready")
     assert status == 503 and [r["code"] for r in body["reasons"]] == ["ledger_unavailable"]
     status, body = await get(provider, "/health")

@@ -13,7 +13,7 @@ import pytest
 from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
 
 from drain_provider.devtools.devchain import DevChain
-from drain_provider.ledger import MIGRATIONS, Ledger, Refusal, Reservation
+from drain_provider.ledger import MIGRATIONS, Ledger, Refusal, Reservation, SQLiteLedger
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 from drain_provider.states import UsageStatus
@@ -35,7 +35,7 @@ async def reserve(ledger: Ledger, voucher: Voucher, plan: ReservationPlan = PLAN
 
 
 async def open_ledger(path: Path) -> Ledger:
-    ledger = Ledger(path)
+    ledger = SQLiteLedger(path)
     await ledger.open()
     return ledger
 
@@ -88,7 +88,9 @@ async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
             "CREATE TEMP TRIGGER poison AFTER INSERT ON main.usage BEGIN INSERT INTO child VALUES (NEW.id); END"
         )
 
-    await provider.ledger.write(poison)
+    ledger = provider.ledger
+    assert isinstance(ledger, SQLiteLedger)  # the failing COMMIT is made with SQLite's own means
+    await ledger.write(poison)
     seen = len(upstream.stats.requests)
     for stream in (False, True):
         with pytest.raises(openai.InternalServerError) as caught:
@@ -102,7 +104,7 @@ async def test_a_commit_that_fails_after_the_upstream_call_charges_nothing(
         "SELECT COUNT(*) FROM vouchers WHERE channel_id = ?", (consumer.channel_id,)
     ) == (1,)
 
-    await provider.ledger.write(lambda conn: conn.execute("DROP TRIGGER temp.poison"))
+    await ledger.write(lambda conn: conn.execute("DROP TRIGGER temp.poison"))
     await paid_chat(provider.client(), consumer)
 
 

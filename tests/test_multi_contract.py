@@ -33,7 +33,7 @@ from drain_provider.config import ConfigError
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.dev import dev_settings
 from drain_provider.devtools.devchain import DevChain
-from drain_provider.ledger import MIGRATIONS, Ledger, LedgerMismatch
+from drain_provider.ledger import MIGRATIONS, LedgerMismatch, SQLiteLedger
 from drain_provider.protocol import ChannelState, ContractRef, Domain, sign_voucher
 from drain_provider.states import ChannelStatus, ClaimStatus
 
@@ -206,7 +206,7 @@ async def test_a_ledger_from_before_keeps_its_channels_on_the_bound_contract(
 
 async def test_a_ledger_refuses_to_drop_a_contract_with_earnings_unclaimed(tmp_path: Path) -> None:
     v2, v1 = "0x" + "aB" * 20, "0x" + "Cd" * 20
-    ledger = Ledger(tmp_path / "l.db")
+    ledger = SQLiteLedger(tmp_path / "l.db")
     await ledger.open()
     await ledger.bind(chain_id=80002, contract=v2, served=[v2, v1])
     state = ChannelState("0x" + "11" * 20, "0x" + "22" * 20, 10**6, 0, 2**40)

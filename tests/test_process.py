@@ -191,7 +191,7 @@ def test_a_stop_signal_ends_a_start_up_that_hangs(
         if hangs == "rpc":
             env["RPC_URL"] = black_hole
         served.append(child := Served(env, tmp_path))
-        child.wait_for_line("ledger_open " if hangs == "rpc" else "start_check name=rpc result=warn")
+        child.wait_for_line("ledger_open " if hangs == "rpc" else "tokenizer_loading ")
         time.sleep(0.5)
         took = child.stop(sig)
     assert child.proc.returncode == 0, child.stderr

@@ -159,7 +159,7 @@ async def _bound_ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     """After the chain check: a start refused for its chain id or contract has not bound a new
     ledger to them. What a crash left reserved is released only in a ledger that is ours."""
     await checks.bind_ledger(app[LEDGER], app[SETTINGS])
-    await app[LEDGER].release_abandoned()
+    await app[LEDGER].start_instance()
     yield
 
 

@@ -17,7 +17,6 @@ through), without a restart. No field shows a URL, a key or an upstream's messag
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..gas import GasLevel
+from ..ledger import ENGINE_ERRORS
 from ..reports import money, totals_json
 from ..states import PaymentMode
 from ..upstream import UpstreamHealth
@@ -46,13 +46,12 @@ class Alert:
 
 
 async def _ledger_answers(app: web.Application) -> bool:
-    """A no-op write through the writer thread (an empty transaction: no fsync) and a read."""
+    """A write (on SQLite: an empty transaction through the writer thread, no fsync) and a read."""
     ledger = app[LEDGER]
     try:
         async with asyncio.timeout(LEDGER_TIMEOUT):
-            await ledger.write(lambda conn: None)
-            await ledger.fetchone("SELECT 1")
-    except (sqlite3.Error, OSError, TimeoutError):  # OSError: a writer that could not reopen its file
+            await ledger.ping()
+    except ENGINE_ERRORS:  # (TimeoutError is an OSError)
         return False
     return True
 
@@ -171,7 +170,7 @@ async def health(request: web.Request) -> web.Response:
         try:
             books = totals_json(await app[LEDGER].totals(), watcher.fee_bps)
             overdue = await claimer.overdue()
-        except sqlite3.Error:
+        except ENGINE_ERRORS:
             reasons.append(Alert("ledger_unavailable", "The ledger does not answer: no paid request can be taken."))
     alerts = reasons + _alerts(app, overdue)
     gas = watcher.gas

@@ -25,29 +25,46 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiosqlite
-from eth_utils.address import is_hex_address, to_checksum_address
+from eth_utils.address import to_checksum_address
 
-from .pricing import ReservationPlan
-from .protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
-from .sqlwriter import Writer
-from .states import ChannelStatus, ClaimStatus, CloseKind, SyncMode, UsageSource, UsageStatus
+from ..pricing import ReservationPlan
+from ..protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
+from ..sqlwriter import Writer
+from ..states import ChannelStatus, ClaimStatus, CloseKind, SyncMode, UsageSource, UsageStatus
+from .base import Ledger, new_instance_id
+from .records import (
+    CHANNEL_COLUMNS,
+    CLAIM_COLUMNS,
+    CLOSING_MESSAGE,
+    INT64_MAX,
+    ChannelRecord,
+    ClaimRecord,
+    ClaimTarget,
+    CloseAuthorization,
+    CloseFigures,
+    LedgerMismatch,
+    Refusal,
+    Reservation,
+    Settlement,
+    Totals,
+    UsageFilter,
+    UsageItem,
+    UsageRecord,
+    as_dict,
+    reservation_fit,
+    shown_address,
+    usage_query,
+    voucher_from_row,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-INT64_MAX = 2**63 - 1
-CLOSING_MESSAGE = (
-    "A cooperative close was asked for on this channel: it takes no more vouchers. POST /v1/close-channel "
-    "gives the final amount and the provider's signature for cooperativeClose; open a new channel to continue."
-)
 
-# Numbered migrations: the schema is version len(MIGRATIONS). Never edit one that has shipped;
-# add the next. The status columns hold the values of the enums in states.py.
 MIGRATIONS: list[str] = [
     # 1: the first schema.
     """
@@ -148,311 +165,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE usage ADD COLUMN request_id TEXT;
     """,
+    # 7: one voucher per (channel, nonce) by constraint, as on PostgreSQL; the instance that made
+    # each reservation (one per process; PostgreSQL ledgers are shared by several).
+    """
+    CREATE UNIQUE INDEX vouchers_channel_nonce ON vouchers(channel_id, nonce);
+    ALTER TABLE usage ADD COLUMN instance TEXT;
+    """,
 ]
-
-
-class LedgerMismatch(Exception):
-    """The ledger was made for another chain or contract, or holds earnings on a contract no
-    longer served: its vouchers would be worthless here, or those earnings unclaimed."""
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The ledger refused a voucher; `code` is a protocol error code. A value, not an exception:
-    a refusal inside a group commit must not make the writer run the whole batch again."""
-
-    code: str
-    message: str
-    required: int | None = None  # insufficient_funds: the cumulative amount needed
-    provided: int | None = None
-
-    @classmethod
-    def insufficient(cls, required: int, provided: int) -> Refusal:
-        return Refusal(
-            "insufficient_funds",
-            f"This request needs a voucher for {required} base units (cumulative); the voucher gives {provided}.",
-            required,
-            provided,
-        )
-
-
-@dataclass(frozen=True)
-class ChannelRecord:
-    channel_id: str
-    consumer: str
-    provider: str
-    deposit: int
-    claimed: int  # on chain, at the last sync
-    expiry: int
-    status: ChannelStatus
-    charged: int  # the sum of settled costs
-    reserved: int  # the sum of in-flight reservations
-    last_amount: int  # of the last accepted voucher
-    last_nonce: int
-    synced_at: float  # when the on-chain fields were read
-    fee: int = 0  # the protocol fee taken from what the chain paid us (V2)
-    close_kind: CloseKind | None = None
-    contract: str = ""  # EIP-55: the DrainChannel deployment the channel lives on
-    close_amount: int | None = None  # the final amount of the close authorization we signed
-    close_signature: str | None = None  # its signature, 0x-hex
-
-    @property
-    def unclaimed(self) -> int:
-        """Earned and still claimable (0 once closed: then it is lost)."""
-        return max(self.charged - self.claimed, 0) if self.status is not ChannelStatus.CLOSED else 0
-
-    @property
-    def lost(self) -> int:
-        """Earned, never paid, and no longer claimable: the channel closed first."""
-        return max(self.charged - self.claimed, 0) if self.status is ChannelStatus.CLOSED else 0
-
-    @property
-    def credit_taken(self) -> int:
-        """Claimed beyond what was charged: a claim had to use a voucher above the charge."""
-        return max(self.claimed - self.charged, 0)
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ChannelRecord:
-        return cls(
-            channel_id=row["channel_id"],
-            consumer=row["consumer"],
-            provider=row["provider"],
-            deposit=row["deposit"],
-            claimed=row["claimed"],
-            expiry=row["expiry"],
-            status=ChannelStatus(row["status"]),
-            charged=row["charged"],
-            reserved=row["reserved"],
-            last_amount=row["last_amount"],
-            last_nonce=int(row["last_nonce"]),
-            synced_at=row["synced_at"],
-            fee=row["fee"],
-            close_kind=CloseKind(row["close_kind"]) if row["close_kind"] else None,
-            contract=row["contract"],
-            close_amount=row["close_amount"],
-            close_signature=row["close_signature"],
-        )
-
-
-_CHANNEL_COLUMNS = (
-    "channel_id, consumer, provider, deposit, claimed, expiry, status, charged, reserved, last_amount, last_nonce, "
-    "synced_at, fee, close_kind, contract, close_amount, close_signature"
-)
-
-
-def _as_dict(row: sqlite3.Row) -> dict[str, Any]:
-    return {key: row[key] for key in row.keys()}  # noqa: SIM118 (a Row iterates over its values)
-
-
-def _voucher(row: sqlite3.Row) -> Voucher:
-    """A voucher from a vouchers row (nonce as decimal text, signature as 0x-hex)."""
-    return Voucher(row["channel_id"], row["amount"], int(row["nonce"]), bytes.fromhex(row["signature"][2:]))
-
-
-def reservation_fit(
-    voucher: Voucher, plan: ReservationPlan, *, last_nonce: int, last_amount: int, in_use: int
-) -> tuple[int, int] | Refusal:
-    """What `voucher` may reserve for `plan` on an open channel whose last voucher and charged
-    plus reserved total (`in_use`) are these: (amount, output tokens), or why not. The checks that
-    race (docs/DESIGN.md, rule 1): inside `authorize`'s transaction they decide; outside, on a
-    read (`PaymentGate.precheck`), they can only refuse early what it would refuse."""
-    if voucher.nonce <= last_nonce:
-        return Refusal("invalid_nonce", f"The voucher nonce must be above {last_nonce}, the last accepted nonce.")
-    if voucher.amount < last_amount:
-        return Refusal(
-            "invalid_amount", f"The voucher amount must be at least {last_amount}, the last accepted amount."
-        )
-    fit = plan.fit(voucher.amount - in_use)
-    if fit is None:
-        return Refusal.insufficient(required=in_use + plan.worst_case, provided=voucher.amount)
-    return fit
-
-
-@dataclass(frozen=True)
-class Reservation:
-    usage_id: int
-    channel_id: str
-    amount: int
-    output_tokens: int  # the most output tokens the reservation pays for
-
-
-@dataclass(frozen=True)
-class Settlement:
-    cost: int  # charged for this request
-    total: int  # channel's charged total after it
-    remaining: int  # deposit - total
-    price_cost: int  # what the usage costs at list price (cost is lower if it passed the reservation)
-    last_amount: int = 0  # the channel's last accepted voucher, after it
-    in_flight: int = 0  # the channel's other reservations, after it
-
-    def next_min(self, minimal_cost: int) -> int:
-        """X-DRAIN-Next-Min: the least cumulative amount the next voucher may carry for a request
-        that costs at most `minimal_cost` (amounts never go down; the headroom must cover it)."""
-        return max(self.last_amount, self.total + self.in_flight + minimal_cost)
-
-
-@dataclass(frozen=True)
-class ClaimTarget:
-    """A channel with earnings to claim, and the voucher to claim them with (docs/DESIGN.md,
-    rule 7: the smallest stored voucher that covers the charged total and is above what the
-    chain has)."""
-
-    channel_id: str
-    expiry: int
-    charged: int
-    claimed: int  # on chain, at the last sync
-    reserved: int  # held by requests in flight
-    voucher_id: int
-    voucher: Voucher
-    contract: str = ""  # EIP-55: where the claim is sent
-    closing: bool = False  # a close was asked for: its claim waits for the final window
-
-    @property
-    def unclaimed(self) -> int:
-        return self.charged - self.claimed
-
-
-@dataclass(frozen=True)
-class ClaimRecord:
-    id: int
-    channel_id: str
-    amount: int
-    status: ClaimStatus
-    tx_hash: str | None
-    tx_nonce: int | None
-    raw_tx: str | None
-    error: str | None
-    created_at: float
-    updated_at: float
-    payout: int | None = None  # what the chain paid, from the receipt, once confirmed
-    fee: int | None = None
-
-    @classmethod
-    def pending(cls, claim_id: int, channel_id: str, amount: int) -> ClaimRecord:
-        """A claim just begun: nothing signed or sent yet."""
-        now = time.time()
-        return cls(claim_id, channel_id, amount, ClaimStatus.PENDING, None, None, None, None, now, now)
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> ClaimRecord:
-        return cls(**{**_as_dict(row), "status": ClaimStatus(row["status"])})
-
-
-@dataclass(frozen=True)
-class CloseAuthorization:
-    """The provider-signed CloseAuthorization of a closing channel, as stored (docs/PROTOCOL.md,
-    "Cooperative close"): repeated requests get these same figures."""
-
-    final_amount: int
-    signature: str  # 0x + 65 bytes of hex
-
-
-@dataclass(frozen=True)
-class CloseFigures:
-    """What a closing channel's final amount is decided on, as its transaction reads them."""
-
-    deposit: int
-    charged: int
-    claimed: int  # the ledger's, at the last sync
-    claiming: int  # the amount of a claim of ours still in flight (0: none)
-
-
-@dataclass(frozen=True)
-class UsageItem:
-    """One paid request of a channel, as GET /v1/channels/{id}/usage shows it."""
-
-    id: int
-    created_at: int  # unix seconds
-    endpoint: str
-    model: str
-    status: UsageStatus
-    input_tokens: int
-    output_tokens: int
-    cost: int
-    nonce: int  # of the voucher that paid for it
-    voucher_amount: int
-
-
-@dataclass(frozen=True)
-class UsageFilter:
-    """Which paid requests a usage listing shows (GET /v1/admin/usage, `usage`): newest first,
-    `limit` of them, with ids below `before` (the previous page's last id)."""
-
-    limit: int = 100
-    before: int | None = None
-    channel: str | None = None
-    model: str | None = None
-    since: int | None = None  # unix seconds, started at or after
-    until: int | None = None  # unix seconds, started before
-
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """One row of the usage table, as the operator's listings show it."""
-
-    id: int
-    started_at: float
-    finished_at: float | None
-    channel_id: str
-    endpoint: str
-    model: str
-    status: str
-    input_tokens: int
-    output_tokens: int
-    reserved: int
-    cost: int
-    price_cost: int
-    request_id: str | None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> UsageRecord:
-        return cls(**{name: row[name] for name in _USAGE_FIELDS})
-
-
-_USAGE_FIELDS = tuple(UsageRecord.__dataclass_fields__)
-
-
-def usage_query(wanted: UsageFilter, *, with_request_id: bool = True) -> tuple[str, tuple[Any, ...]]:
-    """The SELECT of a usage listing and its parameters, for the server's reader and for a
-    read-only connection of the CLI alike. `with_request_id` False: a ledger from before
-    migration 6 (the CLI may read one the server has not migrated yet)."""
-    where = ["id < ?"]
-    params: list[Any] = [INT64_MAX if wanted.before is None else wanted.before]
-    for clause, value in (
-        ("channel_id = ?", wanted.channel),
-        ("model = ?", wanted.model),
-        ("started_at >= ?", wanted.since),
-        ("started_at < ?", wanted.until),
-    ):
-        if value is not None:
-            where.append(clause)
-            params.append(value)
-    columns = ", ".join(_USAGE_FIELDS if with_request_id else (*_USAGE_FIELDS[:-1], "NULL AS request_id"))
-    sql = f"SELECT {columns} FROM usage WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?"
-    return sql, (*params, wanted.limit)
-
-
-@dataclass(frozen=True)
-class Totals:
-    """The ledger's sums over all channels, in base units (the words: ChannelRecord)."""
-
-    earned: int  # charged to consumers
-    claimed: int  # paid out by the chain, before the protocol fee
-    fee: int  # the protocol fee taken from those payouts
-    credit_taken: int  # claimed beyond what was charged
-    unclaimed: int  # earned, still claimable
-    lost: int  # earned, unclaimable: the channel closed first
-    reserved: int  # held by requests in flight
-    open_channels: int
-    closing_channels: int
-    closed_channels: int
-    over_reservation_requests: int  # requests whose upstream usage cost more than they had reserved
-    over_reservation_amount: int  # what those requests were not charged beyond their reservation
-
-    @property
-    def received(self) -> int:
-        """What reached the provider's account."""
-        return self.claimed - self.fee
 
 
 def _sync_open(
@@ -470,11 +189,8 @@ def _sync_open(
 
 def _read_channel(conn: sqlite3.Connection, channel_id: str) -> ChannelRecord:
     """A channel as the write transaction sees it (it exists: the caller has just written it)."""
-    row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
+    row = conn.execute(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,)).fetchone()
     return ChannelRecord.from_row(row)
-
-
-_CLAIM_COLUMNS = "id, channel_id, amount, status, tx_hash, tx_nonce, raw_tx, error, created_at, updated_at, payout, fee"
 
 
 def _create_private(path: Path) -> None:
@@ -487,15 +203,15 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def shown_address(address: str | None) -> str | None:
-    """An address as it is printed (EIP-55, as every address we show): the ledger keeps its
-    binding in lower case."""
-    return str(to_checksum_address(address)) if address is not None and is_hex_address(address) else address
+class SQLiteLedger(Ledger):
+    """The embedded ledger: one file, served by one process (the instance methods are simple
+    here: a start releases whatever a previous run left reserved, and this process always leads)."""
 
+    engine = "sqlite"
 
-class Ledger:
     def __init__(self, path: Path | str, *, synchronous: SyncMode = SyncMode.FULL) -> None:
-        self.path = str(path)
+        self.path = self.where = str(path)
+        self.instance_id = new_instance_id()
         self.synchronous = synchronous
         self._writer: Writer | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -616,18 +332,21 @@ class Ledger:
         async with self._reader.execute(sql, params) as cursor:
             return list(await cursor.fetchall())
 
+    async def ping(self) -> None:
+        await self.write(lambda conn: None)
+        await self.fetchone("SELECT 1")
+
+    async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return await self.write(lambda conn: conn.execute(sql, params).rowcount)
+
     async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Any read-only query, rows as plain tuples (reports, health checks, tests)."""
         return [tuple(row) for row in await self._select(sql, params)]
 
-    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
-
     # --- channels -----------------------------------------------------------------------------
 
     async def get_channel(self, channel_id: str) -> ChannelRecord | None:
-        rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+        rows = await self._select(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
         return ChannelRecord.from_row(rows[0]) if rows else None
 
     async def add_channel(
@@ -723,7 +442,7 @@ class Ledger:
                 "UPDATE channels SET status = ?, close_requested_at = ? WHERE channel_id = ? AND status = ?",
                 (ChannelStatus.CLOSING, now, channel_id, ChannelStatus.OPEN),
             )
-            row = conn.execute(f"SELECT {_CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
+            row = conn.execute(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
             found = row.fetchone()
             return None if found is None else ChannelRecord.from_row(found)
 
@@ -849,8 +568,8 @@ class Ledger:
             )
             usage_id = conn.execute(
                 """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
-                                      input_tokens, started_at, request_id)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                      input_tokens, started_at, request_id, instance)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     voucher.channel_id,
                     voucher_id,
@@ -861,6 +580,7 @@ class Ledger:
                     plan.input_tokens,
                     now,
                     request_id,
+                    self.instance_id,
                 ),
             ).lastrowid
             assert usage_id is not None
@@ -927,15 +647,10 @@ class Ledger:
 
         return self.write(settle)
 
-    def release(self, reservation: Reservation, *, error: str) -> asyncio.Future[Settlement]:
-        """End a reservation charging nothing: the request failed before anything billable."""
-        return self.settle(
-            reservation, price_cost=0, input_tokens=0, output_tokens=0, status=UsageStatus.FAILED, error=error[:500]
-        )
-
-    async def release_abandoned(self) -> int:
+    async def start_instance(self) -> int:
         """At start-up: reservations of requests that were in flight when the process died are
-        released (their outcome is unknown, and the consumer is never charged on a guess)."""
+        released (their outcome is unknown, and the consumer is never charged on a guess). One
+        process serves a SQLite ledger, so every reservation found is one of those."""
         now = time.time()
 
         def release(conn: sqlite3.Connection) -> int:
@@ -950,6 +665,21 @@ class Ledger:
         if count:
             log.warning("reservations_released count=%d reason=restart", count)
         return count
+
+    async def heartbeat(self) -> bool:
+        return True
+
+    async def reap_dead_instances(self, older_than: float) -> int:
+        return 0
+
+    async def stop_instance(self) -> None:
+        pass
+
+    async def try_lead(self) -> bool:
+        return True
+
+    async def resign(self) -> None:
+        pass
 
     # --- claims -------------------------------------------------------------------------------
 
@@ -976,7 +706,7 @@ class Ledger:
                 row["claimed"],
                 row["reserved"],
                 row["voucher_id"],
-                _voucher(row),
+                voucher_from_row(row),
                 row["contract"],
                 closing=row["status"] == ChannelStatus.CLOSING,
             )
@@ -1082,7 +812,7 @@ class Ledger:
     async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]:
         where, params = ("WHERE status = ?", (status,)) if status else ("", ())
         rows = await self._select(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+            f"SELECT {CLAIM_COLUMNS} FROM claims {where} ORDER BY id DESC LIMIT ?", (*params, limit)
         )
         return [ClaimRecord.from_row(row) for row in rows]
 
@@ -1117,19 +847,19 @@ class Ledger:
                       COALESCE(SUM(price_cost - cost), 0) AS over_reservation_amount
                FROM usage WHERE price_cost > cost"""
         )
-        return Totals(**_as_dict(channels[0]), **_as_dict(over[0]))
+        return Totals(**as_dict(channels[0]), **as_dict(over[0]))
 
     async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
-        rows = await self._select(f"SELECT {_CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,))
+        rows = await self._select(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,))
         return [ChannelRecord.from_row(row) for row in rows]
 
     async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
         """Each channel with its last accepted voucher."""
-        channel_columns = ", ".join("c." + c for c in _CHANNEL_COLUMNS.split(", "))
+        channel_columns = ", ".join("c." + c for c in CHANNEL_COLUMNS.split(", "))
         rows = await self._select(
             f"""SELECT {channel_columns}, v.amount, v.nonce, v.signature
                 FROM channels c JOIN vouchers v ON v.id = c.last_voucher_id
                 ORDER BY c.created_at DESC LIMIT ?""",
             (limit,),
         )
-        return [(ChannelRecord.from_row(row), _voucher(row)) for row in rows]
+        return [(ChannelRecord.from_row(row), voucher_from_row(row)) for row in rows]
