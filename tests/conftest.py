@@ -26,8 +26,8 @@ from helpers import (
     anvil_node,
     make_settings,
 )
-from postgres_server import PostgresServer, running_server
 
+from bench.postgres_server import PostgresServer, running_server
 from drain_provider.api import RUNNER_OPTIONS, create_app
 from drain_provider.chain import ChainClient
 from drain_provider.consumer import DrainConsumer
@@ -53,7 +53,7 @@ async def chain() -> AsyncIterator[DevChain]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """A real PostgreSQL server for this test process, started on first use (tests/postgres_server.py)."""
+    """A real PostgreSQL server for this test process, started on first use (bench/postgres_server.py)."""
     with running_server() as server:
         yield server
 

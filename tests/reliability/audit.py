@@ -1,5 +1,5 @@
-"""The invariants, counted from the ledger's SQLite file and from the chain, never from what the
-server says about itself. Every figure returned here is a count that must be 0.
+"""The invariants, counted from the ledger (its SQLite file, or its PostgreSQL database) and from
+the chain, never from what the server says about itself. Every figure returned here is a count that must be 0.
 
 - `books`: the ledger against itself (in-flight reservations, charges against usage rows,
   requests charged and released, two accepted vouchers with one nonce, charges above vouchers).
@@ -38,10 +38,10 @@ def books(rig: Rig, *, in_flight_done: bool = True) -> dict[str, int]:
             0
         ][0],
         "requests_per_voucher_above_1": one(
-            "SELECT COUNT(*) FROM (SELECT voucher_id FROM usage GROUP BY voucher_id HAVING COUNT(*) > 1)"
+            "SELECT COUNT(*) FROM (SELECT voucher_id FROM usage GROUP BY voucher_id HAVING COUNT(*) > 1) AS t"
         )[0][0],
         "accepted_vouchers_with_equal_nonce": one(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM vouchers GROUP BY channel_id, nonce HAVING COUNT(*) > 1)"
+            "SELECT COUNT(*) FROM (SELECT 1 FROM vouchers GROUP BY channel_id, nonce HAVING COUNT(*) > 1) AS t"
         )[0][0],
         "channels_charged_above_last_voucher": one("SELECT COUNT(*) FROM channels WHERE charged > last_amount")[0][0],
     }

@@ -3,13 +3,15 @@ and drain-provider as a subprocess (`python -m drain_provider`, its log in a fil
 disk), plus funded channels to it. The provider can be killed with SIGKILL and started again on
 the same port and ledger, or pointed at another upstream or RPC (the fault-injecting ones).
 
-Built on bench/harness.py (processes, ports, channels); the ledger is read here with plain
-sqlite3 on short-lived connections, the way an auditor would, never through the server.
+Built on bench/harness.py (processes, ports, channels); the ledger is read here on short-lived
+connections of its own (sqlite3, or asyncpg when DATABASE_URL is set), the way an auditor would,
+never through the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -24,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from eth_account import Account
 
 from bench.harness import ANVIL, DEMO_PRICES, REPO, Server, free_port, open_channels, start, wait_for_port
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain, attach_dev_node
+from drain_provider.ledger.postgres import dollar_params
 
 
 @dataclass
@@ -104,8 +108,12 @@ class Rig:
 
     # --- reading the ledger ----------------------------------------------------------------------
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """Rows of the ledger file, read on a connection of our own, opened and closed here."""
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Rows of the ledger (read by column name or position), on a connection of our own,
+        opened and closed here; SQL with `?` placeholders, in the dialect both engines speak."""
+        url = self.env.get("DATABASE_URL")
+        if url:
+            return postgres_query(url, sql, params)
         conn = sqlite3.connect(self.ledger_path, timeout=10)
         try:
             conn.row_factory = sqlite3.Row
@@ -120,6 +128,21 @@ class Rig:
         await self.chain.close()
         if not keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def postgres_query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """`Rig.query` on PostgreSQL: asyncpg on an event loop of its own, in a thread (the caller
+    may be inside a running loop, as sqlite3's blocking read is)."""
+
+    async def fetch() -> list[Any]:
+        conn = await asyncpg.connect(url)
+        try:
+            return list(await conn.fetch(dollar_params(sql), *params))
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, fetch()).result()
 
 
 def spawn(args: list[str], log_path: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:

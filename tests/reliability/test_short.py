@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from . import faults, fuzz, kill9, race, report, slow
+from . import faults, fuzz, instances, kill9, race, report, slow
 from .fuzz import deliver_raw
 from .fuzz_inputs import Probe
 from .rig import build
@@ -37,6 +37,17 @@ async def test_race_accepts_no_voucher_twice() -> None:
     result = await race.run(4, channels=4, copies=8)
     assert result["ok"], why(result)
     assert result["figures"]["accepted"] > 0
+
+
+async def test_instances_share_one_postgresql_ledger() -> None:
+    """Three provider processes on one PostgreSQL ledger: racing vouchers round-robin across them,
+    then the claimer's instance killed mid-stream: the others serve, its reservations are
+    released, another instance claims, and every invariant holds."""
+    result = await instances.run(2, instances=3, channels=3, copies=6)
+    assert result["ok"], why(result)
+    figures = result["figures"]
+    assert figures["answered_200_after_kill_by_survivors"] > 0 and figures["first_leader"] == 0
+    assert figures["leader_after_kill"] in (1, 2)
 
 
 async def test_faults_settle_every_request_once() -> None:

@@ -1,5 +1,5 @@
-"""A real PostgreSQL server for the tests: a throwaway cluster on loopback, one per test process,
-and a fresh database per test (`CREATE DATABASE`, fsync off: about 20 ms).
+"""A real PostgreSQL server for the tests and the benchmarks: a throwaway cluster on loopback, one
+per test process, and a fresh database per test (`CREATE DATABASE`, fsync off: about 20 ms).
 
 It runs the server binaries found on PATH or in Debian's /usr/lib/postgresql/<version>/bin
 (.ci/run installs them). PostgreSQL refuses to run as root: as root, the cluster belongs to the
