@@ -52,6 +52,7 @@ class PostgresServer:
 
     admin_url: str
     _stop: list[str] | None = None
+    data: Path | None = None  # the cluster's directory, when it was started here
     _names = itertools.count(1)
 
     def url_for(self, database: str) -> str:
@@ -126,6 +127,7 @@ def running_server() -> Iterator[PostgresServer]:
     server = PostgresServer(
         f"postgresql://drain@127.0.0.1:{port}/postgres",
         _stop=_as_owner(owner, [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"]),
+        data=data,
     )
     try:
         yield server
