@@ -51,7 +51,7 @@ async def reserve(ledger: Ledger, voucher: Voucher, plan: ReservationPlan = PLAN
     return outcome
 
 
-async def open_ledger(path: Path) -> Ledger:
+async def open_ledger(path: Path) -> SQLiteLedger:
     ledger = SQLiteLedger(path)
     await ledger.open()
     return ledger
