@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat
+from helpers import DEMO_PRICE, ENGINES, ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat
 
 from drain_provider.claim_policy import ClaimReason, claim_reason, gas_in_usdc, worth_its_gas
 from drain_provider.devtools.demo_upstream import DEMO_MODEL
@@ -20,6 +20,9 @@ from drain_provider.openai_format import parse_chat
 from drain_provider.pricing import cost
 from drain_provider.protocol import Voucher
 from drain_provider.tokens import TokenCounter
+
+# The tests that drive the app hold alike on both ledger engines.
+both_engines = pytest.mark.parametrize("engine", ENGINES, indirect=True)
 
 EXPIRY = 10_000
 TTL = 600
@@ -71,6 +74,7 @@ def test_a_claim_is_worth_its_gas_only_if_it_brings_more() -> None:
     assert not worth_its_gas(payout=3_050, fee_bps=200, gas_wei=gas_wei, gas_token_price=1_000_000)  # net 2,989
 
 
+@both_engines
 @pytest.mark.rule(8)
 async def test_a_threshold_claim_that_costs_more_gas_than_it_brings_is_held_but_the_final_one_is_not(
     provider: Provider, open_channel: ChannelFactory, chain: DevChain
@@ -89,6 +93,7 @@ async def test_a_threshold_claim_that_costs_more_gas_than_it_brings_is_held_but_
     assert final.status == "confirmed" and final.amount >= consumer.charged
 
 
+@both_engines
 @pytest.mark.rule(8)
 async def test_a_channel_shorter_than_the_cutoff_is_refused_with_the_minimum_duration(
     provider: Provider, open_channel: ChannelFactory
@@ -104,6 +109,7 @@ async def test_a_channel_shorter_than_the_cutoff_is_refused_with_the_minimum_dur
             assert "duration = seconds; at least 601" in await resp.text()
 
 
+@both_engines
 @pytest.mark.rule(7)
 async def test_next_min_lets_a_client_sign_exactly_what_a_request_needs(
     provider: Provider, open_channel: ChannelFactory

@@ -7,10 +7,13 @@ import logging
 from dataclasses import replace
 
 import pytest
-from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat
+from helpers import ENGINES, ChannelFactory, Provider, ProviderFactory, paid_chat, refused_chat
 
 from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
+
+# Money and claims hold alike on both ledger engines.
+pytestmark = pytest.mark.parametrize("engine", ENGINES, indirect=True)
 
 
 async def charged(provider: Provider, consumer: DrainConsumer) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from helpers import (
+    ENGINES,
     FEE_BPS,
     USDC,
     ChannelFactory,
@@ -33,6 +34,9 @@ from drain_provider.consumer import DrainConsumer
 from drain_provider.devtools.devchain import DevChain
 from drain_provider.protocol import Voucher, close_authorization_digest, recover_signer
 from drain_provider.states import ChannelStatus, ClaimStatus
+
+# Money and claims hold alike on both ledger engines.
+pytestmark = pytest.mark.parametrize("engine", ENGINES, indirect=True)
 
 
 async def close(provider: Provider, body: Any) -> tuple[int, Any]:

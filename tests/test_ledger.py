@@ -1,19 +1,33 @@
 """The ledger's guarantees: vouchers are durable before the client gets a byte, every
-reservation ends in exactly one settle or release, and a restart releases what a crash left."""
+reservation ends in exactly one settle or release, and a restart releases what a crash left.
+Tests marked `both_engines` hold on SQLite and PostgreSQL; the others test SQLite's own means
+(its writer thread, its file), and the `postgresql` ones the row locks several instances share."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import openai
 import pytest
-from helpers import ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
+from helpers import ENGINES, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat, wait_for
 
 from drain_provider.devtools.devchain import DevChain
-from drain_provider.ledger import MIGRATIONS, Ledger, Refusal, Reservation, SQLiteLedger
+from drain_provider.ledger import (
+    MIGRATIONS,
+    Ledger,
+    LedgerMismatch,
+    PostgresLedger,
+    Refusal,
+    Reservation,
+    SQLiteLedger,
+    make_ledger,
+)
+from drain_provider.ledger.postgres import MIGRATIONS as PG_MIGRATIONS
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
 from drain_provider.states import UsageStatus
@@ -22,6 +36,9 @@ CHANNEL = "0x" + "cd" * 32
 STATE = ChannelState(consumer="0x" + "11" * 20, provider="0x" + "22" * 20, deposit=1_000_000, claimed=0, expiry=2**40)
 CONTRACT = "0x" + "33" * 20
 PLAN = ReservationPlan(ModelPrice(1000, 2000), input_tokens=100, wanted_output_tokens=400, min_output_tokens=16)
+
+both_engines = pytest.mark.parametrize("engine", ENGINES, indirect=True)
+NewLedger = Callable[[], Awaitable[Ledger]]
 
 
 def voucher(amount: int, nonce: int) -> Voucher:
@@ -34,12 +51,13 @@ async def reserve(ledger: Ledger, voucher: Voucher, plan: ReservationPlan = PLAN
     return outcome
 
 
-async def open_ledger(path: Path) -> Ledger:
+async def open_ledger(path: Path) -> SQLiteLedger:
     ledger = SQLiteLedger(path)
     await ledger.open()
     return ledger
 
 
+@both_engines
 @pytest.mark.rule(4)
 async def test_voucher_is_committed_before_the_client_gets_a_byte(
     provider: Provider, open_channel: ChannelFactory
@@ -56,13 +74,16 @@ async def test_voucher_is_committed_before_the_client_gets_a_byte(
     )
     first = await stream.__anext__()
     assert first.choices
-    # The stream is still running; another connection (another process, after a crash) already
-    # sees the voucher and the reservation.
-    with sqlite3.connect(provider.settings.database_path) as conn:
-        stored = conn.execute("SELECT amount, nonce FROM vouchers WHERE channel_id = ?", (consumer.channel_id,))
-        assert stored.fetchall() == [(consumer.amount, str(consumer.nonce))]
-        reserved = conn.execute("SELECT reserved FROM channels WHERE channel_id = ?", (consumer.channel_id,))
-        assert reserved.fetchone()[0] > 0
+    # The stream is still running; another connection (the ledger's reads have their own; another
+    # process, after a crash) already sees the voucher and the reservation.
+    stored = await provider.ledger.fetchall(
+        "SELECT amount, nonce FROM vouchers WHERE channel_id = ?", (consumer.channel_id,)
+    )
+    assert stored == [(consumer.amount, str(consumer.nonce))]
+    reserved = await provider.ledger.fetchone(
+        "SELECT reserved FROM channels WHERE channel_id = ?", (consumer.channel_id,)
+    )
+    assert reserved is not None and reserved[0] > 0
     async for _ in stream:
         pass
     record = await provider.ledger.get_channel(consumer.channel_id)
@@ -130,8 +151,9 @@ async def test_a_restart_releases_reservations_left_by_a_crash(
     assert "reservations_released count=1" in caplog.text
 
 
-async def test_settle_happens_once(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
+@both_engines
+async def test_settle_happens_once(new_ledger: NewLedger) -> None:
+    ledger = await new_ledger()
     await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     reservation = await reserve(ledger, voucher(50_000, 1))
     first = await ledger.settle(reservation, price_cost=700, input_tokens=100, output_tokens=300, status=UsageStatus.OK)
@@ -140,12 +162,12 @@ async def test_settle_happens_once(tmp_path: Path) -> None:
     assert again.cost == first.cost == 700
     record = await ledger.get_channel(CHANNEL)
     assert record is not None and (record.charged, record.reserved) == (700, 0)
-    await ledger.close()
 
 
+@both_engines
 @pytest.mark.rule(3)
-async def test_charge_is_capped_by_the_reservation(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
+async def test_charge_is_capped_by_the_reservation(new_ledger: NewLedger) -> None:
+    ledger = await new_ledger()
     await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     small = await reserve(ledger, voucher(2_000, 1))
     assert small.amount == PLAN.worst_case == 900
@@ -159,12 +181,12 @@ async def test_charge_is_capped_by_the_reservation(tmp_path: Path) -> None:
     assert row == (900, 5_000, 900)
     record = await ledger.get_channel(CHANNEL)
     assert record is not None and (record.charged, record.reserved) == (900, 0)
-    await ledger.close()
 
 
+@both_engines
 @pytest.mark.rule(2)
-async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> None:
-    ledger = await open_ledger(tmp_path / "l.db")
+async def test_concurrent_reservations_share_the_headroom(new_ledger: NewLedger) -> None:
+    ledger = await new_ledger()
     await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
     first = await reserve(ledger, voucher(1_000, 1))
     assert first.amount == PLAN.worst_case == 900
@@ -173,7 +195,6 @@ async def test_concurrent_reservations_share_the_headroom(tmp_path: Path) -> Non
     assert second.amount <= 300 and second.output_tokens == (300 - 100) * 1000 // 2000
     record = await ledger.get_channel(CHANNEL)
     assert record is not None and record.reserved == first.amount + second.amount
-    await ledger.close()
 
 
 async def test_migrations_run_once(tmp_path: Path) -> None:
@@ -185,6 +206,7 @@ async def test_migrations_run_once(tmp_path: Path) -> None:
         await ledger.close()
 
 
+@both_engines
 @pytest.mark.rule(5)
 async def test_shutdown_mid_request_releases_the_reservation(
     provider: Provider, open_channel: ChannelFactory, upstream: Upstream
@@ -193,15 +215,19 @@ async def test_shutdown_mid_request_releases_the_reservation(
     seen = len(upstream.stats.requests)
     call = asyncio.create_task(paid_chat(provider.client(), consumer, content='!demo {"delay": 3}'))
     await wait_for(lambda: len(upstream.stats.requests) > seen)
-    path = provider.settings.database_path
     await provider.server.close()  # the server stops: the in-flight handler is cancelled
     with pytest.raises(openai.APIConnectionError):
         await call
-    with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT status, cost, error FROM usage").fetchall() == [
+    # The app has closed its ledger: read what it left with a new one (as the next start would).
+    ledger = make_ledger(provider.settings.database_path, url=provider.settings.database_url)
+    await ledger.open()
+    try:
+        assert await ledger.fetchall("SELECT status, cost, error FROM usage") == [
             ("failed", 0, "interrupted by shutdown")
         ]
-        assert conn.execute("SELECT charged, reserved FROM channels").fetchall() == [(0, 0)]
+        assert await ledger.fetchall("SELECT charged, reserved FROM channels") == [(0, 0)]
+    finally:
+        await ledger.close()
 
 
 @pytest.mark.rule(1)
@@ -230,14 +256,111 @@ async def test_a_refused_voucher_does_not_replay_its_batch(tmp_path: Path) -> No
     await ledger.close()
 
 
-async def test_a_ledger_refuses_another_chain_or_contract(tmp_path: Path) -> None:
-    from drain_provider.ledger import LedgerMismatch
-
-    ledger = await open_ledger(tmp_path / "l.db")
+@both_engines
+async def test_a_ledger_refuses_another_chain_or_contract(new_ledger: NewLedger) -> None:
+    ledger = await new_ledger()
     await ledger.bind(chain_id=80002, contract="0x" + "ab" * 20)
     await ledger.bind(chain_id=80002, contract="0x" + "AB" * 20)  # the same, in another case
     with pytest.raises(LedgerMismatch, match="belongs to chain 80002"):
         await ledger.bind(chain_id=137, contract="0x" + "ab" * 20)
     with pytest.raises(LedgerMismatch):
         await ledger.bind(chain_id=80002, contract="0x" + "cd" * 20)
-    await ledger.close()
+
+
+@both_engines
+async def test_a_channel_stores_each_nonce_once_by_constraint(new_ledger: NewLedger) -> None:
+    """Whatever the code does, the schema refuses a second voucher with the same (channel, nonce)."""
+    ledger = await new_ledger()
+    await ledger.add_channel(CHANNEL, STATE, contract=CONTRACT)
+    await reserve(ledger, voucher(50_000, 7))
+    insert = "INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at) VALUES (?, ?, ?, ?, ?)"
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.UniqueViolationError)):
+        await ledger.execute(insert, (CHANNEL, 60_000, "7", "0x00", 0.0))
+    assert await ledger.execute(insert, (CHANNEL, 60_000, "8", "0x00", 0.0)) == 1
+
+
+async def two_instances(database_urls: Callable[[], Awaitable[str]]) -> tuple[PostgresLedger, PostgresLedger]:
+    """Two ledgers on one PostgreSQL database, as two provider instances have (opened at once:
+    the migration lock lets one migrate while the other waits), with the test's channel."""
+    url = await database_urls()
+    first, second = PostgresLedger(url), PostgresLedger(url)
+    await asyncio.gather(first.open(), second.open())
+    await first.add_channel(CHANNEL, STATE, contract=CONTRACT)
+    return first, second
+
+
+@pytest.mark.rule(2)
+async def test_two_instances_never_spend_the_same_headroom(database_urls: Callable[[], Awaitable[str]]) -> None:
+    """PostgreSQL: authorize decides under the channel's row lock. 50 vouchers race from two
+    instances, each covering one worst case (900) and no more: whichever locks the row first
+    is accepted, and every other one then finds the headroom taken (or its nonce passed)."""
+    ledgers = await two_instances(database_urls)
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                ledgers[nonce % 2].authorize(voucher(900 + nonce, nonce), PLAN, endpoint="/chat", model="demo")
+                for nonce in range(1, 51)
+            )
+        )
+        accepted = [o for o in outcomes if isinstance(o, Reservation)]
+        refused = {o.code for o in outcomes if isinstance(o, Refusal)}
+        assert len(accepted) == 1 and accepted[0].amount == PLAN.worst_case
+        assert refused <= {"insufficient_funds", "invalid_nonce"}
+        record = await ledgers[1].get_channel(CHANNEL)
+        assert record is not None and record.reserved == PLAN.worst_case <= record.last_amount
+        assert await ledgers[1].fetchall("SELECT COUNT(*) FROM vouchers") == [(1,)]
+        assert await ledgers[1].fetchall("SELECT COUNT(DISTINCT instance) FROM usage") == [(1,)]
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+
+
+async def test_two_instances_accept_each_nonce_once(database_urls: Callable[[], Awaitable[str]]) -> None:
+    """PostgreSQL: the same 25 vouchers, sent to both instances at once (50 authorizations), with
+    room for all: each is accepted at most once, the channel ends at the highest one accepted, and
+    it holds exactly the reservations that were granted."""
+    ledgers = await two_instances(database_urls)
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                ledger.authorize(voucher(10_000 * nonce, nonce), PLAN, endpoint="/chat", model="demo")
+                for nonce in range(1, 26)
+                for ledger in ledgers
+            )
+        )
+        accepted = [o for o in outcomes if isinstance(o, Reservation)]
+        assert accepted and all(o.code == "invalid_nonce" for o in outcomes if isinstance(o, Refusal))
+        nonces = await ledgers[0].fetchall("SELECT nonce FROM vouchers ORDER BY id")
+        assert len(nonces) == len(accepted) == len(set(nonces))
+        assert [int(n) for (n,) in nonces] == sorted(int(n) for (n,) in nonces)  # accepted in nonce order
+        record = await ledgers[0].get_channel(CHANNEL)
+        assert record is not None
+        assert record.last_nonce == max(int(n) for (n,) in nonces)
+        assert record.reserved == sum(o.amount for o in accepted) <= record.last_amount
+        # Settled from both instances at once: each reservation ends once, the books add up.
+        settled = await asyncio.gather(
+            *(
+                ledger.settle(o, price_cost=500, input_tokens=100, output_tokens=200, status=UsageStatus.OK)
+                for o in accepted
+                for ledger in ledgers
+            )
+        )
+        assert {s.cost for s in settled} == {500}
+        record = await ledgers[1].get_channel(CHANNEL)
+        assert record is not None and (record.charged, record.reserved) == (500 * len(accepted), 0)
+    finally:
+        for ledger in ledgers:
+            await ledger.close()
+
+
+async def test_postgres_migrations_run_once(database_urls: Callable[[], Awaitable[str]]) -> None:
+    ledgers = await two_instances(database_urls)
+    for ledger in ledgers:
+        await ledger.close()
+    again = PostgresLedger(ledgers[0].url)
+    await again.open()
+    try:
+        versions = await again.fetchall("SELECT version FROM schema_migrations ORDER BY version")
+        assert versions == [(version,) for version in range(1, len(PG_MIGRATIONS) + 1)]
+    finally:
+        await again.close()

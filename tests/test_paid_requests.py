@@ -9,12 +9,15 @@ from typing import Any, cast
 
 import openai
 import pytest
-from helpers import DEMO_PRICE, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
+from helpers import DEMO_PRICE, ENGINES, ChannelFactory, Provider, ProviderFactory, Upstream, paid_chat
 
 from drain_provider.api.state import COUNTER
 from drain_provider.devtools.demo_upstream import demo_reply
 from drain_provider.pricing import cost
 from drain_provider.protocol import Voucher
+
+# Money and claims hold alike on both ledger engines.
+pytestmark = pytest.mark.parametrize("engine", ENGINES, indirect=True)
 
 
 async def test_paid_call_returns_completion_and_cost_headers(provider: Provider, open_channel: ChannelFactory) -> None:

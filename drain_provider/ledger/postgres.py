@@ -15,17 +15,51 @@ placeholders, in the dialect both engines share; it is rewritten to `$n` here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from eth_utils.address import to_checksum_address
 
+from ..pricing import ReservationPlan
+from ..protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
+from ..states import ChannelStatus, ClaimStatus, CloseKind, UsageSource, UsageStatus
 from .base import Ledger, new_instance_id
+from .records import (
+    CHANNEL_COLUMNS,
+    CLAIM_COLUMNS,
+    CLOSING_MESSAGE,
+    INT64_MAX,
+    ChannelRecord,
+    ClaimRecord,
+    ClaimTarget,
+    CloseAuthorization,
+    CloseFigures,
+    LedgerMismatch,
+    Refusal,
+    Reservation,
+    Settlement,
+    Totals,
+    UsageFilter,
+    UsageItem,
+    UsageRecord,
+    as_dict,
+    reservation_fit,
+    settle_figures,
+    shown_address,
+    usage_query,
+    voucher_from_row,
+)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Numbered migrations, as on SQLite (never edit one that has shipped; add the next). Version 1
 # is the SQLite schema of its migration 7 in one piece.
@@ -169,6 +203,7 @@ class PostgresLedger(Ledger):
         self.instance_id = new_instance_id()
         self._pool: asyncpg.Pool | None = None
         self._leader: asyncpg.Connection | None = None  # holds LEADER_LOCK while we lead
+        self._writes: set[asyncio.Task[Any]] = set()  # money writes nobody may cancel
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -178,6 +213,8 @@ class PostgresLedger(Ledger):
         log.info("ledger_open engine=postgresql url=%s schema_version=%d", self.where, version)
 
     async def close(self) -> None:
+        if self._writes:  # a money write under way is finished, not cut off
+            await asyncio.gather(*self._writes, return_exceptions=True)
         if self._leader is not None:
             leader, self._leader = self._leader, None
             await leader.close()
@@ -222,3 +259,650 @@ class PostgresLedger(Ledger):
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+
+    async def _one(self, sql: str, *params: Any) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(sql, *params)
+
+    async def _rows(self, sql: str, *params: Any) -> list[asyncpg.Record]:
+        return await self.pool.fetch(sql, *params)
+
+    def _spawn(
+        self, write: Coroutine[Any, Any, T], *, before_commit: asyncio.Future[T] | None = None
+    ) -> asyncio.Future[T]:
+        """Run a money write as a task of its own: it finishes (commits or rolls back) even if the
+        caller stops awaiting the returned future, which only hears the outcome. `before_commit`
+        hears it too (here after the COMMIT: there is no earlier moment worth telling)."""
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[T] = loop.create_future()
+        task = loop.create_task(write)
+        self._writes.add(task)
+
+        def deliver(task: asyncio.Task[T]) -> None:
+            self._writes.discard(task)
+            for future in (before_commit, outcome):
+                if future is None or future.done():
+                    continue
+                if task.cancelled():
+                    future.cancel()
+                elif (error := task.exception()) is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(task.result())
+
+        task.add_done_callback(deliver)
+        return outcome
+
+    async def bind(self, *, chain_id: int, contract: str, served: Sequence[str] = ()) -> None:
+        """As SQLiteLedger.bind: tied to one chain and contract at the first start; the bound
+        contract, and every contract holding unclaimed earnings, must stay served."""
+        served = tuple(served) or (contract,)
+        wanted = {"chain_id": str(chain_id), "contract": contract.lower()}
+        async with self.pool.acquire() as conn, conn.transaction():
+            for key, value in wanted.items():
+                await conn.execute(
+                    "INSERT INTO ledger_meta (key, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", key, value
+                )
+            found = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM ledger_meta")}
+            await conn.execute(
+                "UPDATE channels SET contract = $1 WHERE contract = ''", to_checksum_address(found["contract"])
+            )
+            unclaimed = await conn.fetch(
+                """SELECT contract, COUNT(*), SUM(charged - claimed)::bigint FROM channels
+                   WHERE status != 'closed' AND charged > claimed GROUP BY contract"""
+            )
+        bound = (found.get("chain_id"), found.get("contract"))
+        if bound[0] != wanted["chain_id"] or bound[1] not in {c.lower() for c in served}:
+            raise LedgerMismatch(
+                f"the ledger {self.where} belongs to chain {bound[0]} contract {shown_address(bound[1])}, "
+                f"not chain {chain_id} contract {', '.join(str(shown_address(c)) for c in served)}: "
+                "set DATABASE_URL to another database"
+            )
+        for address, count, amount in unclaimed:
+            if address.lower() not in {c.lower() for c in served}:
+                raise LedgerMismatch(
+                    f"the ledger {self.where} holds {count} open channel(s) with {amount} base units unclaimed on "
+                    f"contract {address}, which is not served: serve it until they are claimed"
+                )
+
+    async def watched_block(self) -> int | None:
+        """The first block whose ChannelClosed events the chain watcher has not read."""
+        value = await self.pool.fetchval("SELECT value FROM ledger_meta WHERE key = 'watched_block'")
+        return None if value is None else int(value)
+
+    async def set_watched_block(self, block: int) -> None:
+        await self.pool.execute(
+            """INSERT INTO ledger_meta (key, value) VALUES ('watched_block', $1)
+               ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
+            str(block),
+        )
+
+    # --- channels -----------------------------------------------------------------------------
+
+    async def get_channel(self, channel_id: str) -> ChannelRecord | None:
+        row = await self._one(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
+        return None if row is None else ChannelRecord.from_row(row)
+
+    @staticmethod
+    async def _sync_open(
+        conn: PoolConnectionProxy[Any], channel_id: str, state: ChannelState, block: int | None, now: float
+    ) -> ChannelRecord:
+        """As on SQLite: the claimed total only grows (a stale read never lowers it)."""
+        await conn.execute(
+            """UPDATE channels SET claimed = GREATEST(claimed, $1), synced_at = $2,
+                                   seen_block = COALESCE($3, seen_block)
+               WHERE channel_id = $4 AND status != 'closed'""",
+            min(state.claimed, INT64_MAX),
+            now,
+            block,
+            channel_id,
+        )
+        return ChannelRecord.from_row(
+            await conn.fetchrow(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
+        )
+
+    async def add_channel(
+        self, channel_id: str, state: ChannelState, *, contract: str, block: int | None = None
+    ) -> ChannelRecord:
+        """Store an open channel seen on chain on `contract`; a second call refreshes it."""
+        assert state.exists
+        now = time.time()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO channels (channel_id, consumer, provider, deposit, claimed, expiry, status,
+                                         synced_at, created_at, seen_block, contract)
+                   VALUES ($1, $2, $3, $4, $5, $6, 'open', $7, $7, $8, $9)
+                   ON CONFLICT (channel_id) DO NOTHING""",
+                channel_id,
+                state.consumer,
+                state.provider,
+                min(state.deposit, INT64_MAX),
+                min(state.claimed, INT64_MAX),
+                min(state.expiry, INT64_MAX),
+                now,
+                block,
+                contract,
+            )
+            return await self._sync_open(conn, channel_id, state, block, now)
+
+    async def record_open(self, channel_id: str, state: ChannelState, *, block: int | None = None) -> ChannelRecord:
+        """The chain still shows the channel open: take its claimed total."""
+        assert state.exists
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self._sync_open(conn, channel_id, state, block, time.time())
+
+    async def book_close(self, channel_id: str, close: ChannelClose | None) -> ChannelRecord | None:
+        """As SQLiteLedger.book_close: closed, with what its ChannelClosed event says was paid."""
+        now = time.time()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT status, deposit FROM channels WHERE channel_id = $1 FOR UPDATE", channel_id
+            )
+            if row is None:
+                return None
+            if row["status"] != ChannelStatus.CLOSED:
+                if close is None:
+                    await conn.execute(
+                        "UPDATE channels SET status = 'closed', close_kind = $1, closed_at = $2 WHERE channel_id = $3",
+                        CloseKind.UNKNOWN,
+                        now,
+                        channel_id,
+                    )
+                else:
+                    await conn.execute(
+                        """UPDATE channels SET status = 'closed', claimed = GREATEST(claimed, $1), fee = fee + $2,
+                                               close_kind = $3, refund = $4, close_tx = $5, closed_at = $6
+                           WHERE channel_id = $7""",
+                        row["deposit"] - close.refund,
+                        close.fee,
+                        CloseKind.COOPERATIVE if close.cooperative else CloseKind.EXPIRED,
+                        close.refund,
+                        close.tx_hash,
+                        now,
+                        channel_id,
+                    )
+            found = await conn.fetchrow(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
+            return ChannelRecord.from_row(found)
+
+    async def seen_block(self, channel_id: str) -> int | None:
+        """The last block at which the chain showed the channel open."""
+        value = await self.pool.fetchval("SELECT seen_block FROM channels WHERE channel_id = $1", channel_id)
+        return None if value is None else int(value)
+
+    async def open_among(self, channel_ids: set[str]) -> dict[str, str]:
+        """Which of `channel_ids` are open (or closing) channels of this ledger, with their contract."""
+        if not channel_ids:
+            return {}
+        rows = await self._rows(
+            "SELECT channel_id, contract FROM channels WHERE status != 'closed' AND channel_id = ANY($1::text[])",
+            list(channel_ids),
+        )
+        return {row["channel_id"]: row["contract"] for row in rows}
+
+    # --- cooperative close --------------------------------------------------------------------
+
+    async def begin_close(self, channel_id: str) -> ChannelRecord | None:
+        """Mark an open channel closing; from this commit on `authorize` refuses its vouchers."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE channels SET status = $1, close_requested_at = $2 WHERE channel_id = $3 AND status = $4",
+                ChannelStatus.CLOSING,
+                time.time(),
+                channel_id,
+                ChannelStatus.OPEN,
+            )
+            row = await conn.fetchrow(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
+            return None if row is None else ChannelRecord.from_row(row)
+
+    def sign_close(
+        self, channel_id: str, sign: Callable[[CloseFigures], CloseAuthorization]
+    ) -> asyncio.Future[CloseAuthorization | None]:
+        """As SQLiteLedger.sign_close, under the channel's row lock."""
+        return self._spawn(self._sign_close(channel_id, sign))
+
+    async def _sign_close(
+        self, channel_id: str, sign: Callable[[CloseFigures], CloseAuthorization]
+    ) -> CloseAuthorization | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT status, deposit, charged, claimed, reserved, close_amount, close_signature
+                   FROM channels WHERE channel_id = $1 FOR UPDATE""",
+                channel_id,
+            )
+            if row is None:
+                return None
+            if row["close_signature"] is not None:
+                return CloseAuthorization(row["close_amount"], row["close_signature"])
+            if row["status"] != ChannelStatus.CLOSING or row["reserved"] != 0:
+                return None
+            claiming = await conn.fetchval(
+                "SELECT COALESCE(MAX(amount), 0) FROM claims WHERE channel_id = $1 AND status = $2",
+                channel_id,
+                ClaimStatus.PENDING,
+            )
+            signed = sign(CloseFigures(row["deposit"], row["charged"], row["claimed"], claiming))
+            await conn.execute(
+                """UPDATE channels SET close_amount = $1, close_signature = $2, close_signed_at = $3
+                   WHERE channel_id = $4""",
+                signed.final_amount,
+                signed.signature,
+                time.time(),
+                channel_id,
+            )
+            return signed
+
+    # --- usage --------------------------------------------------------------------------------
+
+    async def usage(self, channel_id: str, *, limit: int, before: int | None = None) -> list[UsageItem]:
+        """A channel's paid requests, newest first, `limit` of them, with ids below `before`."""
+        rows = await self._rows(
+            """SELECT u.id, u.started_at, u.endpoint, u.model, u.status, u.input_tokens, u.output_tokens, u.cost,
+                      v.nonce, v.amount
+               FROM usage u JOIN vouchers v ON v.id = u.voucher_id
+               WHERE u.channel_id = $1 AND u.id < $2 ORDER BY u.id DESC LIMIT $3""",
+            channel_id,
+            INT64_MAX if before is None else before,
+            limit,
+        )
+        return [
+            UsageItem(
+                id=row["id"],
+                created_at=int(row["started_at"]),
+                endpoint=row["endpoint"],
+                model=row["model"],
+                status=UsageStatus(row["status"]),
+                input_tokens=row["input_tokens"],
+                output_tokens=row["output_tokens"],
+                cost=row["cost"],
+                nonce=int(row["nonce"]),
+                voucher_amount=row["amount"],
+            )
+            for row in rows
+        ]
+
+    async def usage_page(self, wanted: UsageFilter) -> list[UsageRecord]:
+        """Every channel's paid requests, as `wanted` filters them (newest first)."""
+        sql, params = usage_query(wanted)
+        return [UsageRecord.from_row(row) for row in await self._rows(dollar_params(sql), *params)]
+
+    # --- the two money transactions -----------------------------------------------------------
+
+    def authorize(
+        self,
+        voucher: Voucher,
+        plan: ReservationPlan,
+        *,
+        endpoint: str,
+        model: str,
+        request_id: str | None = None,
+        before_commit: asyncio.Future[Reservation | Refusal] | None = None,
+    ) -> asyncio.Future[Reservation | Refusal]:
+        """As SQLiteLedger.authorize, deciding against the channel's row locked (`FOR UPDATE`):
+        another instance's authorize or settle on the same channel waits for this one."""
+        return self._spawn(
+            self._authorize(voucher, plan, endpoint=endpoint, model=model, request_id=request_id),
+            before_commit=before_commit,
+        )
+
+    async def _authorize(
+        self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str, request_id: str | None
+    ) -> Reservation | Refusal:
+        now = time.time()
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    """SELECT status, charged, reserved, last_amount, last_nonce FROM channels
+                       WHERE channel_id = $1 FOR UPDATE""",
+                    voucher.channel_id,
+                )
+                if row is None or row["status"] == ChannelStatus.CLOSED:
+                    return Refusal("channel_not_found", "The channel does not exist on chain or is closed.")
+                if row["status"] == ChannelStatus.CLOSING:
+                    return Refusal("channel_closing", CLOSING_MESSAGE)
+                fit = reservation_fit(
+                    voucher,
+                    plan,
+                    last_nonce=int(row["last_nonce"]),
+                    last_amount=row["last_amount"],
+                    in_use=row["charged"] + row["reserved"],
+                )
+                if isinstance(fit, Refusal):
+                    return fit
+                amount, output_tokens = fit
+                voucher_id = await conn.fetchval(
+                    """INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at)
+                       VALUES ($1, $2, $3, $4, $5) RETURNING id""",
+                    voucher.channel_id,
+                    voucher.amount,
+                    str(voucher.nonce),
+                    voucher.signature_hex,
+                    now,
+                )
+                await conn.execute(
+                    """UPDATE channels SET last_amount = $1, last_nonce = $2, last_voucher_id = $3,
+                                           reserved = reserved + $4
+                       WHERE channel_id = $5""",
+                    voucher.amount,
+                    str(voucher.nonce),
+                    voucher_id,
+                    amount,
+                    voucher.channel_id,
+                )
+                usage_id = await conn.fetchval(
+                    """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
+                                          input_tokens, started_at, request_id, instance)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
+                    voucher.channel_id,
+                    voucher_id,
+                    endpoint,
+                    model,
+                    UsageStatus.RESERVED,
+                    amount,
+                    plan.input_tokens,
+                    now,
+                    request_id,
+                    self.instance_id,
+                )
+                return Reservation(usage_id, voucher.channel_id, amount, output_tokens)
+        except asyncpg.UniqueViolationError:  # (channel, nonce) stored already: the lock makes it rare
+            return Refusal("invalid_nonce", "The voucher nonce was already used on this channel.")
+
+    def settle(
+        self,
+        reservation: Reservation,
+        *,
+        price_cost: int,
+        input_tokens: int,
+        output_tokens: int,
+        status: UsageStatus,
+        usage_source: UsageSource | None = None,
+        error: str | None = None,
+    ) -> asyncio.Future[Settlement]:
+        """As SQLiteLedger.settle (settle_figures decides), under the row locks of the channel,
+        then of the usage row (authorize's order: no deadlock between them). Idempotent."""
+        return self._spawn(
+            self._settle(
+                reservation,
+                price_cost=price_cost,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                status=status,
+                usage_source=usage_source,
+                error=error,
+            )
+        )
+
+    async def _settle(
+        self,
+        reservation: Reservation,
+        *,
+        price_cost: int,
+        input_tokens: int,
+        output_tokens: int,
+        status: UsageStatus,
+        usage_source: UsageSource | None,
+        error: str | None,
+    ) -> Settlement:
+        async with self.pool.acquire() as conn, conn.transaction():
+            channel = await conn.fetchrow(
+                "SELECT deposit, charged, reserved, last_amount FROM channels WHERE channel_id = $1 FOR UPDATE",
+                reservation.channel_id,
+            )
+            usage = await conn.fetchrow(
+                "SELECT status, reserved, cost, price_cost FROM usage WHERE id = $1 AND channel_id = $2 FOR UPDATE",
+                reservation.usage_id,
+                reservation.channel_id,
+            )
+            if channel is None or usage is None:  # its authorization never committed: nothing to undo
+                log.warning("settle_unknown_reservation usage_id=%d", reservation.usage_id)
+                return Settlement(0, 0, 0, 0)
+            deposit, charged = channel["deposit"], channel["charged"]
+            if usage["status"] != UsageStatus.RESERVED:
+                return Settlement(
+                    usage["cost"],
+                    charged,
+                    deposit - charged,
+                    usage["price_cost"],
+                    channel["last_amount"],
+                    channel["reserved"],
+                )
+            own = usage["reserved"]
+            settled, capped = settle_figures(
+                price_cost,
+                own=own,
+                deposit=deposit,
+                charged=charged,
+                reserved=channel["reserved"],
+                last_amount=channel["last_amount"],
+            )
+            if capped:  # (above the reservation, payments.Charge logs it)
+                log.warning(
+                    "charge_capped_by_voucher usage_id=%d price_cost=%d reserved=%d charged=%d",
+                    reservation.usage_id,
+                    price_cost,
+                    own,
+                    settled.cost,
+                )
+            await conn.execute(
+                "UPDATE channels SET charged = charged + $1, reserved = reserved - $2 WHERE channel_id = $3",
+                settled.cost,
+                own,
+                reservation.channel_id,
+            )
+            await conn.execute(
+                """UPDATE usage SET status = $1, input_tokens = $2, output_tokens = $3, usage_source = $4,
+                                    price_cost = $5, cost = $6, error = $7, finished_at = $8
+                   WHERE id = $9""",
+                status,
+                input_tokens,
+                output_tokens,
+                usage_source,
+                price_cost,
+                settled.cost,
+                error,
+                time.time(),
+                reservation.usage_id,
+            )
+            return settled
+
+    # --- claims -------------------------------------------------------------------------------
+
+    async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
+        rows = await self._rows(
+            dollar_params(
+                f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, c.status,
+                           v.id AS voucher_id, v.amount, v.nonce, v.signature,
+                           c.contract
+                    FROM channels c
+                    JOIN vouchers v ON v.id = (
+                        SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
+                                                      AND amount > c.claimed
+                        ORDER BY amount, id LIMIT 1)
+                    WHERE c.status != 'closed' AND c.charged > c.claimed
+                      AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id
+                                                               AND k.status = 'pending')
+                      AND ({where})
+                    ORDER BY c.expiry"""
+            ),
+            *params,
+        )
+        return [
+            ClaimTarget(
+                row["channel_id"],
+                row["expiry"],
+                row["charged"],
+                row["claimed"],
+                row["reserved"],
+                row["voucher_id"],
+                voucher_from_row(row),
+                row["contract"],
+                closing=row["status"] == ChannelStatus.CLOSING,
+            )
+            for row in rows
+        ]
+
+    async def claim_targets(
+        self, *, provider: str, threshold: int, final_after: float, now: float, force: bool = False
+    ) -> list[ClaimTarget]:
+        """As SQLiteLedger.claim_targets."""
+        if force:
+            return await self._claim_targets("c.provider = ?", (provider,))
+        return await self._claim_targets(
+            """c.provider = ? AND (c.charged - c.claimed >= ? OR c.expiry <= ?::double precision)
+               AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)""",
+            (provider, threshold, final_after, now),
+        )
+
+    async def begin_claim(self, target: ClaimTarget, *, final: bool = False) -> int | None:
+        """As SQLiteLedger.begin_claim: None if a claim of the channel is in flight (in any
+        instance: the unique index on pending claims decides), or it is closing and this is not
+        its final claim (read under the channel's row lock, serialised with begin_close)."""
+        now = time.time()
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT status FROM channels WHERE channel_id = $1 FOR UPDATE", target.channel_id)
+            if row is None or row["status"] == ChannelStatus.CLOSED:
+                return None
+            if row["status"] == ChannelStatus.CLOSING and not final:
+                return None
+            claim_id: int | None = await conn.fetchval(
+                """INSERT INTO claims (channel_id, voucher_id, amount, status, created_at, updated_at)
+                   VALUES ($1, $2, $3, $4, $5, $5)
+                   ON CONFLICT (channel_id) WHERE status = 'pending' DO NOTHING RETURNING id""",
+                target.channel_id,
+                target.voucher_id,
+                target.voucher.amount,
+                ClaimStatus.PENDING,
+                now,
+            )
+            return claim_id
+
+    async def record_claim_tx(self, claim_id: int, *, tx_hash: str, tx_nonce: int, raw_tx: bytes) -> None:
+        """Written before the transaction is sent (see SQLiteLedger.record_claim_tx)."""
+        await self.pool.execute(
+            "UPDATE claims SET tx_hash = $1, tx_nonce = $2, raw_tx = $3, updated_at = $4 WHERE id = $5",
+            tx_hash,
+            tx_nonce,
+            "0x" + raw_tx.hex(),
+            time.time(),
+            claim_id,
+        )
+
+    async def finish_claim(
+        self,
+        claim_id: int,
+        *,
+        status: ClaimStatus,
+        error: str | None = None,
+        retry_after: float | None = None,
+        paid: ClaimPaid | None = None,
+    ) -> None:
+        """As SQLiteLedger.finish_claim."""
+        now = time.time()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE claims SET status = $1, error = $2, updated_at = $3, payout = $4, fee = $5 WHERE id = $6",
+                status,
+                error[:500] if error else None,
+                now,
+                paid.payout if paid else None,
+                paid.fee if paid else None,
+                claim_id,
+            )
+            if status is ClaimStatus.CONFIRMED:
+                await conn.execute(
+                    """UPDATE channels SET claim_attempts = 0, claim_retry_at = NULL, fee = fee + $1
+                       WHERE channel_id = (SELECT channel_id FROM claims WHERE id = $2)""",
+                    paid.fee if paid else 0,
+                    claim_id,
+                )
+            else:
+                await conn.execute(
+                    """UPDATE channels SET claim_attempts = claim_attempts + 1, claim_retry_at = $1
+                       WHERE channel_id = (SELECT channel_id FROM claims WHERE id = $2)""",
+                    now + (retry_after or 0),
+                    claim_id,
+                )
+
+    async def claim_attempts(self, channel_id: str) -> int:
+        value = await self.pool.fetchval("SELECT claim_attempts FROM channels WHERE channel_id = $1", channel_id)
+        return int(value) if value is not None else 0
+
+    async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]:
+        if status:
+            rows = await self._rows(
+                f"SELECT {CLAIM_COLUMNS} FROM claims WHERE status = $1 ORDER BY id DESC LIMIT $2", status, limit
+            )
+        else:
+            rows = await self._rows(f"SELECT {CLAIM_COLUMNS} FROM claims ORDER BY id DESC LIMIT $1", limit)
+        return [ClaimRecord.from_row(row) for row in rows]
+
+    # --- reports and upkeep ---------------------------------------------------------------------
+
+    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[tuple[str, str]]:
+        """As SQLiteLedger.channels_to_refresh: (channel id, contract)."""
+        rows = await self._rows(
+            """SELECT channel_id, contract FROM channels
+               WHERE status != 'closed' AND last_amount > claimed AND synced_at < $1
+               ORDER BY synced_at LIMIT $2""",
+            synced_before,
+            limit,
+        )
+        return [(row["channel_id"], row["contract"]) for row in rows]
+
+    async def totals(self) -> Totals:
+        # SUM of BIGINT is NUMERIC in PostgreSQL: cast back, money is an int in Python.
+        channels = await self._one(
+            """SELECT COALESCE(SUM(charged), 0)::bigint AS earned, COALESCE(SUM(claimed), 0)::bigint AS claimed,
+                      COALESCE(SUM(fee), 0)::bigint AS fee,
+                      COALESCE(SUM(GREATEST(claimed - charged, 0)), 0)::bigint AS credit_taken,
+                      COALESCE(SUM(GREATEST(charged - claimed, 0)) FILTER (WHERE status != 'closed'), 0)::bigint
+                          AS unclaimed,
+                      COALESCE(SUM(GREATEST(charged - claimed, 0)) FILTER (WHERE status = 'closed'), 0)::bigint
+                          AS lost,
+                      COALESCE(SUM(reserved), 0)::bigint AS reserved,
+                      COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
+                      COUNT(*) FILTER (WHERE status = 'closing') AS closing_channels,
+                      COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
+               FROM channels"""
+        )
+        over = await self._one(
+            """SELECT COUNT(*) AS over_reservation_requests,
+                      COALESCE(SUM(price_cost - cost), 0)::bigint AS over_reservation_amount
+               FROM usage WHERE price_cost > cost"""
+        )
+        assert channels is not None and over is not None
+        return Totals(**as_dict(channels), **as_dict(over))
+
+    async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
+        rows = await self._rows(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT $1", limit)
+        return [ChannelRecord.from_row(row) for row in rows]
+
+    async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
+        """Each channel with its last accepted voucher."""
+        channel_columns = ", ".join("c." + c for c in CHANNEL_COLUMNS.split(", "))
+        rows = await self._rows(
+            f"""SELECT {channel_columns}, v.amount, v.nonce, v.signature
+                FROM channels c JOIN vouchers v ON v.id = c.last_voucher_id
+                ORDER BY c.created_at DESC LIMIT $1""",
+            limit,
+        )
+        return [(ChannelRecord.from_row(row), voucher_from_row(row)) for row in rows]
+
+    # --- instances (placeholder, replaced by pg_instances.py) ------------------------------------
+
+    async def start_instance(self) -> int:
+        return 0
+
+    async def heartbeat(self) -> bool:
+        return True
+
+    async def reap_dead_instances(self, older_than: float) -> int:
+        return 0
+
+    async def stop_instance(self) -> None:
+        pass
+
+    async def try_lead(self) -> bool:
+        return True
+
+    async def resign(self) -> None:
+        pass

@@ -167,6 +167,21 @@ class Settlement:
         return max(self.last_amount, self.total + self.in_flight + minimal_cost)
 
 
+def settle_figures(
+    price_cost: int, *, own: int, deposit: int, charged: int, reserved: int, last_amount: int
+) -> tuple[Settlement, bool]:
+    """What settling a reservation of `own` for a usage costing `price_cost` charges, on a channel
+    with these figures (`reserved` includes `own`): capped by the reservation (what the request
+    was allowed to cost when its voucher was accepted) and by the last voucher (the charged total
+    never passes it). Also whether the voucher, not the reservation, was the cap (logged)."""
+    in_flight = reserved - own
+    voucher_cap = max(last_amount - charged - in_flight, 0)
+    cost = min(price_cost, own, voucher_cap)
+    total = charged + cost
+    settled = Settlement(cost, total, deposit - total, price_cost, last_amount, in_flight)
+    return settled, cost < min(price_cost, own)
+
+
 @dataclass(frozen=True)
 class ClaimTarget:
     """A channel with earnings to claim, and the voucher to claim them with (docs/DESIGN.md,

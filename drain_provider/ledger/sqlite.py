@@ -56,6 +56,7 @@ from .records import (
     UsageRecord,
     as_dict,
     reservation_fit,
+    settle_figures,
     shown_address,
     usage_query,
     voucher_from_row,
@@ -621,29 +622,43 @@ class SQLiteLedger(Ledger):
                 return Settlement(
                     row["cost"], charged, deposit - charged, row["price_cost"], row["last_amount"], row["reserved"]
                 )
-            voucher_cap = max(row["last_amount"] - charged - (row["reserved"] - row["own"]), 0)
-            cost = min(price_cost, row["own"], voucher_cap)
-            if cost < min(price_cost, row["own"]):  # (above the reservation, payments.Charge logs it)
+            settled, capped = settle_figures(
+                price_cost,
+                own=row["own"],
+                deposit=deposit,
+                charged=charged,
+                reserved=row["reserved"],
+                last_amount=row["last_amount"],
+            )
+            if capped:  # (above the reservation, payments.Charge logs it)
                 log.warning(
                     "charge_capped_by_voucher usage_id=%d price_cost=%d reserved=%d charged=%d",
                     reservation.usage_id,
                     price_cost,
                     row["own"],
-                    cost,
+                    settled.cost,
                 )
             conn.execute(
                 "UPDATE channels SET charged = charged + ?, reserved = reserved - ? WHERE channel_id = ?",
-                (cost, row["own"], reservation.channel_id),
+                (settled.cost, row["own"], reservation.channel_id),
             )
             conn.execute(
                 """UPDATE usage SET status = ?, input_tokens = ?, output_tokens = ?, usage_source = ?,
                                     price_cost = ?, cost = ?, error = ?, finished_at = ?
                    WHERE id = ?""",
-                (status, input_tokens, output_tokens, usage_source, price_cost, cost, error, now, reservation.usage_id),
+                (
+                    status,
+                    input_tokens,
+                    output_tokens,
+                    usage_source,
+                    price_cost,
+                    settled.cost,
+                    error,
+                    now,
+                    reservation.usage_id,
+                ),
             )
-            total = charged + cost
-            in_flight = row["reserved"] - row["own"]
-            return Settlement(cost, total, deposit - total, price_cost, row["last_amount"], in_flight)
+            return settled
 
         return self.write(settle)
 
