@@ -112,7 +112,7 @@ class PostgresInstances(Ledger):
                 try:
                     await asyncio.wait_for(self._leader.fetchval("SELECT 1"), LEADER_CHECK_TIMEOUT)
                     return True
-                except (TimeoutError, *ENGINE_ERRORS) as exc:
+                except Exception as exc:  # (whatever it is, the session cannot be trusted)
                     # The session is gone, and the lock with it: another instance may lead now.
                     self._leader.terminate()
                     self._leader = None
