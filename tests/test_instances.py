@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import pytest
 from helpers import ChannelFactory, Provider, ProviderFactory, paid_chat
 
+from drain_provider.chain import ChainClient
+from drain_provider.claimer import NotLeader
+from drain_provider.devtools.devchain import DevChain
 from drain_provider.instances import beat, keep_alive
 from drain_provider.ledger import Ledger, PostgresLedger, Reservation, SQLiteLedger
 from drain_provider.ledger.postgres import LEADER_LOCK
@@ -85,7 +91,7 @@ async def reserved(ledger: Ledger, channel_id: str) -> int:
 
 
 async def statuses(ledger: Ledger) -> dict[int, str]:
-    return dict(await ledger.fetchall("SELECT id, status FROM usage"))  # type: ignore[arg-type]
+    return dict(await ledger.fetchall("SELECT id, status FROM usage"))
 
 
 async def make_stale(ledger: Ledger, instance_id: str, seconds: float = 1000) -> None:
@@ -266,24 +272,61 @@ async def test_one_instance_claims_and_another_takes_over_when_it_goes(
     assert (await health(leader))["leader"] and not (await health(follower))["leader"]
     assert (await health(follower))["instance"] == follower.ledger.instance_id
 
-    consumer = await open_channel(leader)
-    await paid_chat(leader.client(), consumer)
-    await paid_chat(follower.client(), consumer)  # the same channel, through either instance
+    early, late = await open_channel(leader), await open_channel(leader)
+    await paid_chat(follower.client(), early)  # either instance serves any channel
     status, body = await admin_claim(follower)
     assert status == 409 and body["error"]["code"] == "not_claimer"
-    outcomes = await leader.claimer.cycle(force=True)
-    assert [o.status for o in outcomes] == ["confirmed"]
+    with pytest.raises(NotLeader):
+        await follower.claimer.cycle(force=True)
+    outcomes = await leader.claimer.cycle()  # (below the threshold: nothing)
+    assert outcomes == []
+    leader.claimer.settings = replace(leader.claimer.settings, claim_threshold=1)
+    outcomes = await leader.claimer.cycle()
+    assert [(o.channel_id, o.status) for o in outcomes] == [(early.channel_id, "confirmed")]
+    await paid_chat(leader.client(), late)
 
-    await paid_chat(follower.client(), consumer)
-    await leader.server.close()  # the claimer goes: its leadership with it
+    await leader.server.close()  # the claimer goes, and its leadership with it
 
+    follower.claimer.settings = replace(follower.claimer.settings, claim_threshold=1)
     outcomes = await follower.claimer.cycle(force=True)
-    assert [o.status for o in outcomes] == ["confirmed"]
+    assert [(o.channel_id, o.status) for o in outcomes] == [(late.channel_id, "confirmed")]
     assert (await health(follower))["leader"]
-    claims = await follower.ledger.fetchall("SELECT amount, status FROM claims ORDER BY id")
-    assert [status for _, status in claims] == ["confirmed", "confirmed"] and claims[0][0] < claims[1][0]
-    record = await follower.ledger.get_channel(consumer.channel_id)
-    assert record is not None and record.claimed == record.charged == claims[1][0]
+    claims = await follower.ledger.fetchall("SELECT channel_id, amount FROM claims WHERE status = 'confirmed'")
+    assert sorted(claims) == sorted(set(claims)) and len(claims) == 2  # each claimed once
+    for consumer in (early, late):
+        record = await follower.ledger.get_channel(consumer.channel_id)
+        assert record is not None and (consumer.channel_id, record.claimed) in claims
+    await follower.server.close()
+
+
+async def test_the_claim_command_refuses_while_another_instance_claims(
+    anvil_chain: DevChain, provider_factory: ProviderFactory, database_urls: Callable[[], Awaitable[str]]
+) -> None:
+    needs_money_methods()
+    url = await database_urls()
+    provider = await provider_factory(
+        chain_client=ChainClient.over_http(anvil_chain.rpc_url or "", anvil_chain.contract),
+        on=anvil_chain,
+        database_url=url,
+    )
+    assert await provider.claimer.lead()
+    env = {
+        **os.environ,
+        "PROVIDER_PRIVATE_KEY": "0x" + provider.settings.provider_private_key.hex(),
+        "CHAIN_ID": str(anvil_chain.chain_id),
+        "RPC_URL": anvil_chain.rpc_url or "",
+        "DRAIN_CONTRACT": anvil_chain.contract,
+        "UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1",
+        "DATABASE_URL": url,
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "drain_provider", "claim", "--force", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 2 and out == b""
+    assert "drain-provider: another instance is the claimer\n" in err.decode()
+    await provider.server.close()
 
 
 async def test_an_app_beats_and_stops_cleanly(
