@@ -47,7 +47,7 @@ from .chainwatch import ChainWatcher
 from .claim_policy import ClaimReason, claim_reason, gas_in_usdc, in_final_window, worth_its_gas
 from .config import Settings
 from .gas import GasGauge, GasLevel
-from .ledger import ClaimRecord, ClaimTarget, Ledger
+from .ledger import ENGINE_ERRORS, ClaimRecord, ClaimTarget, Ledger
 from .protocol import ClaimPaid
 from .states import ClaimStatus
 
@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 3600.0
 OVERDUE_CYCLES = 2
+LEAD_RETRY = 5.0  # seconds between a non-leader's tries to become the claimer
+
+
+class NotLeader(Exception):
+    """A claim round asked of an instance that is not the claimer (another one holds the lead)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class Claimer:
         self._next_nonce: int | None = None
         self._in_flight: set[int] = set()  # claim ids this process is working on
         self.outcomes: Counter[ClaimStatus] = Counter()  # of every cycle's claims (metrics)
+        self.leading = False  # this instance is the claimer (always, on SQLite)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -101,15 +107,37 @@ class Claimer:
         return "insufficient_gas_funds" if self.gas.level is GasLevel.EMPTY else None
 
     async def run(self) -> None:
-        """Cycle forever (owned by the app); the first cycle reconciles what a previous run left."""
-        self.started_at = time.time()
+        """Cycle forever while this instance leads (owned by the app). Several instances on one
+        ledger elect one claimer (`Ledger.try_lead`); the others try again every LEAD_RETRY
+        seconds. Each cycle first reconciles the pending claims, those another instance left
+        when it led included (they are read back from the chain by tx hash). With
+        CLAIM_INTERVAL=0 the leader only reconciles, once, and claims when asked."""
+        interval = self.settings.claim_interval
         while True:
-            await self._guarded(self.cycle())
-            await asyncio.sleep(self.settings.claim_interval)
+            was_leading = self.leading
+            if await self.lead():
+                if interval > 0:
+                    await self._guarded(self.cycle())
+                    await asyncio.sleep(interval)
+                    continue
+                if not was_leading:
+                    await self._guarded(self.reconcile())
+            await asyncio.sleep(min(interval, LEAD_RETRY) if interval > 0 else LEAD_RETRY)
 
-    async def recover(self) -> None:
-        """Only reconcile what a previous run left (when automatic claims are off)."""
-        await self._guarded(self.reconcile())
+    async def lead(self) -> bool:
+        """Take or keep the leadership: whether this instance is the claimer now."""
+        try:
+            leading = await self.ledger.try_lead()
+        except (TimeoutError, *ENGINE_ERRORS) as exc:
+            log.warning("claimer_election_failed instance=%s error=%s", self.ledger.instance_id, exc)
+            leading = False
+        if leading and not self.leading:
+            self.started_at = time.time()  # what is overdue is counted from here
+            log.info("claimer_leading instance=%s", self.ledger.instance_id)
+        elif not leading and self.leading:
+            log.warning("claimer_not_leading instance=%s", self.ledger.instance_id)
+        self.leading = leading
+        return leading
 
     async def _guarded(self, work: object) -> None:
         try:
@@ -122,6 +150,9 @@ class Claimer:
             log.exception("claimer_cycle_crashed")
 
     async def cycle(self, *, force: bool = False) -> list[ClaimOutcome]:
+        """One claim round; NotLeader on an instance that is not the claimer."""
+        if not await self.lead():
+            raise NotLeader("another instance is the claimer")
         try:
             await self.clock.sync(self.chain)
             await self.watcher.refresh_stale(synced_before=time.time() - self.settings.claim_interval)
@@ -135,10 +166,15 @@ class Claimer:
 
     async def overdue(self) -> dict[str, int]:
         """The channels whose claim is overdue, with their unclaimed earnings (see the module's
-        docstring). Without automatic claims (CLAIM_INTERVAL=0) only failed claims count."""
+        docstring). Without automatic claims (CLAIM_INTERVAL=0), and on an instance that is not
+        the claimer (the claimer reports its own stalls), only failed claims count."""
         now = time.time()
         interval = self.settings.claim_interval
-        stalled = interval > 0 and (self.last_success_at or self.started_at) < now - OVERDUE_CYCLES * interval
+        stalled = (
+            self.leading
+            and interval > 0
+            and (self.last_success_at or self.started_at) < now - OVERDUE_CYCLES * interval
+        )
         rows = await self.ledger.fetchall(
             """SELECT c.channel_id, c.charged - c.claimed FROM channels c
                WHERE c.provider = ? AND c.status != 'closed' AND c.charged > c.claimed

@@ -180,7 +180,8 @@ def serve(env: dict[str, str]) -> int:
 
 async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> int:
     """`claim` and `status`: the same ledger and chain as the server, without the server. Safe
-    while it runs: claims in flight are one per channel across processes (the ledger decides)."""
+    while it runs: claims in flight are one per channel across processes (the ledger decides).
+    On a PostgreSQL ledger `claim` runs only if no instance is the claimer (exit 2 otherwise)."""
     from eth_account import Account
 
     from .chain import ChainClient, ChainClock, ChainUnavailable
@@ -205,6 +206,9 @@ async def claim_or_status(settings: Settings, *, claim: bool, force: bool) -> in
             print(json.dumps(report, indent=2))
             return 0
         claimer = Claimer(ledger, chain, Account.from_key(settings.provider_private_key), settings, watcher)
+        if not await claimer.lead():  # several instances on one PostgreSQL ledger: one claims
+            print("drain-provider: another instance is the claimer", file=sys.stderr)
+            return 2
         try:
             outcomes = [*await claimer.reconcile(), *await claimer.cycle(force=force)]
         except ChainUnavailable as exc:

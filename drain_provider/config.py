@@ -66,6 +66,7 @@ class Settings:
     max_answer_bytes: int = 8 * 1024 * 1024
     database_path: Path = Path("data/drain.db")
     database_url: str | None = field(default=None, repr=False)
+    instance_timeout: float = 30.0
     ledger_sync: SyncMode = SyncMode.FULL
     prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
     claim_threshold: int = 10_000_000
@@ -730,6 +731,15 @@ SETTINGS: tuple[Setting, ...] = (
         "DATABASE_PATH and LEDGER_SYNC are not used.",
         default_doc="unset: the SQLite file",
         secret=True,
+    ),
+    Setting(
+        "INSTANCE_TIMEOUT",
+        "instance_timeout",
+        _seconds(),
+        Section.LEDGER,
+        "With `DATABASE_URL`: an instance silent this long is dead, and the others release what its "
+        "requests in flight held (they are not charged). Each instance beats every third of it.",
+        default="30",
     ),
     Setting(
         "LEDGER_SYNC",

@@ -182,6 +182,11 @@ class Metrics(Collector):
             for status in ClaimStatus:
                 claims.add_metric([status.value], self.claimer.outcomes.get(status, 0))
             yield claims
+            yield GaugeMetricFamily(
+                "drain_claimer_leader",
+                "1 while this instance is the claimer (always on SQLite; one of those sharing a PostgreSQL ledger).",
+                value=int(self.claimer.leading),
+            )
         gas = None if self.watcher is None else self.watcher.gas
         if gas is not None and gas.balance is not None:
             yield GaugeMetricFamily(

@@ -18,7 +18,7 @@ class UsageStatus(StrEnum):
     BUDGET_STOP = "budget_stop"  # a stream or a JSON answer cut where the reservation ran out
     PARTIAL = "partial"  # the client left, or the upstream broke off: charged what was delivered
     FAILED = "failed"  # nothing billable happened: released, charged nothing
-    ABANDONED = "abandoned"  # in flight when the process died: released at the next start
+    ABANDONED = "abandoned"  # in flight when its instance died: released at a start or by a reaping
 
 
 class UsageSource(StrEnum):

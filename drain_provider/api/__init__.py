@@ -22,6 +22,8 @@ from ..claimer import Claimer
 from ..closing import Closer
 from ..config import ConfigError, Settings, load_catalog
 from ..gas import GasGauge
+from ..instances import keep_alive
+from ..ledger import ENGINE_ERRORS
 from ..metrics import Metrics
 from ..payments import PaymentGate
 from ..ratelimit import FailureLimiter
@@ -100,6 +102,7 @@ def create_app(
             _ledger_ctx,
             _chain_ctx(chain),
             _bound_ledger_ctx,
+            _instance_ctx,
             _upstream_ctx,
             _gate_ctx,
             _watcher_ctx,
@@ -161,6 +164,22 @@ async def _bound_ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await checks.bind_ledger(app[LEDGER], app[SETTINGS])
     await app[LEDGER].start_instance()
     yield
+
+
+async def _instance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The heartbeat of this instance and the reaping of dead ones (instances.py). Its cleanup
+    runs after the requests in flight have finished (aiohttp waits for them before the cleanup
+    contexts): then what this instance still holds is released, and it is marked stopped."""
+    ledger = app[LEDGER]
+    task = asyncio.create_task(keep_alive(ledger, app[SETTINGS].instance_timeout), name="instance-heartbeat")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        await ledger.stop_instance()
+    except ENGINE_ERRORS as exc:  # the others reap it after INSTANCE_TIMEOUT instead
+        log.warning("instance_stop_failed instance=%s error=%s", ledger.instance_id, exc)
 
 
 def _chain_ctx(given: ChainClient | None) -> Context:
@@ -265,10 +284,10 @@ async def _claimer_ctx(app: web.Application) -> AsyncIterator[None]:
     account = Account.from_key(settings.provider_private_key)
     claimer = Claimer(app[LEDGER], app[CHAIN], account, settings, app[WATCHER])
     app[CLAIMER] = app[METRICS].claimer = claimer
+    # Only while this instance is the claimer (one among those sharing a PostgreSQL ledger).
     # CLAIM_INTERVAL=0: no automatic claims (POST /v1/admin/claim or the CLI instead), but what
-    # a previous run left pending is still reconciled at start.
-    work = claimer.run() if settings.claim_interval > 0 else claimer.recover()
-    task = asyncio.create_task(work, name="claimer")
+    # a previous run left pending is still reconciled once this instance leads.
+    task = asyncio.create_task(claimer.run(), name="claimer")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .. import reports, usage_view
 from ..chain import ChainUnavailable
+from ..claimer import NotLeader
 from ..states import ClaimStatus
 from .body import answer_expect_headers
 from .errors import ApiError, Handler
@@ -56,6 +57,8 @@ async def claim(request: web.Request) -> web.Response:
         outcomes = await claimer.cycle(force=force)
     except ChainUnavailable as exc:
         raise ApiError("chain_unavailable", f"The claim cycle could not read the chain: {exc}") from None
+    except NotLeader:
+        raise ApiError("not_claimer") from None
     return web.json_response(reports.cycle_report(outcomes, force=force, alert=claimer.alert))
 
 

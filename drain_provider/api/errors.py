@@ -66,6 +66,9 @@ ERRORS: dict[str, ErrorSpec] = {
     "unauthorized": ErrorSpec(401, "authentication_error", "A valid admin token is required."),
     "admin_disabled": ErrorSpec(403, "permission_error", "The admin API is disabled."),
     "chain_unavailable": ErrorSpec(503, "service_unavailable", "The blockchain RPC is unavailable; try again shortly."),
+    "not_claimer": ErrorSpec(
+        409, "conflict_error", "Another instance sharing the ledger is the claimer: ask it (see /health's leader)."
+    ),
     # Cooperative close and the channel endpoints (channel_not_found is a 404 there).
     "channel_closing": ErrorSpec(402, _PAYMENT, "A cooperative close was asked for: the channel takes no vouchers."),
     "close_not_supported": ErrorSpec(400, _REQUEST, "The channel's contract (V1) has no cooperative close."),

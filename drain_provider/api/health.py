@@ -189,6 +189,8 @@ async def health(request: web.Request) -> web.Response:
                 "lastError": watcher.last_error,
                 "lastErrorAt": watcher.last_error_at,
             },
+            "instance": app[LEDGER].instance_id,
+            "leader": claimer.leading,
             "claimer": {
                 "automatic": settings.claim_interval > 0,
                 "lastCycleAt": claimer.last_cycle_at,

@@ -31,6 +31,7 @@ from ..pricing import ReservationPlan
 from ..protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
 from ..states import ChannelStatus, ClaimStatus, CloseKind, UsageSource, UsageStatus
 from .base import Ledger, new_instance_id
+from .pg_instances import PostgresInstances
 from .records import (
     CHANNEL_COLUMNS,
     CLAIM_COLUMNS,
@@ -193,7 +194,7 @@ def dollar_params(sql: str) -> str:
     return _PLACEHOLDER.sub(number, sql)
 
 
-class PostgresLedger(Ledger):
+class PostgresLedger(PostgresInstances, Ledger):
     engine = "postgresql"
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
@@ -886,23 +887,3 @@ class PostgresLedger(Ledger):
             limit,
         )
         return [(ChannelRecord.from_row(row), voucher_from_row(row)) for row in rows]
-
-    # --- instances (placeholder, replaced by pg_instances.py) ------------------------------------
-
-    async def start_instance(self) -> int:
-        return 0
-
-    async def heartbeat(self) -> bool:
-        return True
-
-    async def reap_dead_instances(self, older_than: float) -> int:
-        return 0
-
-    async def stop_instance(self) -> None:
-        pass
-
-    async def try_lead(self) -> bool:
-        return True
-
-    async def resign(self) -> None:
-        pass
