@@ -45,7 +45,12 @@ async def test_a_refused_login_a_missing_database_and_not_postgresql(
     tmp_path: Path, database_urls: Callable[[], Awaitable[str]]
 ) -> None:
     url = await database_urls()
-    not_postgres = await asyncio.start_server(lambda r, w: w.write(b"HTTP/1.1 400 Bad\r\n\r\n"), "127.0.0.1", 0)
+
+    async def http(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        writer.close()
+
+    not_postgres = await asyncio.start_server(http, "127.0.0.1", 0)
     http_port = not_postgres.sockets[0].getsockname()[1]
     cases = {
         with_login(url, "nobody"): "refuses the login: check the user and password",
