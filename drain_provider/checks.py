@@ -23,11 +23,14 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlparse
 
+import asyncpg
+
 from .catalog import Catalog, UpstreamSpec
 from .chain import ChainClient, ChainUnavailable
 from .config import ConfigError, Settings
 from .gas import GasGauge, GasLevel, format_gas
-from .ledger import Ledger, LedgerMismatch, make_ledger, shown_address
+from .ledger import ENGINE_ERRORS, Ledger, LedgerMismatch, make_ledger, shown_address, shown_url
+from .ledger.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,12 @@ def redact_url(url: str) -> str:
 
 
 # --- the ledger -------------------------------------------------------------------------------
+
+# A PostgreSQL server that does not answer stops the start after this long (seconds).
+LEDGER_CONNECT_TIMEOUT = 10.0
+# What a ledger that cannot be used raises: the engines' errors, a PostgreSQL server that does
+# not answer in time, and a server that is not PostgreSQL at all (asyncpg's protocol errors).
+LEDGER_ERRORS = (*ENGINE_ERRORS, TimeoutError, asyncpg.InternalClientError)
 
 
 def _ledger_problem(path: Path, exc: BaseException) -> str:
@@ -93,22 +102,26 @@ async def open_ledger(settings: Settings) -> Ledger:
 
 
 async def open_unbound_ledger(settings: Settings) -> Ledger:
-    """The ledger file opened (and migrated), or a ConfigError naming DATABASE_PATH: never a
-    traceback, and nothing left running. A start finds a bad ledger file first, before any
-    slow check; it binds the ledger only once the chain is checked (`bind_ledger`)."""
+    """The ledger opened (and migrated), or a ConfigError naming DATABASE_PATH or DATABASE_URL:
+    never a traceback, never a hang on a server that does not answer, and nothing left running.
+    A start finds a bad ledger first, before any slow check; it binds the ledger only once the
+    chain is checked (`bind_ledger`)."""
     ledger = make_ledger(settings.database_path, url=settings.database_url, synchronous=settings.ledger_sync)
     try:
-        await ledger.open()
-    except (sqlite3.Error, OSError) as exc:
+        if settings.database_url:
+            await asyncio.wait_for(ledger.open(), LEDGER_CONNECT_TIMEOUT)
+        else:
+            await ledger.open()
+    except LEDGER_ERRORS as exc:
         await ledger.close()
-        raise ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}") from None
+        raise ledger_error(settings, exc) from None
     return ledger
 
 
 async def bind_ledger(ledger: Ledger, settings: Settings) -> None:
     """Bind the ledger to this chain and contract (a new one), or check that it is theirs: a
-    ConfigError naming DATABASE_PATH if not. After `require_chain`, so that a start refused for
-    its chain id or contract never leaves a new ledger bound to the wrong ones."""
+    ConfigError naming DATABASE_PATH (or DATABASE_URL) if not. After `require_chain`, so that a
+    start refused for its chain id or contract never leaves a new ledger bound to the wrong ones."""
     try:
         await ledger.bind(
             chain_id=settings.chain_id,
@@ -116,13 +129,43 @@ async def bind_ledger(ledger: Ledger, settings: Settings) -> None:
             served=[contract.address for contract in settings.contracts],
         )
     except LedgerMismatch as exc:
-        raise ConfigError(f"DATABASE_PATH: {exc}") from None
-    except (sqlite3.Error, OSError) as exc:
-        raise ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}") from None
+        raise ConfigError(f"{_ledger_setting(settings)}: {exc}") from None
+    except LEDGER_ERRORS as exc:
+        raise ledger_error(settings, exc) from None
+
+
+def _ledger_setting(settings: Settings) -> str:
+    return "DATABASE_URL" if settings.database_url else "DATABASE_PATH"
+
+
+def ledger_error(settings: Settings, exc: BaseException) -> ConfigError:
+    """The one line a ledger that cannot be used stops the start with."""
+    if settings.database_url:
+        return ConfigError(f"DATABASE_URL: {shown_url(settings.database_url)} {postgres_problem(exc)}")
+    return ConfigError(f"DATABASE_PATH: {_ledger_problem(settings.database_path, exc)}")
+
+
+def postgres_problem(exc: BaseException) -> str:
+    """Why a PostgreSQL server did not let us in, in words, without the URL (it holds a password)."""
+    if isinstance(exc, TimeoutError):
+        return f"does not answer (no connection within {LEDGER_CONNECT_TIMEOUT:g} s)"
+    if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+        return "refuses the login: check the user and password"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return "has no such database: create it first (createdb)"
+    if isinstance(exc, asyncpg.PostgresError):
+        return f"refuses ({type(exc).__name__}, SQLSTATE {exc.sqlstate})"
+    if isinstance(exc, ValueError):  # asyncpg's ClientConfigurationError
+        return "is not a valid PostgreSQL URL"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refuses connections: is PostgreSQL running there?"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot be reached ({exc.strerror})"
+    return f"cannot be used: not PostgreSQL, or the connection was lost ({type(exc).__name__})"
 
 
 def inspect_ledger(settings: Settings) -> Check:
-    """`doctor`'s look at the ledger, read-only: it must not create the file, nor bind it to a
+    """`doctor`'s look at the SQLite ledger, read-only: it must not create the file, nor bind it to a
     contract the operator is still fixing."""
     path = settings.database_path
     if not path.exists():
@@ -139,19 +182,71 @@ def inspect_ledger(settings: Settings) -> Check:
     except (sqlite3.Error, OSError) as exc:
         problem = _ledger_problem(path, exc)
         return Check("ledger", Result.FAIL, f"{path} {problem}", "set DATABASE_PATH to the ledger's file")
-    bound = (meta.get("chain_id"), meta.get("contract"))
-    served = {contract.address.lower() for contract in settings.contracts}
-    if bound != (None, None) and (bound[0] != str(settings.chain_id) or bound[1] not in served):
-        return Check(
-            "ledger",
-            Result.FAIL,
-            f"{path} belongs to chain {bound[0]} contract {shown_address(bound[1])}",
-            "set DATABASE_PATH to another file, or CHAIN_ID and DRAIN_CONTRACT to the ledger's",
-        )
+    mismatch = _binding_mismatch(str(path), meta, settings)
+    if mismatch is not None:
+        return mismatch
     if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
         return Check("ledger", Result.FAIL, f"{path} is read-only", "let the server write the file and its directory")
-    where = "not bound yet" if bound == (None, None) else "bound to this chain and contract"
-    return Check("ledger", Result.OK, f"{path}: {where}")
+    return Check("ledger", Result.OK, f"{path}: {_binding(meta)}")
+
+
+def _binding(meta: Mapping[str, str]) -> str:
+    return "bound to this chain and contract" if "chain_id" in meta else "not bound yet"
+
+
+def _binding_mismatch(where: str, meta: Mapping[str, str], settings: Settings) -> Check | None:
+    """A FAIL row if the ledger (its ledger_meta) is bound to another chain or contract."""
+    bound = (meta.get("chain_id"), meta.get("contract"))
+    served = {contract.address.lower() for contract in settings.contracts}
+    if bound == (None, None) or (bound[0] == str(settings.chain_id) and bound[1] in served):
+        return None
+    setting = _ledger_setting(settings)
+    return Check(
+        "ledger",
+        Result.FAIL,
+        f"{where} belongs to chain {bound[0]} contract {shown_address(bound[1])}",
+        f"set {setting} to another ledger, or CHAIN_ID and DRAIN_CONTRACT to the ledger's",
+    )
+
+
+async def check_ledger(settings: Settings) -> Check:
+    """`doctor`'s ledger row, of the engine the settings name."""
+    return await inspect_postgres(settings) if settings.database_url else inspect_ledger(settings)
+
+
+async def inspect_postgres(settings: Settings) -> Check:
+    """`doctor`'s look at a PostgreSQL ledger, in a read-only transaction: the server lets us in,
+    the schema's version is one we know (none yet: the first start creates it), and the ledger
+    is bound to this chain and contract if to any. Creates nothing and binds nothing."""
+    assert settings.database_url is not None
+    where = shown_url(settings.database_url)
+    fix = "set DATABASE_URL to a PostgreSQL database this user may use (postgresql://user:password@host/db)"
+    try:
+        conn = await asyncpg.connect(settings.database_url, timeout=LEDGER_CONNECT_TIMEOUT)
+    except LEDGER_ERRORS as exc:
+        return Check("ledger", Result.FAIL, f"{where} {postgres_problem(exc)}", fix)
+    try:
+        async with conn.transaction(readonly=True):
+            version: int | None = None
+            meta: dict[str, str] = {}
+            if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+                version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            if await conn.fetchval("SELECT to_regclass('ledger_meta') IS NOT NULL"):
+                meta = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM ledger_meta")}
+    except LEDGER_ERRORS as exc:
+        return Check("ledger", Result.FAIL, f"{where} {postgres_problem(exc)}", fix)
+    finally:
+        await conn.close()
+    if version is None:
+        return Check("ledger", Result.OK, f"{where}: no ledger yet: the server creates its schema at its first start")
+    known = len(POSTGRES_MIGRATIONS)
+    if version > known:
+        detail = f"{where}: schema version {version}, newer than this drain-provider knows ({known})"
+        return Check("ledger", Result.FAIL, detail, "run the drain-provider version that wrote it, or a newer one")
+    mismatch = _binding_mismatch(where, meta, settings)
+    if mismatch is not None:
+        return mismatch
+    return Check("ledger", Result.OK, f"{where}: schema version {version}, {_binding(meta)}")
 
 
 # --- the chain --------------------------------------------------------------------------------

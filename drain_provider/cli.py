@@ -1,7 +1,7 @@
 """The command line: `serve` (the default) runs the provider, `dev` runs everything locally,
 `doctor` checks what the provider depends on, `keygen`, `withdraw` and `backup` look after its
-key, its earnings and its ledger, `usage` lists the paid requests, `consumer` pays one (the
-consumer kit's CLI)."""
+key, its earnings and its ledger, `migrate-ledger` moves the ledger to PostgreSQL, `usage` lists
+the paid requests, `consumer` pays one (the consumer kit's CLI)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     withdraw.add_argument("--yes", action="store_true", help="send without asking")
     backup = commands.add_parser("backup", help="copy the ledger to a new file, safe while the server runs")
     backup.add_argument("--out", type=Path, help="default: backup-<UTC time>.db beside DATABASE_PATH")
+    migrate = commands.add_parser(
+        "migrate-ledger", help="copy the SQLite ledger into an empty PostgreSQL database (stop the server first)"
+    )
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user:password@host:5432/db")
+    migrate.add_argument("--from", dest="source", type=Path, help="the SQLite ledger (default: DATABASE_PATH)")
     commands.add_parser("consumer", help="pay a provider: open, status, chat, close (the consumer kit)")
     usage = commands.add_parser("usage", help="the paid requests in the ledger, newest first (read-only)")
     usage.add_argument("--channel", help="one channel's requests (its 0x id)")
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     args = parser.parse_args(argv)
     env = read_environment()
     try:
+        if args.command == "migrate-ledger":
+            from .migrate_ledger import run_migrate
+
+            return run_migrate(args.source or database_path(env), args.to)
         if args.command in ("keygen", "withdraw", "backup"):
             return keys_and_payouts(args, env)
         if args.command == "dev":
@@ -102,7 +111,9 @@ def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
             from .usage_view import FILTERS, run_usage
 
             wanted = {name: getattr(args, name) for name in FILTERS if getattr(args, name) is not None}
-            return run_usage(read_setting("DATABASE_PATH", env), wanted, as_json=args.json)
+            return run_usage(
+                read_setting("DATABASE_PATH", env), wanted, as_json=args.json, url=read_setting("DATABASE_URL", env)
+            )
         if args.command == "doctor":
             from .doctor import run_doctor
 
@@ -132,6 +143,8 @@ def keys_and_payouts(args: argparse.Namespace, env: dict[str, str]) -> int:
     if args.command == "keygen":
         return keygen(args.out, args.password_file, args.new_password_file)
     if args.command == "backup":
+        if read_setting("DATABASE_URL", env):
+            raise BackupError("backup copies the SQLite ledger; with DATABASE_URL, back up with pg_dump (README)", 2)
         return run_backup(database_path(env), args.out)
     from .payout import WithdrawError, run_withdraw
 
@@ -148,13 +161,14 @@ def serve(env: dict[str, str]) -> int:
     settings = load_settings(env)
     setup_logging(settings.log_level, log_format=settings.log_format)
     from .api import create_app, reload_prices
+    from .ledger import shown_url
     from .process import run
     from .server import Listener
     from .server import serve as serve_app
 
     app = create_app(settings)
     log.info(
-        "starting provider=%s chain_id=%d contracts=%s upstream=%s models=%d host=%s port=%d",
+        "starting provider=%s chain_id=%d contracts=%s upstream=%s models=%d ledger=%s ledger_at=%s host=%s port=%d",
         settings.provider_address,
         settings.chain_id,
         ",".join(f"{c.address}:{c.version}" for c in settings.contracts),
@@ -162,6 +176,8 @@ def serve(env: dict[str, str]) -> int:
         if settings.catalog.derived
         else ",".join(f"{name}={spec.base_url}" for name, spec in settings.catalog.upstreams.items()),
         len(settings.catalog.names),
+        "postgresql" if settings.database_url else "sqlite",
+        shown_url(settings.database_url) if settings.database_url else settings.database_path,
         settings.host,
         settings.port,
     )

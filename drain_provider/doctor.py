@@ -13,7 +13,7 @@ import aiohttp
 
 from . import __version__
 from .chain import ChainClient, ChainUnavailable
-from .checks import Check, Result, check_chain, check_upstreams, gas_check, inspect_ledger
+from .checks import Check, Result, check_chain, check_ledger, check_upstreams, gas_check
 from .config import Settings
 from .gas import GasGauge
 from .upstream import Upstream
@@ -31,7 +31,7 @@ async def run_doctor(settings: Settings) -> int:
             + f", {len(settings.prices)} models priced"
             + ("" if settings.catalog.derived else f" ({len(settings.catalog.upstreams)} upstreams, MODELS_FILE)"),
         ),
-        inspect_ledger(settings),
+        await check_ledger(settings),
     ]
     rows += await _chain_rows(settings)
     async with aiohttp.ClientSession() as session:

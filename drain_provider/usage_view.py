@@ -1,13 +1,15 @@
 """The usage ledger for the operator: GET /v1/admin/usage and `python -m drain_provider usage`.
 
 One parser of the filters (query parameters and command-line options are the same words), one
-JSON shape per row, and the CLI's read: a read-only SQLite connection of its own, so it works
-while the server runs (WAL readers never block the writer) and can never change the ledger.
+JSON shape per row, and the CLI's read: on SQLite a read-only connection of its own, so it works
+while the server runs (WAL readers never block the writer) and can never change the ledger; on
+PostgreSQL (DATABASE_URL) the ledger's own `usage_page`, as the admin endpoint reads it.
 Rows come newest first; a page's `nextBefore` is the `before` of the next one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import sqlite3
@@ -135,21 +137,45 @@ def read_usage(path: Path, wanted: UsageFilter) -> list[UsageRecord]:
         conn.close()
 
 
-def run_usage(path: Path, params: Mapping[str, str], *, as_json: bool) -> int:
-    """`usage`: a table, or one JSON object per line; exit 2 with one line on a bad filter."""
+async def read_usage_at(url: str, wanted: UsageFilter) -> list[UsageRecord]:
+    """The rows `wanted` asks for, from the PostgreSQL ledger at `url` (raises LEDGER_ERRORS)."""
+    from .checks import LEDGER_CONNECT_TIMEOUT
+    from .ledger import PostgresLedger
+
+    ledger = PostgresLedger(url)
+    try:
+        await asyncio.wait_for(ledger.open(), LEDGER_CONNECT_TIMEOUT)
+        return await ledger.usage_page(wanted)
+    finally:
+        await ledger.close()
+
+
+def run_usage(path: Path, params: Mapping[str, str], *, as_json: bool, url: str | None = None) -> int:
+    """`usage`: a table, or one JSON object per line; exit 2 with one line on a bad filter or a
+    ledger that cannot be read (`url`: DATABASE_URL, else the SQLite file at `path`)."""
     try:
         wanted = parse_filter(params)
     except UsageQueryError as exc:
         print(f"drain-provider: usage: {exc}", file=sys.stderr)
         return 2
-    if not path.is_file():
+    if url:
+        from .checks import LEDGER_ERRORS, postgres_problem
+        from .ledger import shown_url
+
+        try:
+            rows = asyncio.run(read_usage_at(url, wanted))
+        except LEDGER_ERRORS as exc:
+            print(f"drain-provider: usage: DATABASE_URL: {shown_url(url)} {postgres_problem(exc)}", file=sys.stderr)
+            return 2
+    elif not path.is_file():
         print(f"drain-provider: usage: no ledger at DATABASE_PATH={path}", file=sys.stderr)
         return 2
-    try:
-        rows = read_usage(path, wanted)
-    except sqlite3.Error as exc:
-        print(f"drain-provider: usage: the ledger at DATABASE_PATH={path} cannot be read ({exc})", file=sys.stderr)
-        return 2
+    else:
+        try:
+            rows = read_usage(path, wanted)
+        except sqlite3.Error as exc:
+            print(f"drain-provider: usage: the ledger at DATABASE_PATH={path} cannot be read ({exc})", file=sys.stderr)
+            return 2
     if as_json:
         for row in rows:
             print(json.dumps(row_json(row)))

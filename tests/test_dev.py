@@ -253,6 +253,7 @@ def production_env(recorder: Recorder, tmp_path: Path, upstream: str) -> dict[st
         "RPC_URL": f"http://127.0.0.1:{recorder.port}/rpc",
         "DRAIN_CONTRACT": "0x" + "ab" * 20,
         "DATABASE_PATH": str(tmp_path / "elsewhere" / "drain.db"),
+        "DATABASE_URL": f"postgresql://drain:pg-secret@127.0.0.1:{free_port()}/drain",  # nothing listens
         "PRICING_FILE": str(tmp_path / "missing-prices.json"),
         "MODELS_FILE": str(tmp_path / "missing-models.yaml"),
         "PRICE_GPT_4O_INPUT": "1",
@@ -375,6 +376,7 @@ async def test_dev_env_uses_the_settings_but_not_the_chain_key_ledger_or_address
     owned = {
         "CHAIN_ID",
         "DATABASE_PATH",
+        "DATABASE_URL",
         "DRAIN_CONTRACT",
         "HOST",
         "PROVIDER_KEYSTORE",
@@ -385,6 +387,7 @@ async def test_dev_env_uses_the_settings_but_not_the_chain_key_ledger_or_address
     assert "UPSTREAM_BASE_URL" not in not_used and "PORT," not in not_used
     assert json.loads((tmp_path / "data" / "dev.json").read_text())["api"] == f"http://127.0.0.1:{port}/v1"
     assert not (tmp_path / "elsewhere").exists() and "sk-dotenv-secret" not in out + err
+    assert "pg-secret" not in out + err
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,8 @@ QUICKNODE_TOKEN = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678"
         (f"https://dry-wild-sun.matic.quiknode.pro/{QUICKNODE_TOKEN}/", "https://dry-wild-sun.matic.quiknode.pro/***/"),
         ("https://user:hunter2@rpc.example.com:8545/", "https://***@rpc.example.com:8545/"),
         ("https://token@rpc.example.com/", "https://***@rpc.example.com/"),
+        ("url=postgresql://drain:pg-pass@db.internal:5432/drain", "url=postgresql://***@db.internal:5432/drain"),
+        ("postgres://drain:p%40ss@[::1]/drain?sslmode=require", "postgres://***@[::1]/drain?***"),
         ("https://rpc.example.com/polygon?apikey=abc&x=1 next", "https://rpc.example.com/polygon?*** next"),
         ("https://rpc.example.com?apikey=abc", "https://rpc.example.com?***"),
         ("'http://[::1]:8545/?key=abc'", "'http://[::1]:8545/?***'"),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import openai
 import pytest
-from helpers import ChannelFactory, ProviderFactory, paid_chat
+from helpers import ChannelFactory, ProviderFactory, free_port, paid_chat
+from test_startup import ENV, cli
 
 API_KEY = "sk-test-0123456789abcdefSECRET"
 
@@ -32,3 +34,19 @@ async def test_upstream_errors_never_leak_the_api_key(
     assert API_KEY not in caplog.text
     assert private_key not in caplog.text and private_key.upper() not in caplog.text
     assert "paid channel=" in caplog.text  # the log did record the requests
+
+
+def test_the_database_url_password_never_reaches_the_log(tmp_path: Path) -> None:
+    """The start-up line names the ledger (engine and where) and a PostgreSQL server that is not
+    there stops the start: neither shows DATABASE_URL's password, at any log level (the log hides
+    the user too, as it does in every URL). The SQLite ledger is named by its path."""
+    password = "pg-Passw0rd-SECRET"
+    port = free_port()
+    url = f"postgresql://drain:{password}@127.0.0.1:{port}/drain"
+    run = cli(["serve"], {**ENV, "DATABASE_URL": url, "LOG_LEVEL": "DEBUG"}, tmp_path)
+    assert run.returncode == 2
+    assert f"ledger=postgresql ledger_at=postgresql://***@127.0.0.1:{port}/drain " in run.stderr
+    assert "SECRET" not in run.stderr + run.stdout
+    (tmp_path / "ledger.db").mkdir()  # a ledger that cannot be opened: the start stops after the line
+    run = cli(["serve"], {**ENV, "DATABASE_PATH": "ledger.db", "LOG_LEVEL": "INFO"}, tmp_path)
+    assert run.returncode == 2 and "ledger=sqlite ledger_at=ledger.db " in run.stderr

@@ -55,7 +55,16 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 # What dev decides itself, even with --env (a setting's name starts with one of these): its own
 # chain and contracts, its throwaway provider key (and no keystore), a ledger of its own (each run
 # is a new chain), and loopback only.
-DEV_OWNED = ("PROVIDER_", "CHAIN_ID", "RPC_URL", "DRAIN_CONTRACT", "HOST", "DATABASE_PATH", "STORAGE_PATH")
+DEV_OWNED = (
+    "PROVIDER_",
+    "CHAIN_ID",
+    "RPC_URL",
+    "DRAIN_CONTRACT",
+    "HOST",
+    "DATABASE_PATH",
+    "DATABASE_URL",  # never a production PostgreSQL ledger from .env
+    "STORAGE_PATH",
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
