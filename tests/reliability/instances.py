@@ -121,9 +121,10 @@ async def lane(
     rng: random.Random,
     start_at: int,
     done: asyncio.Event,
-    outcomes: list[tuple[int, Outcome]],
+    outcomes: list[tuple[int, Outcome, float]],
 ) -> None:
-    """One client sending its requests one after another to the next living instance in turn."""
+    """One client sending its requests one after another to the next living instance in turn;
+    each outcome with the instance asked and when the answer ended (time.monotonic)."""
     turn = start_at
     while not done.is_set():
         alive = fleet.alive()
@@ -131,7 +132,7 @@ async def lane(
         turn += 1
         body = _body(rng, stream=rng.random() < 0.5)
         outcome = await send(session, fleet.url(index), step_voucher(consumer, STEP), body)
-        outcomes.append((index, outcome))
+        outcomes.append((index, outcome, time.monotonic()))
 
 
 async def run(
@@ -175,7 +176,7 @@ async def _run(
 
         # 2. Every client streams and asks round-robin; the claimer's instance is killed mid-way.
         done = asyncio.Event()
-        served: list[tuple[int, Outcome]] = []
+        served: list[tuple[int, Outcome, float]] = []
         lanes = [
             asyncio.create_task(lane(session, fleet, c, rng, i, done, served)) for i, c in enumerate(rig.consumers)
         ]
@@ -200,10 +201,10 @@ async def _run(
         done.set()
         await asyncio.gather(*lanes)
         fleet.stop_all()
-        outcomes += [o for _, o in served]
+        outcomes += [o for _, o, _ in served]
 
-    after_kill = [o for index, o in served if index != victim]
-    refused_by_survivors = sum(1 for index, o in served if index in survivors and not o.accepted)
+    after_kill = [o for index, o, ended in served if ended > killed_at and index != victim]
+    refused_by_survivors = sum(1 for index, o, _ in served if index in survivors and not o.accepted)
     await rig.start_at_rest()
     rig.stop_provider()
     highest = {c.channel_id: c.amount for c in rig.consumers}
