@@ -122,11 +122,11 @@ async def upstream(aiohttp_server: ServerFactory) -> Upstream:
 @pytest.fixture
 async def provider_factory(
     chain: DevChain,
+    engine: str,
+    database_urls: Callable[[], Awaitable[str]],  # before the servers: their databases outlive them
     upstream: Upstream,
     aiohttp_server: ServerFactory,
     tmp_path: Path,
-    engine: str,
-    database_urls: Callable[[], Awaitable[str]],
 ) -> AsyncIterator[ProviderFactory]:
     started: list[Provider] = []
 
