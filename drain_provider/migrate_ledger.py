@@ -109,7 +109,9 @@ async def _copy(conn: Connection, source: SQLiteLedger, where: str) -> tuple[int
     )
     counts = {"ledger_meta": len(meta)}
     for table in TABLES[1:]:
-        columns = await _columns(conn, table)
+        # The columns both sides have (PostgreSQL's own, such as channels.version, keep their defaults).
+        kept = {str(row[1]) for row in await source.fetchall(f"PRAGMA table_info({table})")}
+        columns = [column for column in await _columns(conn, table) if column in kept]
         rows = await _sqlite_rows(source, table, columns)
         if rows:
             await conn.copy_records_to_table(table, records=rows, columns=columns)

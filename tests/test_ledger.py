@@ -27,6 +27,7 @@ from drain_provider.ledger import (
     SQLiteLedger,
     make_ledger,
 )
+from drain_provider.ledger import postgres as postgres_engine
 from drain_provider.ledger.postgres import MIGRATIONS as PG_MIGRATIONS
 from drain_provider.pricing import ModelPrice, ReservationPlan
 from drain_provider.protocol import ChannelState, Voucher
@@ -289,11 +290,20 @@ async def two_instances(database_urls: Callable[[], Awaitable[str]]) -> tuple[Po
     return first, second
 
 
+# Both ways PostgreSQL writes money: a read and a write conditional on the channel's version
+# (tried first), and the row lock (after OPTIMISTIC_TRIES changes under it; 0: always).
+WAYS = pytest.mark.parametrize("tries", [postgres_engine.OPTIMISTIC_TRIES, 0], ids=["conditional", "locked"])
+
+
 @pytest.mark.rule(2)
-async def test_two_instances_never_spend_the_same_headroom(database_urls: Callable[[], Awaitable[str]]) -> None:
-    """PostgreSQL: authorize decides under the channel's row lock. 50 vouchers race from two
-    instances, each covering one worst case (900) and no more: whichever locks the row first
-    is accepted, and every other one then finds the headroom taken (or its nonce passed)."""
+@WAYS
+async def test_two_instances_never_spend_the_same_headroom(
+    database_urls: Callable[[], Awaitable[str]], tries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: 50 vouchers race from two instances, each covering one worst case (900) and
+    no more: the first to write is accepted, and every other one then finds the headroom taken
+    (or its nonce passed)."""
+    monkeypatch.setattr(postgres_engine, "OPTIMISTIC_TRIES", tries)
     ledgers = await two_instances(database_urls)
     try:
         outcomes = await asyncio.gather(
@@ -315,10 +325,14 @@ async def test_two_instances_never_spend_the_same_headroom(database_urls: Callab
             await ledger.close()
 
 
-async def test_two_instances_accept_each_nonce_once(database_urls: Callable[[], Awaitable[str]]) -> None:
+@WAYS
+async def test_two_instances_accept_each_nonce_once(
+    database_urls: Callable[[], Awaitable[str]], tries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """PostgreSQL: the same 25 vouchers, sent to both instances at once (50 authorizations), with
     room for all: each is accepted at most once, the channel ends at the highest one accepted, and
     it holds exactly the reservations that were granted."""
+    monkeypatch.setattr(postgres_engine, "OPTIMISTIC_TRIES", tries)
     ledgers = await two_instances(database_urls)
     try:
         outcomes = await asyncio.gather(
@@ -364,3 +378,50 @@ async def test_postgres_migrations_run_once(database_urls: Callable[[], Awaitabl
         assert versions == [(version,) for version in range(1, len(PG_MIGRATIONS) + 1)]
     finally:
         await again.close()
+
+
+async def test_a_write_between_the_read_and_the_conditional_write_is_never_overwritten(
+    database_urls: Callable[[], Awaitable[str]],
+) -> None:
+    """PostgreSQL: authorize and settle write in one statement that applies only at the channel
+    version they read. At a stale version nothing is written (the caller reads again); and if a
+    usage row ever left `reserved` without its channel's version moving, the settle statement
+    undoes itself whole rather than charge the channel for a row it cannot end."""
+    first, second = await two_instances(database_urls)
+    try:
+        reservation = await reserve(first, voucher(2_000, 1))
+        (version,) = (await first.fetchall("SELECT version FROM channels"))[0]
+        args = (CHANNEL, 4_000, "2", 900, version - 1, "0x" + "ab" * 65, 1.0, "/chat", "demo", 100, None, "x")
+        assert await first.pool.fetchval(postgres_engine._AUTHORIZE_UNLESS_CHANGED, *args) is None
+        settle_args = [reservation.usage_id, CHANNEL, 500, reservation.amount, version - 1, "ok", 1, 1, None, 500]
+        settle_args += [None, 1.0]
+        assert await first.pool.fetchval(postgres_engine._SETTLE_UNLESS_CHANGED, *settle_args) == 0
+        unchanged = [(1, "1", 0, reservation.amount, version)]
+        assert (
+            await first.fetchall(
+                """SELECT COUNT(*), MAX(v.nonce), MAX(c.charged), MAX(c.reserved), MAX(c.version)
+                   FROM channels c JOIN vouchers v USING (channel_id)"""
+            )
+            == unchanged
+        )
+
+        # The row ended behind the version's back (no write of ours does that): it fails whole.
+        await first.execute("UPDATE usage SET status = 'abandoned' WHERE id = ?", (reservation.usage_id,))
+        settle_args[4] = version
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            await first.pool.fetchval(postgres_engine._SETTLE_UNLESS_CHANGED, *settle_args)
+        after = await first.fetchall("SELECT charged, reserved, version FROM channels")
+        assert after == [(0, reservation.amount, version)]
+
+        # Through the ledger, a stale read is read again: both instances settle one reservation each.
+        await first.execute("UPDATE usage SET status = 'reserved' WHERE id = ?", (reservation.usage_id,))
+        other = await reserve(second, voucher(4_000, 2))
+        settled = await asyncio.gather(
+            first.settle(reservation, price_cost=300, input_tokens=1, output_tokens=1, status=UsageStatus.OK),
+            second.settle(other, price_cost=200, input_tokens=1, output_tokens=1, status=UsageStatus.OK),
+        )
+        assert [s.cost for s in settled] == [300, 200]
+        assert await second.fetchall("SELECT charged, reserved FROM channels") == [(500, 0)]
+    finally:
+        await first.close()
+        await second.close()

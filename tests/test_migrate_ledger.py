@@ -93,7 +93,8 @@ async def test_every_row_is_copied_with_its_ids_and_new_ids_follow(
     assert "released 1 reservations" in out
 
     for table in TABLES:
-        columns = await pg_columns(url, table)
+        on_sqlite = {str(row[1]) for row in await ledger.fetchall(f"PRAGMA table_info({table})")}
+        columns = [c for c in await pg_columns(url, table) if c in on_sqlite]  # (channels.version is PostgreSQL's)
         copied = await pg_rows(url, table, columns)
         kept = await ledger.fetchall(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {TABLES[table]}")
         assert copied == [tuple(row) for row in kept], table

@@ -190,7 +190,8 @@ async def _release_orphans(conn: PoolConnectionProxy[asyncpg.Record]) -> int:
         if instance is not None:
             per_instance[instance] = per_instance.get(instance, 0) + 1
     await conn.executemany(
-        "UPDATE channels SET reserved = reserved - $2 WHERE channel_id = $1", sorted(per_channel.items())
+        "UPDATE channels SET reserved = reserved - $2, version = version + 1 WHERE channel_id = $1",
+        sorted(per_channel.items()),
     )
     await conn.executemany(
         "UPDATE instances SET released = released + $2 WHERE instance_id = $1", sorted(per_instance.items())
