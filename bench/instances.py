@@ -123,7 +123,7 @@ async def run(*, quick: bool) -> dict[str, Any]:
     try:
         results["sqlite"] = await measure(rig, [rig.provider], None, per_lane, rounds)
         rig.provider.stop()
-        with running_server() as postgres:
+        with running_server(durable=True) as postgres:
             for count in (1, 2, 3):
                 servers = start_instances(rig, count, await postgres.create_database())
                 try:

@@ -88,9 +88,10 @@ def _as_owner(owner: str | None, argv: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_server() -> Iterator[PostgresServer]:
+def running_server(*, durable: bool = False) -> Iterator[PostgresServer]:
     """The server for this test process: DRAIN_TEST_DATABASE_URL's, or a cluster started here
-    (and stopped at the end)."""
+    (and stopped at the end). Tests run it with fsync off; `durable` keeps PostgreSQL's defaults
+    (every commit flushed), as a benchmark beside SQLite's synchronous=FULL must."""
     given = os.environ.get("DRAIN_TEST_DATABASE_URL")
     if given:
         yield PostgresServer(given)
@@ -114,10 +115,9 @@ def running_server() -> Iterator[PostgresServer]:
         capture_output=True,
         timeout=120,
     )
-    options = (
-        f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
-        "-c full_page_writes=off -c max_connections=300"
-    )
+    options = f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c max_connections=300"
+    if not durable:
+        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     subprocess.run(
         _as_owner(owner, [pg_ctl, "-D", str(data), "-o", options, "-l", str(home / "log"), "-w", "start"]),
         check=True,
