@@ -28,19 +28,15 @@ import asyncpg
 from ..pricing import ReservationPlan
 from ..protocol import ChannelClose, ChannelState, ClaimPaid, Voucher
 from ..states import ClaimStatus, UsageSource, UsageStatus
+from .reads import SharedReads
 from .records import (
     ChannelRecord,
-    ClaimRecord,
     ClaimTarget,
     CloseAuthorization,
     CloseFigures,
     Refusal,
     Reservation,
     Settlement,
-    Totals,
-    UsageFilter,
-    UsageItem,
-    UsageRecord,
 )
 
 # What a ledger that cannot be reached raises (a file, a server, a connection gone).
@@ -58,8 +54,9 @@ def new_instance_id() -> str:
     return f"{socket.gethostname()[:40]}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-class Ledger(abc.ABC):
-    """Channels, vouchers, usage and claims, with the two money transactions."""
+class Ledger(SharedReads):
+    """Channels, vouchers, usage and claims, with the two money transactions. The reads are
+    written once for both engines (reads.py); the writes are each engine's."""
 
     #: Which engine (`sqlite`, `postgresql`): shown in logs, /health and the metrics.
     engine: str
@@ -89,20 +86,9 @@ class Ledger(abc.ABC):
         """Raise if the ledger cannot write now (health checks)."""
 
     @abc.abstractmethod
-    async def watched_block(self) -> int | None: ...
-
-    @abc.abstractmethod
     async def set_watched_block(self, block: int) -> None: ...
 
-    # --- any SQL (reports, tests, upkeep) -----------------------------------------------------
-
-    @abc.abstractmethod
-    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """A read-only query in the SQL both engines speak, with `?` placeholders."""
-
-    async def fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
-        rows = await self.fetchall(sql, params)
-        return rows[0] if rows else None
+    # --- any SQL (reports, tests, upkeep); the reads are in reads.py ----------------------------
 
     @abc.abstractmethod
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
@@ -142,9 +128,6 @@ class Ledger(abc.ABC):
     # --- channels -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def get_channel(self, channel_id: str) -> ChannelRecord | None: ...
-
-    @abc.abstractmethod
     async def add_channel(
         self, channel_id: str, state: ChannelState, *, contract: str, block: int | None = None
     ) -> ChannelRecord: ...
@@ -155,12 +138,6 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     async def book_close(self, channel_id: str, close: ChannelClose | None) -> ChannelRecord | None: ...
 
-    @abc.abstractmethod
-    async def seen_block(self, channel_id: str) -> int | None: ...
-
-    @abc.abstractmethod
-    async def open_among(self, channel_ids: set[str]) -> dict[str, str]: ...
-
     # --- cooperative close --------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -170,14 +147,6 @@ class Ledger(abc.ABC):
     def sign_close(
         self, channel_id: str, sign: Callable[[CloseFigures], CloseAuthorization]
     ) -> asyncio.Future[CloseAuthorization | None]: ...
-
-    # --- usage --------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def usage(self, channel_id: str, *, limit: int, before: int | None = None) -> list[UsageItem]: ...
-
-    @abc.abstractmethod
-    async def usage_page(self, wanted: UsageFilter) -> list[UsageRecord]: ...
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -215,11 +184,6 @@ class Ledger(abc.ABC):
     # --- claims -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def claim_targets(
-        self, *, provider: str, threshold: int, final_after: float, now: float, force: bool = False
-    ) -> list[ClaimTarget]: ...
-
-    @abc.abstractmethod
     async def begin_claim(self, target: ClaimTarget, *, final: bool = False) -> int | None: ...
 
     @abc.abstractmethod
@@ -235,23 +199,3 @@ class Ledger(abc.ABC):
         retry_after: float | None = None,
         paid: ClaimPaid | None = None,
     ) -> None: ...
-
-    @abc.abstractmethod
-    async def claim_attempts(self, channel_id: str) -> int: ...
-
-    @abc.abstractmethod
-    async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]: ...
-
-    # --- reports and upkeep ---------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[tuple[str, str]]: ...
-
-    @abc.abstractmethod
-    async def totals(self) -> Totals: ...
-
-    @abc.abstractmethod
-    async def channels(self, *, limit: int = 500) -> list[ChannelRecord]: ...
-
-    @abc.abstractmethod
-    async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]: ...

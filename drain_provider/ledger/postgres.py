@@ -16,6 +16,7 @@ placeholders, in the dialect both engines share; it is rewritten to `$n` here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -34,11 +35,9 @@ from .base import Ledger, new_instance_id
 from .pg_instances import PostgresInstances
 from .records import (
     CHANNEL_COLUMNS,
-    CLAIM_COLUMNS,
     CLOSING_MESSAGE,
     INT64_MAX,
     ChannelRecord,
-    ClaimRecord,
     ClaimTarget,
     CloseAuthorization,
     CloseFigures,
@@ -46,16 +45,9 @@ from .records import (
     Refusal,
     Reservation,
     Settlement,
-    Totals,
-    UsageFilter,
-    UsageItem,
-    UsageRecord,
-    as_dict,
     reservation_fit,
     settle_figures,
     shown_address,
-    usage_query,
-    voucher_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -181,6 +173,7 @@ def shown_url(url: str) -> str:
 _PLACEHOLDER = re.compile(r"'(?:[^']|'')*'|\?")
 
 
+@functools.lru_cache(maxsize=256)
 def dollar_params(sql: str) -> str:
     """`?` placeholders as PostgreSQL's `$1, $2, …` (a `?` inside a string literal stays)."""
     count = 0
@@ -335,9 +328,8 @@ class PostgresLedger(PostgresInstances, Ledger):
 
     # --- any SQL ------------------------------------------------------------------------------
 
-    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        rows = await self.pool.fetch(dollar_params(sql), *params)
-        return [tuple(row) for row in rows]
+    async def _select(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
+        return list(await self.pool.fetch(dollar_params(sql), *params))
 
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         status = await self.pool.execute(dollar_params(sql), *params)
@@ -412,11 +404,6 @@ class PostgresLedger(PostgresInstances, Ledger):
                     f"contract {address}, which is not served: serve it until they are claimed"
                 )
 
-    async def watched_block(self) -> int | None:
-        """The first block whose ChannelClosed events the chain watcher has not read."""
-        value = await self.pool.fetchval("SELECT value FROM ledger_meta WHERE key = 'watched_block'")
-        return None if value is None else int(value)
-
     async def set_watched_block(self, block: int) -> None:
         await self.pool.execute(
             """INSERT INTO ledger_meta (key, value) VALUES ('watched_block', $1)
@@ -425,10 +412,6 @@ class PostgresLedger(PostgresInstances, Ledger):
         )
 
     # --- channels -----------------------------------------------------------------------------
-
-    async def get_channel(self, channel_id: str) -> ChannelRecord | None:
-        row = await self._one(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
-        return None if row is None else ChannelRecord.from_row(row)
 
     @staticmethod
     async def _sync_open(
@@ -511,21 +494,6 @@ class PostgresLedger(PostgresInstances, Ledger):
             found = await conn.fetchrow(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = $1", channel_id)
             return ChannelRecord.from_row(found)
 
-    async def seen_block(self, channel_id: str) -> int | None:
-        """The last block at which the chain showed the channel open."""
-        value = await self.pool.fetchval("SELECT seen_block FROM channels WHERE channel_id = $1", channel_id)
-        return None if value is None else int(value)
-
-    async def open_among(self, channel_ids: set[str]) -> dict[str, str]:
-        """Which of `channel_ids` are open (or closing) channels of this ledger, with their contract."""
-        if not channel_ids:
-            return {}
-        rows = await self._rows(
-            "SELECT channel_id, contract FROM channels WHERE status != 'closed' AND channel_id = ANY($1::text[])",
-            list(channel_ids),
-        )
-        return {row["channel_id"]: row["contract"] for row in rows}
-
     # --- cooperative close --------------------------------------------------------------------
 
     async def begin_close(self, channel_id: str) -> ChannelRecord | None:
@@ -579,38 +547,6 @@ class PostgresLedger(PostgresInstances, Ledger):
             return signed
 
     # --- usage --------------------------------------------------------------------------------
-
-    async def usage(self, channel_id: str, *, limit: int, before: int | None = None) -> list[UsageItem]:
-        """A channel's paid requests, newest first, `limit` of them, with ids below `before`."""
-        rows = await self._rows(
-            """SELECT u.id, u.started_at, u.endpoint, u.model, u.status, u.input_tokens, u.output_tokens, u.cost,
-                      v.nonce, v.amount
-               FROM usage u JOIN vouchers v ON v.id = u.voucher_id
-               WHERE u.channel_id = $1 AND u.id < $2 ORDER BY u.id DESC LIMIT $3""",
-            channel_id,
-            INT64_MAX if before is None else before,
-            limit,
-        )
-        return [
-            UsageItem(
-                id=row["id"],
-                created_at=int(row["started_at"]),
-                endpoint=row["endpoint"],
-                model=row["model"],
-                status=UsageStatus(row["status"]),
-                input_tokens=row["input_tokens"],
-                output_tokens=row["output_tokens"],
-                cost=row["cost"],
-                nonce=int(row["nonce"]),
-                voucher_amount=row["amount"],
-            )
-            for row in rows
-        ]
-
-    async def usage_page(self, wanted: UsageFilter) -> list[UsageRecord]:
-        """Every channel's paid requests, as `wanted` filters them (newest first)."""
-        sql, params = usage_query(wanted)
-        return [UsageRecord.from_row(row) for row in await self._rows(dollar_params(sql), *params)]
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -891,52 +827,6 @@ class PostgresLedger(PostgresInstances, Ledger):
 
     # --- claims -------------------------------------------------------------------------------
 
-    async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
-        rows = await self._rows(
-            dollar_params(
-                f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, c.status,
-                           v.id AS voucher_id, v.amount, v.nonce, v.signature,
-                           c.contract
-                    FROM channels c
-                    JOIN vouchers v ON v.id = (
-                        SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
-                                                      AND amount > c.claimed
-                        ORDER BY amount, id LIMIT 1)
-                    WHERE c.status != 'closed' AND c.charged > c.claimed
-                      AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id
-                                                               AND k.status = 'pending')
-                      AND ({where})
-                    ORDER BY c.expiry"""
-            ),
-            *params,
-        )
-        return [
-            ClaimTarget(
-                row["channel_id"],
-                row["expiry"],
-                row["charged"],
-                row["claimed"],
-                row["reserved"],
-                row["voucher_id"],
-                voucher_from_row(row),
-                row["contract"],
-                closing=row["status"] == ChannelStatus.CLOSING,
-            )
-            for row in rows
-        ]
-
-    async def claim_targets(
-        self, *, provider: str, threshold: int, final_after: float, now: float, force: bool = False
-    ) -> list[ClaimTarget]:
-        """As SQLiteLedger.claim_targets."""
-        if force:
-            return await self._claim_targets("c.provider = ?", (provider,))
-        return await self._claim_targets(
-            """c.provider = ? AND (c.charged - c.claimed >= ? OR c.expiry <= ?::double precision)
-               AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)""",
-            (provider, threshold, final_after, now),
-        )
-
     async def begin_claim(self, target: ClaimTarget, *, final: bool = False) -> int | None:
         """As SQLiteLedger.begin_claim: None if a claim of the channel is in flight (in any
         instance: the unique index on pending claims decides), or it is closing and this is not
@@ -1007,67 +897,4 @@ class PostgresLedger(PostgresInstances, Ledger):
                     claim_id,
                 )
 
-    async def claim_attempts(self, channel_id: str) -> int:
-        value = await self.pool.fetchval("SELECT claim_attempts FROM channels WHERE channel_id = $1", channel_id)
-        return int(value) if value is not None else 0
-
-    async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]:
-        if status:
-            rows = await self._rows(
-                f"SELECT {CLAIM_COLUMNS} FROM claims WHERE status = $1 ORDER BY id DESC LIMIT $2", status, limit
-            )
-        else:
-            rows = await self._rows(f"SELECT {CLAIM_COLUMNS} FROM claims ORDER BY id DESC LIMIT $1", limit)
-        return [ClaimRecord.from_row(row) for row in rows]
-
     # --- reports and upkeep ---------------------------------------------------------------------
-
-    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[tuple[str, str]]:
-        """As SQLiteLedger.channels_to_refresh: (channel id, contract)."""
-        rows = await self._rows(
-            """SELECT channel_id, contract FROM channels
-               WHERE status != 'closed' AND last_amount > claimed AND synced_at < $1
-               ORDER BY synced_at LIMIT $2""",
-            synced_before,
-            limit,
-        )
-        return [(row["channel_id"], row["contract"]) for row in rows]
-
-    async def totals(self) -> Totals:
-        # SUM of BIGINT is NUMERIC in PostgreSQL: cast back, money is an int in Python.
-        channels = await self._one(
-            """SELECT COALESCE(SUM(charged), 0)::bigint AS earned, COALESCE(SUM(claimed), 0)::bigint AS claimed,
-                      COALESCE(SUM(fee), 0)::bigint AS fee,
-                      COALESCE(SUM(GREATEST(claimed - charged, 0)), 0)::bigint AS credit_taken,
-                      COALESCE(SUM(GREATEST(charged - claimed, 0)) FILTER (WHERE status != 'closed'), 0)::bigint
-                          AS unclaimed,
-                      COALESCE(SUM(GREATEST(charged - claimed, 0)) FILTER (WHERE status = 'closed'), 0)::bigint
-                          AS lost,
-                      COALESCE(SUM(reserved), 0)::bigint AS reserved,
-                      COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
-                      COUNT(*) FILTER (WHERE status = 'closing') AS closing_channels,
-                      COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
-               FROM channels"""
-        )
-        over = await self._one(
-            """SELECT COUNT(*) AS over_reservation_requests,
-                      COALESCE(SUM(price_cost - cost), 0)::bigint AS over_reservation_amount
-               FROM usage WHERE price_cost > cost"""
-        )
-        assert channels is not None and over is not None
-        return Totals(**as_dict(channels), **as_dict(over))
-
-    async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
-        rows = await self._rows(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT $1", limit)
-        return [ChannelRecord.from_row(row) for row in rows]
-
-    async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
-        """Each channel with its last accepted voucher."""
-        channel_columns = ", ".join("c." + c for c in CHANNEL_COLUMNS.split(", "))
-        rows = await self._rows(
-            f"""SELECT {channel_columns}, v.amount, v.nonce, v.signature
-                FROM channels c JOIN vouchers v ON v.id = c.last_voucher_id
-                ORDER BY c.created_at DESC LIMIT $1""",
-            limit,
-        )
-        return [(ChannelRecord.from_row(row), voucher_from_row(row)) for row in rows]

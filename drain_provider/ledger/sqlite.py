@@ -38,11 +38,9 @@ from ..states import ChannelStatus, ClaimStatus, CloseKind, SyncMode, UsageSourc
 from .base import Ledger, new_instance_id
 from .records import (
     CHANNEL_COLUMNS,
-    CLAIM_COLUMNS,
     CLOSING_MESSAGE,
     INT64_MAX,
     ChannelRecord,
-    ClaimRecord,
     ClaimTarget,
     CloseAuthorization,
     CloseFigures,
@@ -50,16 +48,9 @@ from .records import (
     Refusal,
     Reservation,
     Settlement,
-    Totals,
-    UsageFilter,
-    UsageItem,
-    UsageRecord,
-    as_dict,
     reservation_fit,
     settle_figures,
     shown_address,
-    usage_query,
-    voucher_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -272,11 +263,6 @@ class SQLiteLedger(Ledger):
                     f"contract {address}, which is not served: serve it until they are claimed"
                 )
 
-    async def watched_block(self) -> int | None:
-        """The first block whose ChannelClosed events the chain watcher has not read."""
-        row = await self.fetchone("SELECT value FROM ledger_meta WHERE key = 'watched_block'")
-        return None if row is None else int(row[0])
-
     async def set_watched_block(self, block: int) -> None:
         await self.write(
             lambda conn: conn.execute(
@@ -340,15 +326,7 @@ class SQLiteLedger(Ledger):
     async def execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
         return await self.write(lambda conn: conn.execute(sql, params).rowcount)
 
-    async def fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        """Any read-only query, rows as plain tuples (reports, health checks, tests)."""
-        return [tuple(row) for row in await self._select(sql, params)]
-
     # --- channels -----------------------------------------------------------------------------
-
-    async def get_channel(self, channel_id: str) -> ChannelRecord | None:
-        rows = await self._select(f"SELECT {CHANNEL_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id,))
-        return ChannelRecord.from_row(rows[0]) if rows else None
 
     async def add_channel(
         self, channel_id: str, state: ChannelState, *, contract: str, block: int | None = None
@@ -416,20 +394,6 @@ class SQLiteLedger(Ledger):
 
         return await self.write(book)
 
-    async def seen_block(self, channel_id: str) -> int | None:
-        """The last block at which the chain showed the channel open (where to look for its close)."""
-        row = await self.fetchone("SELECT seen_block FROM channels WHERE channel_id = ?", (channel_id,))
-        return None if row is None or row[0] is None else int(row[0])
-
-    async def open_among(self, channel_ids: set[str]) -> dict[str, str]:
-        """Which of `channel_ids` are channels of this ledger open on chain (closing ones too),
-        with each one's contract."""
-        if not channel_ids:
-            return {}
-        marks = ", ".join("?" * len(channel_ids))
-        sql = f"SELECT channel_id, contract FROM channels WHERE status != 'closed' AND channel_id IN ({marks})"
-        return {row[0]: row[1] for row in await self.fetchall(sql, tuple(channel_ids))}
-
     # --- cooperative close --------------------------------------------------------------------
 
     async def begin_close(self, channel_id: str) -> ChannelRecord | None:
@@ -484,35 +448,6 @@ class SQLiteLedger(Ledger):
             return signed
 
         return self.write(sign_and_store)
-
-    async def usage(self, channel_id: str, *, limit: int, before: int | None = None) -> list[UsageItem]:
-        """A channel's paid requests, newest first, `limit` of them, with ids below `before`."""
-        rows = await self._select(
-            """SELECT u.id, u.started_at, u.endpoint, u.model, u.status, u.input_tokens, u.output_tokens, u.cost,
-                      v.nonce, v.amount
-               FROM usage u JOIN vouchers v ON v.id = u.voucher_id
-               WHERE u.channel_id = ? AND u.id < ? ORDER BY u.id DESC LIMIT ?""",
-            (channel_id, INT64_MAX if before is None else before, limit),
-        )
-        return [
-            UsageItem(
-                id=row["id"],
-                created_at=int(row["started_at"]),
-                endpoint=row["endpoint"],
-                model=row["model"],
-                status=UsageStatus(row["status"]),
-                input_tokens=row["input_tokens"],
-                output_tokens=row["output_tokens"],
-                cost=row["cost"],
-                nonce=int(row["nonce"]),
-                voucher_amount=row["amount"],
-            )
-            for row in rows
-        ]
-
-    async def usage_page(self, wanted: UsageFilter) -> list[UsageRecord]:
-        """Every channel's paid requests, as `wanted` filters them (newest first)."""
-        return [UsageRecord.from_row(row) for row in await self._select(*usage_query(wanted))]
 
     # --- the two money transactions -----------------------------------------------------------
 
@@ -698,51 +633,6 @@ class SQLiteLedger(Ledger):
 
     # --- claims -------------------------------------------------------------------------------
 
-    async def _claim_targets(self, where: str, params: tuple[Any, ...]) -> list[ClaimTarget]:
-        rows = await self._select(
-            f"""SELECT c.channel_id, c.expiry, c.charged, c.claimed, c.reserved, c.status, v.id AS voucher_id,
-                       v.amount, v.nonce, v.signature, c.contract
-                FROM channels c
-                JOIN vouchers v ON v.id = (
-                    SELECT id FROM vouchers WHERE channel_id = c.channel_id AND amount >= c.charged
-                                                  AND amount > c.claimed
-                    ORDER BY amount, id LIMIT 1)
-                WHERE c.status != 'closed' AND c.charged > c.claimed
-                  AND NOT EXISTS (SELECT 1 FROM claims k WHERE k.channel_id = c.channel_id AND k.status = 'pending')
-                  AND ({where})
-                ORDER BY c.expiry""",
-            params,
-        )
-        return [
-            ClaimTarget(
-                row["channel_id"],
-                row["expiry"],
-                row["charged"],
-                row["claimed"],
-                row["reserved"],
-                row["voucher_id"],
-                voucher_from_row(row),
-                row["contract"],
-                closing=row["status"] == ChannelStatus.CLOSING,
-            )
-            for row in rows
-        ]
-
-    async def claim_targets(
-        self, *, provider: str, threshold: int, final_after: float, now: float, force: bool = False
-    ) -> list[ClaimTarget]:
-        """Channels of `provider` that may be due for a claim (claim_policy decides): unclaimed
-        earnings at the threshold, or any on a channel whose expiry is before `final_after`
-        (its last claim). Channels in backoff after a failed claim wait for it to pass, unless
-        `force`, which returns every channel with earnings."""
-        if force:
-            return await self._claim_targets("c.provider = ?", (provider,))
-        return await self._claim_targets(
-            """c.provider = ? AND (c.charged - c.claimed >= ? OR c.expiry <= ?)
-               AND (c.claim_retry_at IS NULL OR c.claim_retry_at <= ?)""",
-            (provider, threshold, final_after, now),
-        )
-
     async def begin_claim(self, target: ClaimTarget, *, final: bool = False) -> int | None:
         """A pending claims row for `target`, or None if the channel already has one in flight (in
         this process or another: the unique index on pending claims decides), or if it is closing
@@ -820,61 +710,4 @@ class SQLiteLedger(Ledger):
 
         await self.write(finish)
 
-    async def claim_attempts(self, channel_id: str) -> int:
-        row = await self.fetchone("SELECT claim_attempts FROM channels WHERE channel_id = ?", (channel_id,))
-        return int(row[0]) if row else 0
-
-    async def claims(self, *, status: ClaimStatus | None = None, limit: int = 100) -> list[ClaimRecord]:
-        where, params = ("WHERE status = ?", (status,)) if status else ("", ())
-        rows = await self._select(
-            f"SELECT {CLAIM_COLUMNS} FROM claims {where} ORDER BY id DESC LIMIT ?", (*params, limit)
-        )
-        return [ClaimRecord.from_row(row) for row in rows]
-
     # --- reports and upkeep ---------------------------------------------------------------------
-
-    async def channels_to_refresh(self, *, synced_before: float, limit: int = 500) -> list[tuple[str, str]]:
-        """Open channels holding vouchers above what the chain has claimed, not read for a while:
-        the ones whose closing or claiming elsewhere we must not miss; (channel id, contract)."""
-        rows = await self._select(
-            """SELECT channel_id, contract FROM channels
-               WHERE status != 'closed' AND last_amount > claimed AND synced_at < ?
-               ORDER BY synced_at LIMIT ?""",
-            (synced_before, limit),
-        )
-        return [(row["channel_id"], row["contract"]) for row in rows]
-
-    async def totals(self) -> Totals:
-        channels = await self._select(
-            """SELECT COALESCE(SUM(charged), 0) AS earned, COALESCE(SUM(claimed), 0) AS claimed,
-                      COALESCE(SUM(fee), 0) AS fee,
-                      COALESCE(SUM(MAX(claimed - charged, 0)), 0) AS credit_taken,
-                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status != 'closed'), 0) AS unclaimed,
-                      COALESCE(SUM(MAX(charged - claimed, 0)) FILTER (WHERE status = 'closed'), 0) AS lost,
-                      COALESCE(SUM(reserved), 0) AS reserved,
-                      COUNT(*) FILTER (WHERE status = 'open') AS open_channels,
-                      COUNT(*) FILTER (WHERE status = 'closing') AS closing_channels,
-                      COUNT(*) FILTER (WHERE status = 'closed') AS closed_channels
-               FROM channels"""
-        )
-        over = await self._select(
-            """SELECT COUNT(*) AS over_reservation_requests,
-                      COALESCE(SUM(price_cost - cost), 0) AS over_reservation_amount
-               FROM usage WHERE price_cost > cost"""
-        )
-        return Totals(**as_dict(channels[0]), **as_dict(over[0]))
-
-    async def channels(self, *, limit: int = 500) -> list[ChannelRecord]:
-        rows = await self._select(f"SELECT {CHANNEL_COLUMNS} FROM channels ORDER BY created_at DESC LIMIT ?", (limit,))
-        return [ChannelRecord.from_row(row) for row in rows]
-
-    async def last_vouchers(self, *, limit: int = 500) -> list[tuple[ChannelRecord, Voucher]]:
-        """Each channel with its last accepted voucher."""
-        channel_columns = ", ".join("c." + c for c in CHANNEL_COLUMNS.split(", "))
-        rows = await self._select(
-            f"""SELECT {channel_columns}, v.amount, v.nonce, v.signature
-                FROM channels c JOIN vouchers v ON v.id = c.last_voucher_id
-                ORDER BY c.created_at DESC LIMIT ?""",
-            (limit,),
-        )
-        return [(ChannelRecord.from_row(row), voucher_from_row(row)) for row in rows]
