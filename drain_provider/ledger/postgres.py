@@ -41,13 +41,12 @@ from .records import (
     ClaimTarget,
     CloseAuthorization,
     CloseFigures,
-    LedgerMismatch,
     Refusal,
     Reservation,
     Settlement,
+    check_binding,
     reservation_fit,
     settle_figures,
-    shown_address,
 )
 
 log = logging.getLogger(__name__)
@@ -390,19 +389,14 @@ class PostgresLedger(PostgresInstances, Ledger):
                 """SELECT contract, COUNT(*), SUM(charged - claimed)::bigint FROM channels
                    WHERE status != 'closed' AND charged > claimed GROUP BY contract"""
             )
-        bound = (found.get("chain_id"), found.get("contract"))
-        if bound[0] != wanted["chain_id"] or bound[1] not in {c.lower() for c in served}:
-            raise LedgerMismatch(
-                f"the ledger {self.where} belongs to chain {bound[0]} contract {shown_address(bound[1])}, "
-                f"not chain {chain_id} contract {', '.join(str(shown_address(c)) for c in served)}: "
-                "set DATABASE_URL to another database"
-            )
-        for address, count, amount in unclaimed:
-            if address.lower() not in {c.lower() for c in served}:
-                raise LedgerMismatch(
-                    f"the ledger {self.where} holds {count} open channel(s) with {amount} base units unclaimed on "
-                    f"contract {address}, which is not served: serve it until they are claimed"
-                )
+        check_binding(
+            self.where,
+            found,
+            [(row[0], row[1], row[2]) for row in unclaimed],
+            chain_id=wanted["chain_id"],
+            served=served,
+            fix="set DATABASE_URL to another database",
+        )
 
     async def set_watched_block(self, block: int) -> None:
         await self.pool.execute(

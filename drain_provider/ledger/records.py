@@ -6,6 +6,7 @@ units; nonces may use the whole uint256 range (stored as decimal text).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,34 @@ CLOSING_MESSAGE = (
 class LedgerMismatch(Exception):
     """The ledger was made for another chain or contract, or holds earnings on a contract no
     longer served: its vouchers would be worthless here, or those earnings unclaimed."""
+
+
+def check_binding(
+    where: str,
+    found: dict[str, str],
+    unclaimed: Sequence[tuple[str, int, int]],
+    *,
+    chain_id: str,
+    served: Sequence[str],
+    fix: str,
+) -> None:
+    """The binding rule of `Ledger.bind`, on what the ledger holds (`found`: its chain_id and
+    contract; `unclaimed`: (contract, channels, amount) of open channels holding earnings not yet
+    claimed): LedgerMismatch unless the chain is this one and the bound contract, and every
+    contract holding earnings, is among those `served`. `fix` says what to change."""
+    served_lower = {c.lower() for c in served}
+    bound = (found.get("chain_id"), found.get("contract"))
+    if bound[0] != chain_id or bound[1] not in served_lower:
+        raise LedgerMismatch(
+            f"the ledger {where} belongs to chain {bound[0]} contract {shown_address(bound[1])}, "
+            f"not chain {chain_id} contract {', '.join(str(shown_address(c)) for c in served)}: {fix}"
+        )
+    for address, count, amount in unclaimed:
+        if address.lower() not in served_lower:
+            raise LedgerMismatch(
+                f"the ledger {where} holds {count} open channel(s) with {amount} base units unclaimed on "
+                f"contract {address}, which is not served: serve it until they are claimed"
+            )
 
 
 @dataclass(frozen=True)

@@ -44,13 +44,12 @@ from .records import (
     ClaimTarget,
     CloseAuthorization,
     CloseFigures,
-    LedgerMismatch,
     Refusal,
     Reservation,
     Settlement,
+    check_binding,
     reservation_fit,
     settle_figures,
-    shown_address,
 )
 
 log = logging.getLogger(__name__)
@@ -249,19 +248,14 @@ class SQLiteLedger(Ledger):
             return found, [tuple(row) for row in unclaimed]
 
         found, unclaimed = await self.write(bind)
-        bound = (found.get("chain_id"), found.get("contract"))
-        if bound[0] != wanted["chain_id"] or bound[1] not in {c.lower() for c in served}:
-            raise LedgerMismatch(
-                f"the ledger {self.path} belongs to chain {bound[0]} contract {shown_address(bound[1])}, "
-                f"not chain {chain_id} contract {', '.join(str(shown_address(c)) for c in served)}: "
-                "set DATABASE_PATH to another file"
-            )
-        for address, count, amount in unclaimed:
-            if address.lower() not in {c.lower() for c in served}:
-                raise LedgerMismatch(
-                    f"the ledger {self.path} holds {count} open channel(s) with {amount} base units unclaimed on "
-                    f"contract {address}, which is not served: serve it until they are claimed"
-                )
+        check_binding(
+            self.path,
+            found,
+            unclaimed,
+            chain_id=wanted["chain_id"],
+            served=served,
+            fix="set DATABASE_PATH to another file",
+        )
 
     async def set_watched_block(self, block: int) -> None:
         await self.write(
