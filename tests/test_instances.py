@@ -173,6 +173,20 @@ async def test_start_and_stop_release_only_what_nobody_alive_holds(ledgers: Ledg
     assert (await statuses(third))[held] == "reserved" and await reserved(third, "0x04") == 2
 
 
+async def test_a_stop_lets_the_releases_under_way_finish_first(ledgers: Ledgers) -> None:
+    """A request cut off by the stop releases its own reservation, with its reason: the stop
+    waits for that write before it releases what is left as abandoned (found in CI: the two
+    raced, and the row ended `abandoned` without its reason)."""
+    ledger = await ledgers()
+    voucher_id = await add_channel(ledger, "0x06")
+    rows = [await reserve(ledger, "0x06", voucher_id, 10) for _ in range(8)]
+    for usage_id in rows:  # fired, not awaited, as a cancelled handler's release is
+        ledger.release(Reservation(usage_id, "0x06", 10, 1), error="interrupted by shutdown")
+    await ledger.stop_instance()
+    assert set((await statuses(ledger)).values()) == {"failed"}
+    assert await reserved(ledger, "0x06") == 0
+
+
 async def test_an_instance_declared_dead_registers_again(ledgers: Ledgers, caplog: pytest.LogCaptureFixture) -> None:
     ledger, other = await ledgers(), await ledgers()
     voucher_id = await add_channel(ledger, "0x05")

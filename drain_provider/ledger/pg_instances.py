@@ -43,7 +43,7 @@ _ORPHANED = """u.status = $1 AND NOT EXISTS (
 
 class PostgresInstances(Ledger):
     """The instance and leadership methods of PostgresLedger (which provides `pool`, `url`,
-    `instance_id` and the `_leader` connection)."""
+    `instance_id`, the `_leader` connection and `finish_writes`)."""
 
     url: str
     _leader: asyncpg.Connection | None
@@ -51,6 +51,9 @@ class PostgresInstances(Ledger):
     @property
     @abc.abstractmethod
     def pool(self) -> asyncpg.Pool: ...
+
+    @abc.abstractmethod
+    async def finish_writes(self) -> None: ...
 
     async def start_instance(self) -> int:
         """Register this instance, and release the reservations of instances known to be gone
@@ -95,7 +98,10 @@ class PostgresInstances(Ledger):
 
     async def stop_instance(self) -> None:
         """A clean stop (after the requests in flight have finished): what this instance still
-        holds is released, and the others no longer wait for its heartbeat."""
+        holds is released, and the others no longer wait for its heartbeat. The money writes
+        still under way finish first: a request cut off by the stop releases its own reservation,
+        with its reason, rather than find it released as abandoned."""
+        await self.finish_writes()
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 f"UPDATE instances SET stopped_at = {NOW} WHERE instance_id = $1 AND stopped_at IS NULL",

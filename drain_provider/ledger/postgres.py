@@ -292,9 +292,13 @@ class PostgresLedger(PostgresInstances, Ledger):
         version = await self._migrate()
         log.info("ledger_open engine=postgresql url=%s schema_version=%d", self.where, version)
 
-    async def close(self) -> None:
-        if self._writes:  # a money write under way is finished, not cut off
+    async def finish_writes(self) -> None:
+        """Wait for the money writes under way (they are finished, never cut off)."""
+        while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.finish_writes()
         if self._leader is not None:
             leader, self._leader = self._leader, None
             await leader.close()
