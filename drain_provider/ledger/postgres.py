@@ -16,6 +16,7 @@ placeholders, in the dialect both engines share; it is rewritten to `$n` here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -244,6 +245,11 @@ class _PooledConnection(asyncpg.Connection):
         return ""
 
 
+def _transaction(conn: PoolConnectionProxy[Any], locked: bool) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A transaction for a write under row locks; none for a conditional write (one statement)."""
+    return conn.transaction() if locked else contextlib.nullcontext()
+
+
 def _authorization_fit(
     row: asyncpg.Record | None, voucher: Voucher, plan: ReservationPlan
 ) -> tuple[int, int] | Refusal:
@@ -342,12 +348,6 @@ class PostgresLedger(PostgresInstances, Ledger):
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
-
-    async def _one(self, sql: str, *params: Any) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(sql, *params)
-
-    async def _rows(self, sql: str, *params: Any) -> list[asyncpg.Record]:
-        return await self.pool.fetch(sql, *params)
 
     def _spawn(
         self, write: Coroutine[Any, Any, T], *, before_commit: asyncio.Future[T] | None = None
@@ -559,8 +559,8 @@ class PostgresLedger(PostgresInstances, Ledger):
         before_commit: asyncio.Future[Reservation | Refusal] | None = None,
     ) -> asyncio.Future[Reservation | Refusal]:
         """As SQLiteLedger.authorize, decided against the channel's row as it is: first on a read
-        and one conditional statement (`_authorize_unless_changed`), and if the row keeps changing
-        under it (several requests of one channel at once), under the row's lock."""
+        and one conditional statement (`_authorize_once`), and if the row keeps changing under it
+        (several requests of one channel at once), under the row's lock."""
         return self._spawn(
             self._authorize(voucher, plan, endpoint=endpoint, model=model, request_id=request_id),
             before_commit=before_commit,
@@ -569,34 +569,44 @@ class PostgresLedger(PostgresInstances, Ledger):
     async def _authorize(
         self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str, request_id: str | None
     ) -> Reservation | Refusal:
-        for _ in range(OPTIMISTIC_TRIES):
-            outcome = await self._authorize_unless_changed(
-                voucher, plan, endpoint=endpoint, model=model, request_id=request_id
+        for attempt in range(OPTIMISTIC_TRIES + 1):
+            locked = attempt == OPTIMISTIC_TRIES
+            if locked:
+                log.debug("authorize_under_lock channel=%s tries=%d", voucher.channel_id, OPTIMISTIC_TRIES)
+            outcome = await self._authorize_once(
+                voucher, plan, endpoint=endpoint, model=model, request_id=request_id, locked=locked
             )
             if outcome is not None:
                 return outcome
-        log.debug("authorize_under_lock channel=%s tries=%d", voucher.channel_id, OPTIMISTIC_TRIES)
-        return await self._authorize_locked(voucher, plan, endpoint=endpoint, model=model, request_id=request_id)
+        raise AssertionError("an authorization under the row's lock always decides")
 
-    async def _authorize_unless_changed(
-        self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str, request_id: str | None
+    async def _authorize_once(
+        self,
+        voucher: Voucher,
+        plan: ReservationPlan,
+        *,
+        endpoint: str,
+        model: str,
+        request_id: str | None,
+        locked: bool,
     ) -> Reservation | Refusal | None:
-        """Two round trips and no transaction held open: read the channel's row, decide, then
-        store the voucher, reserve and add the usage row in ONE statement that applies only if
-        the row still has the version read (every write that changes what authorize or settle
-        decide on bumps it). None: it changed in between; nothing was written."""
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                """SELECT status, charged, reserved, last_amount, last_nonce, version FROM channels
-                   WHERE channel_id = $1""",
-                voucher.channel_id,
-            )
-            fit = _authorization_fit(row, voucher, plan)
-            if isinstance(fit, Refusal):
-                return fit
-            assert row is not None  # (a missing row is a refusal)
-            amount, output_tokens = fit
-            try:
+        """Read the channel's row, decide, then store the voucher, reserve and add the usage row
+        in ONE statement that applies only if the row still has the version read (every write
+        that changes what authorize or settle decide on bumps it). Unlocked: two round trips and
+        no transaction held open; None if the row changed in between (nothing was written).
+        `locked`: in a transaction, the row read under its lock, so that it cannot change."""
+        try:
+            async with self.pool.acquire() as conn, _transaction(conn, locked):
+                row = await conn.fetchrow(
+                    f"""SELECT status, charged, reserved, last_amount, last_nonce, version FROM channels
+                        WHERE channel_id = $1{" FOR UPDATE" if locked else ""}""",
+                    voucher.channel_id,
+                )
+                fit = _authorization_fit(row, voucher, plan)
+                if isinstance(fit, Refusal):
+                    return fit
+                assert row is not None  # (a missing row is a refusal)
+                amount, output_tokens = fit
                 usage_id = await conn.fetchval(
                     _AUTHORIZE_UNLESS_CHANGED,
                     voucher.channel_id,
@@ -612,62 +622,9 @@ class PostgresLedger(PostgresInstances, Ledger):
                     request_id,
                     self.instance_id,
                 )
-            except asyncpg.UniqueViolationError:  # (channel, nonce) stored already: the version check makes it rare
-                return Refusal("invalid_nonce", "The voucher nonce was already used on this channel.")
-        return None if usage_id is None else Reservation(usage_id, voucher.channel_id, amount, output_tokens)
-
-    async def _authorize_locked(
-        self, voucher: Voucher, plan: ReservationPlan, *, endpoint: str, model: str, request_id: str | None
-    ) -> Reservation | Refusal:
-        now = time.time()
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    """SELECT status, charged, reserved, last_amount, last_nonce FROM channels
-                       WHERE channel_id = $1 FOR UPDATE""",
-                    voucher.channel_id,
-                )
-                fit = _authorization_fit(row, voucher, plan)
-                if isinstance(fit, Refusal):
-                    return fit
-                amount, output_tokens = fit
-                voucher_id = await conn.fetchval(
-                    """INSERT INTO vouchers (channel_id, amount, nonce, signature, received_at)
-                       VALUES ($1, $2, $3, $4, $5) RETURNING id""",
-                    voucher.channel_id,
-                    voucher.amount,
-                    str(voucher.nonce),
-                    voucher.signature_hex,
-                    now,
-                )
-                await conn.execute(
-                    """UPDATE channels SET last_amount = $1, last_nonce = $2, last_voucher_id = $3,
-                                           reserved = reserved + $4, version = version + 1
-                       WHERE channel_id = $5""",
-                    voucher.amount,
-                    str(voucher.nonce),
-                    voucher_id,
-                    amount,
-                    voucher.channel_id,
-                )
-                usage_id = await conn.fetchval(
-                    """INSERT INTO usage (channel_id, voucher_id, endpoint, model, status, reserved,
-                                          input_tokens, started_at, request_id, instance)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id""",
-                    voucher.channel_id,
-                    voucher_id,
-                    endpoint,
-                    model,
-                    UsageStatus.RESERVED,
-                    amount,
-                    plan.input_tokens,
-                    now,
-                    request_id,
-                    self.instance_id,
-                )
-                return Reservation(usage_id, voucher.channel_id, amount, output_tokens)
-        except asyncpg.UniqueViolationError:  # (channel, nonce) stored already: the lock makes it rare
+        except asyncpg.UniqueViolationError:  # (channel, nonce) stored already: the version check makes it rare
             return Refusal("invalid_nonce", "The voucher nonce was already used on this channel.")
+        return None if usage_id is None else Reservation(usage_id, voucher.channel_id, amount, output_tokens)
 
     def settle(
         self,
@@ -681,8 +638,8 @@ class PostgresLedger(PostgresInstances, Ledger):
         error: str | None = None,
     ) -> asyncio.Future[Settlement]:
         """As SQLiteLedger.settle (settle_figures decides): on a read and one conditional
-        statement, as authorize; if the channel's row keeps changing, under the row locks of the
-        channel, then of the usage row (authorize's order: no deadlock between them). Idempotent."""
+        statement, as authorize; if the channel's row keeps changing, the same under the row locks
+        of the channel, then of the usage row (authorize's order: no deadlock). Idempotent."""
         return self._spawn(
             self._settle(
                 reservation,
@@ -696,25 +653,30 @@ class PostgresLedger(PostgresInstances, Ledger):
         )
 
     async def _settle(self, reservation: Reservation, *, price_cost: int, **outcome: Any) -> Settlement:
-        for _ in range(OPTIMISTIC_TRIES):
-            settled = await self._settle_unless_changed(reservation, price_cost=price_cost, **outcome)
+        for attempt in range(OPTIMISTIC_TRIES + 1):
+            locked = attempt == OPTIMISTIC_TRIES
+            if locked:
+                log.debug("settle_under_lock usage_id=%d tries=%d", reservation.usage_id, OPTIMISTIC_TRIES)
+            settled = await self._settle_once(reservation, price_cost=price_cost, locked=locked, **outcome)
             if settled is not None:
                 return settled
-        log.debug("settle_under_lock usage_id=%d tries=%d", reservation.usage_id, OPTIMISTIC_TRIES)
-        return await self._settle_locked(reservation, price_cost=price_cost, **outcome)
+        raise AssertionError("a settle under the row locks always decides")
 
-    async def _settle_unless_changed(
-        self, reservation: Reservation, *, price_cost: int, **outcome: Any
+    async def _settle_once(
+        self, reservation: Reservation, *, price_cost: int, locked: bool, **outcome: Any
     ) -> Settlement | None:
         """Read the usage row and its channel, decide, then charge and end the reservation in one
-        statement that applies only if the channel's row still has the version read. None: it
-        changed in between; nothing was written."""
-        async with self.pool.acquire() as conn:
+        statement that applies only if the channel's row still has the version read. Unlocked:
+        None if it changed in between (nothing was written). `locked`: in a transaction, the
+        channel's row locked, then the usage row (the order every locking write uses)."""
+        async with self.pool.acquire() as conn, _transaction(conn, locked):
+            if locked:
+                await conn.execute("SELECT 1 FROM channels WHERE channel_id = $1 FOR UPDATE", reservation.channel_id)
             row = await conn.fetchrow(
-                """SELECT u.status, u.reserved AS own, u.cost, u.price_cost,
-                          c.deposit, c.charged, c.reserved, c.last_amount, c.version
-                   FROM usage u JOIN channels c ON c.channel_id = u.channel_id
-                   WHERE u.id = $1 AND u.channel_id = $2""",
+                f"""SELECT u.status, u.reserved AS own, u.cost, u.price_cost,
+                           c.deposit, c.charged, c.reserved, c.last_amount, c.version
+                    FROM usage u JOIN channels c ON c.channel_id = u.channel_id
+                    WHERE u.id = $1 AND u.channel_id = $2{" FOR UPDATE OF u" if locked else ""}""",
                 reservation.usage_id,
                 reservation.channel_id,
             )
@@ -754,74 +716,6 @@ class PostgresLedger(PostgresInstances, Ledger):
         if capped:  # (above the reservation, payments.Charge logs it)
             _log_capped(reservation.usage_id, price_cost, row["own"], settled.cost)
         return settled
-
-    async def _settle_locked(
-        self,
-        reservation: Reservation,
-        *,
-        price_cost: int,
-        input_tokens: int,
-        output_tokens: int,
-        status: UsageStatus,
-        usage_source: UsageSource | None,
-        error: str | None,
-    ) -> Settlement:
-        async with self.pool.acquire() as conn, conn.transaction():
-            channel = await conn.fetchrow(
-                "SELECT deposit, charged, reserved, last_amount FROM channels WHERE channel_id = $1 FOR UPDATE",
-                reservation.channel_id,
-            )
-            usage = await conn.fetchrow(
-                "SELECT status, reserved, cost, price_cost FROM usage WHERE id = $1 AND channel_id = $2 FOR UPDATE",
-                reservation.usage_id,
-                reservation.channel_id,
-            )
-            if channel is None or usage is None:  # its authorization never committed: nothing to undo
-                log.warning("settle_unknown_reservation usage_id=%d", reservation.usage_id)
-                return Settlement(0, 0, 0, 0)
-            deposit, charged = channel["deposit"], channel["charged"]
-            if usage["status"] != UsageStatus.RESERVED:
-                return Settlement(
-                    usage["cost"],
-                    charged,
-                    deposit - charged,
-                    usage["price_cost"],
-                    channel["last_amount"],
-                    channel["reserved"],
-                )
-            own = usage["reserved"]
-            settled, capped = settle_figures(
-                price_cost,
-                own=own,
-                deposit=deposit,
-                charged=charged,
-                reserved=channel["reserved"],
-                last_amount=channel["last_amount"],
-            )
-            if capped:  # (above the reservation, payments.Charge logs it)
-                _log_capped(reservation.usage_id, price_cost, own, settled.cost)
-            await conn.execute(
-                """UPDATE channels SET charged = charged + $1, reserved = reserved - $2, version = version + 1
-                   WHERE channel_id = $3""",
-                settled.cost,
-                own,
-                reservation.channel_id,
-            )
-            await conn.execute(
-                """UPDATE usage SET status = $1, input_tokens = $2, output_tokens = $3, usage_source = $4,
-                                    price_cost = $5, cost = $6, error = $7, finished_at = $8
-                   WHERE id = $9""",
-                status,
-                input_tokens,
-                output_tokens,
-                usage_source,
-                price_cost,
-                settled.cost,
-                error,
-                time.time(),
-                reservation.usage_id,
-            )
-            return settled
 
     # --- claims -------------------------------------------------------------------------------
 
