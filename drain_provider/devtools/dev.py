@@ -365,30 +365,27 @@ Pay it from another program (viem, the MCP server, the consumer kit) over the ch
 """
 
 
-def _chain_line(run: DevRun) -> str:
+def _chain_words(run: DevRun) -> tuple[str, str, str]:
+    """What the banner says of the chain: what it is, what becomes of it and its channels when
+    dev is stopped, and what became of them once `--no-serve` has exited."""
     if run.chain.rpc_url is None:
-        return "embedded py-evm chain (in this process)"
+        return (
+            "embedded py-evm chain (in this process)",
+            "the embedded chain and its channels end with the process",
+            "and the embedded chain and its channels are gone",
+        )
     if run.options.anvil_port is not None:
-        return f"{run.chain.rpc_url} (anvil, started by dev)"
-    return f"{redact(run.chain.rpc_url)} (the dev node of --rpc-url)"
-
-
-def _chain_fate(run: DevRun) -> str:
-    """What becomes of the chain and its channels when dev is stopped."""
-    if run.chain.rpc_url is None:
-        return "the embedded chain and its channels end with the process"
-    if run.options.anvil_port is not None:
-        return "anvil, its chain and its channels end with dev"
-    return f"the node at {redact(run.chain.rpc_url)} and its channels go on"
-
-
-def _gone(run: DevRun) -> str:
-    """What became of the chain and its channels, once `--no-serve` has exited."""
-    if run.chain.rpc_url is None:
-        return "and the embedded chain and its channels are gone"
-    if run.options.anvil_port is not None:
-        return "and anvil, its chain and its channels are gone"
-    return f"while the node at {redact(run.chain.rpc_url)} and its channels go on"
+        return (
+            f"{run.chain.rpc_url} (anvil, started by dev)",
+            "anvil, its chain and its channels end with dev",
+            "and anvil, its chain and its channels are gone",
+        )
+    node = redact(run.chain.rpc_url)
+    return (
+        f"{node} (the dev node of --rpc-url)",
+        f"the node at {node} and its channels go on",
+        f"while the node at {node} and its channels go on",
+    )
 
 
 def _upstream_lines(run: DevRun) -> str:
@@ -432,9 +429,10 @@ def _banner(run: DevRun, call: dict[str, Any], ready: float) -> str:
     headers = call["headers"]
     consumer = run.consumer
     contracts = "\n".join(f"  contract   {ref.address} ({ref.version})" for ref in run.settings.contracts)
+    chain, fate, gone = _chain_words(run)
     head = f"""
 drain-provider dev mode: ready in {ready:.2f} s
-  chain      {_chain_line(run)}, chain id {run.chain.chain_id}
+  chain      {chain}, chain id {run.chain.chain_id}
 {contracts}
   token      {run.chain.token} (test USDC)
   provider   {run.settings.provider_address}
@@ -451,7 +449,7 @@ X-DRAIN-Remaining {headers["X-DRAIN-Remaining"]})
         return (
             head
             + f"""
-Exited after the demo call (--no-serve): the provider at {run.api} is stopped, {_gone(run)}.
+Exited after the demo call (--no-serve): the provider at {run.api} is stopped, {gone}.
 Run `python -m drain_provider dev` without --no-serve to keep it serving and call it yourself.
 """
         )
@@ -461,6 +459,6 @@ Run `python -m drain_provider dev` without --no-serve to keep it serving and cal
 Call it yourself at {run.api} (facts in {DEV_FILE}):
 
 {_snippet(run)}{_outside_clients(run)}
-Press Ctrl-C to stop ({_chain_fate(run)}).
+Press Ctrl-C to stop ({fate}).
 """
     )
