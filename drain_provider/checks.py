@@ -63,9 +63,6 @@ def redact_url(url: str) -> str:
 
 # A PostgreSQL server that does not answer stops the start after this long (seconds).
 LEDGER_CONNECT_TIMEOUT = 10.0
-# What a ledger that cannot be used raises: the engines' errors, a PostgreSQL server that does
-# not answer in time, and a server that is not PostgreSQL at all (asyncpg's protocol errors).
-LEDGER_ERRORS = (*ENGINE_ERRORS, TimeoutError, asyncpg.InternalClientError)
 
 
 def _ledger_problem(path: Path, exc: BaseException) -> str:
@@ -112,7 +109,7 @@ async def open_unbound_ledger(settings: Settings) -> Ledger:
             await asyncio.wait_for(ledger.open(), LEDGER_CONNECT_TIMEOUT)
         else:
             await ledger.open()
-    except LEDGER_ERRORS as exc:
+    except ENGINE_ERRORS as exc:
         await ledger.close()
         raise ledger_error(settings, exc) from None
     return ledger
@@ -130,7 +127,7 @@ async def bind_ledger(ledger: Ledger, settings: Settings) -> None:
         )
     except LedgerMismatch as exc:
         raise ConfigError(f"{_ledger_setting(settings)}: {exc}") from None
-    except LEDGER_ERRORS as exc:
+    except ENGINE_ERRORS as exc:
         raise ledger_error(settings, exc) from None
 
 
@@ -223,7 +220,7 @@ async def inspect_postgres(settings: Settings) -> Check:
     fix = "set DATABASE_URL to a PostgreSQL database this user may use (postgresql://user:password@host/db)"
     try:
         conn = await asyncpg.connect(settings.database_url, timeout=LEDGER_CONNECT_TIMEOUT)
-    except LEDGER_ERRORS as exc:
+    except ENGINE_ERRORS as exc:
         return Check("ledger", Result.FAIL, f"{where} {postgres_problem(exc)}", fix)
     try:
         async with conn.transaction(readonly=True):
@@ -233,7 +230,7 @@ async def inspect_postgres(settings: Settings) -> Check:
                 version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
             if await conn.fetchval("SELECT to_regclass('ledger_meta') IS NOT NULL"):
                 meta = {row["key"]: row["value"] for row in await conn.fetch("SELECT key, value FROM ledger_meta")}
-    except LEDGER_ERRORS as exc:
+    except ENGINE_ERRORS as exc:
         return Check("ledger", Result.FAIL, f"{where} {postgres_problem(exc)}", fix)
     finally:
         await conn.close()

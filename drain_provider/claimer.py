@@ -128,7 +128,7 @@ class Claimer:
         """Take or keep the leadership: whether this instance is the claimer now."""
         try:
             leading = await self.ledger.try_lead()
-        except (TimeoutError, *ENGINE_ERRORS) as exc:
+        except ENGINE_ERRORS as exc:
             log.warning("claimer_election_failed instance=%s error=%s", self.ledger.instance_id, exc)
             leading = False
         if leading and not self.leading:

@@ -24,7 +24,7 @@ async def keep_alive(ledger: Ledger, silent_for: float) -> None:
     while True:
         try:
             await beat(ledger, silent_for)
-        except (TimeoutError, *ENGINE_ERRORS) as exc:
+        except ENGINE_ERRORS as exc:
             log.warning("instance_heartbeat_failed instance=%s error=%s", ledger.instance_id, exc)
         await asyncio.sleep(silent_for / 3)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .checks import LEDGER_CONNECT_TIMEOUT, LEDGER_ERRORS, postgres_problem
-from .ledger import PostgresLedger, SQLiteLedger, is_postgres_url, shown_url
+from .checks import LEDGER_CONNECT_TIMEOUT, postgres_problem
+from .ledger import ENGINE_ERRORS, PostgresLedger, SQLiteLedger, is_postgres_url, shown_url
 
 if TYPE_CHECKING:
     from asyncpg import Record
@@ -138,7 +138,7 @@ async def migrate(source_path: Path, url: str) -> Migrated:
             raise MigrateError(f"--from: {source_path} cannot be opened as a ledger ({type(exc).__name__})") from None
         try:
             await asyncio.wait_for(target.open(), LEDGER_CONNECT_TIMEOUT)
-        except LEDGER_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             raise MigrateError(f"--to: {where} {postgres_problem(exc)}") from None
         try:
             async with target.pool.acquire() as conn, conn.transaction():
@@ -147,7 +147,7 @@ async def migrate(source_path: Path, url: str) -> Migrated:
                 if before != after:
                     differ = ", ".join(f"{k} {before[k]} != {after[k]}" for k in before if before[k] != after[k])
                     raise MigrateError(f"the copy does not add up ({differ}); nothing was written to {where}")
-        except LEDGER_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             failed = f"{type(exc).__name__}: {exc}"
             raise MigrateError(f"the copy failed ({failed}); nothing was written to {where}") from None
         return Migrated(counts, before["charged"], released)

@@ -138,7 +138,7 @@ def read_usage(path: Path, wanted: UsageFilter) -> list[UsageRecord]:
 
 
 async def read_usage_at(url: str, wanted: UsageFilter) -> list[UsageRecord]:
-    """The rows `wanted` asks for, from the PostgreSQL ledger at `url` (raises LEDGER_ERRORS)."""
+    """The rows `wanted` asks for, from the PostgreSQL ledger at `url` (raises ENGINE_ERRORS)."""
     from .checks import LEDGER_CONNECT_TIMEOUT
     from .ledger import PostgresLedger
 
@@ -159,12 +159,12 @@ def run_usage(path: Path, params: Mapping[str, str], *, as_json: bool, url: str 
         print(f"drain-provider: usage: {exc}", file=sys.stderr)
         return 2
     if url:
-        from .checks import LEDGER_ERRORS, postgres_problem
-        from .ledger import shown_url
+        from .checks import postgres_problem
+        from .ledger import ENGINE_ERRORS, shown_url
 
         try:
             rows = asyncio.run(read_usage_at(url, wanted))
-        except LEDGER_ERRORS as exc:
+        except ENGINE_ERRORS as exc:
             print(f"drain-provider: usage: DATABASE_URL: {shown_url(url)} {postgres_problem(exc)}", file=sys.stderr)
             return 2
     elif not path.is_file():

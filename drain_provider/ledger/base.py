@@ -39,12 +39,15 @@ from .records import (
     Settlement,
 )
 
-# What a ledger that cannot be reached raises (a file, a server, a connection gone).
+# What a ledger that cannot be used raises: a file, a server, a connection gone (OSError holds
+# TimeoutError: a server that does not answer in time), and asyncpg's protocol errors (a server
+# that is not PostgreSQL at all, a session killed in the middle of a query).
 ENGINE_ERRORS = (
     sqlite3.Error,
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 
 

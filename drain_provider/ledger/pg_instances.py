@@ -145,7 +145,7 @@ class PostgresInstances(Ledger):
             try:
                 await asyncio.wait_for(conn.execute("SELECT pg_advisory_unlock($1)", _lock_key()), LEADER_CHECK_TIMEOUT)
                 await asyncio.wait_for(conn.close(), LEADER_CHECK_TIMEOUT)
-            except (TimeoutError, *ENGINE_ERRORS):
+            except ENGINE_ERRORS:
                 conn.terminate()  # the lock goes with the session
             log.info("leadership_resigned instance=%s", self.instance_id)
 
